@@ -1,0 +1,133 @@
+"""QEMU command line from the plan (SPEC §4 "QEMU"): the portable second VMM.
+
+The same plan maps onto QEMU devices: virtio-blk with ``serial=`` set to the block id (the guest
+init finds the ephemeral disk by it), virtio-net on the planned tap at the planned PCI slot,
+vhost-user-fs per share (guest RAM shared through a memfd backend), vhost-vsock when the host
+has it and otherwise the ``org.vmsilo.channel`` virtio-serial port, the two virtio-console
+ports, vfio-pci, and QMP for control. crosvm-only tunings are listed in the plan's
+``not_applied`` instead of being approximated.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from vmsilo.plan.model import Plan, VmPlan
+
+Accel = Literal["kvm", "tcg"]
+
+# vhost-user device types QEMU 7.2 can front without extra information.
+QEMU_VHOST_USER_DEVICES = {
+    "block": "vhost-user-blk-pci",
+    "gpu": "vhost-user-gpu-pci",
+    "input": "vhost-user-input-pci",
+    "rng": "vhost-user-rng-pci",
+    "scsi": "vhost-user-scsi-pci",
+    "vsock": "vhost-user-vsock-pci",
+}
+
+
+def q(value: str) -> str:
+    """Escape a value for QEMU's option syntax, where ``,`` is written ``,,``."""
+    return value.replace(",", ",,")
+
+
+def qemu_argv(plan: Plan, vm: VmPlan, accel: Accel = "tcg", *, vsock: bool = False) -> list[str]:
+    p = vm.paths
+    argv = [
+        plan.qemu.binary,
+        "-name",
+        f"{q(vm.name)},debug-threads=on",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-machine",
+        f"q35,accel={accel}" + (",memory-backend=mem" if vm.shares else ""),
+        "-cpu",
+        "host" if accel == "kvm" else "max",
+        "-m",
+        f"{vm.memory}M",
+        "-smp",
+        str(vm.cpus),
+    ]
+    if vm.shares:
+        argv += ["-object", f"memory-backend-memfd,id=mem,size={vm.memory}M,share=on"]
+    argv += [
+        "-kernel",
+        vm.kernel,
+        "-initrd",
+        vm.initramfs,
+        "-append",
+        " ".join(["console=hvc0", "panic=-1", *vm.kernel_params]),
+        "-chardev",
+        f"socket,id=qmp,path={q(p.qmp)},server=on,wait=off",
+        "-mon",
+        "chardev=qmp,mode=control",
+        "-device",
+        "virtio-serial-pci,id=vser0,max_ports=4",
+        "-chardev",
+        f"socket,id=console,path={q(p.console_backend)}",
+        "-device",
+        "virtconsole,bus=vser0.0,nr=0,chardev=console,name=org.vmsilo.console",
+        "-chardev",
+        f"socket,id=ready,path={q(p.ready_socket)}",
+        "-device",
+        "virtserialport,bus=vser0.0,nr=1,chardev=ready,name=org.vmsilo.ready",
+    ]
+    if vsock:
+        argv += ["-device", f"vhost-vsock-pci,guest-cid={vm.id}"]
+    else:
+        argv += [
+            "-chardev",
+            f"socket,id=channel,path={q(p.channel_socket)}",
+            "-device",
+            "virtserialport,bus=vser0.0,nr=2,chardev=channel,name=org.vmsilo.channel",
+        ]
+    for n, disk in enumerate(vm.disks):
+        drive = [
+            f"file={q(disk.path)}",
+            "if=none",
+            f"id=disk{n}",
+            "format=raw",
+            f"readonly={'on' if disk.read_only else 'off'}",
+        ]
+        if dict(disk.options).get("direct"):
+            drive += ["cache.direct=on", "aio=native" if accel == "kvm" else "aio=threads"]
+        argv += ["-drive", ",".join(drive)]
+        dev = f"virtio-blk-pci,drive=disk{n}"
+        if disk.block_id:
+            dev += f",serial={q(disk.block_id)}"
+        argv += ["-device", dev]
+    for i in vm.interfaces:
+        argv += [
+            "-netdev",
+            f"tap,id=net-{q(i.name)},ifname={q(i.tap)},script=no,downscript=no",
+            "-device",
+            f"virtio-net-pci,netdev=net-{q(i.name)},mac={i.mac},addr=0x{i.if_index:02x}.0",
+        ]
+    for s in vm.shares:
+        argv += [
+            "-chardev",
+            f"socket,id=fs-{q(s.tag)},path={q(s.socket)}",
+            "-device",
+            f"vhost-user-fs-pci,chardev=fs-{q(s.tag)},tag={q(s.tag)}",
+        ]
+    for n, vu in enumerate(vm.vhost_user):
+        device = QEMU_VHOST_USER_DEVICES[str(vu.get("type"))]
+        argv += [
+            "-chardev",
+            f"socket,id=vu{n},path={q(str(vu.get('socket')))}",
+            "-device",
+            f"{device},chardev=vu{n}",
+        ]
+    for pci in vm.pci_devices:
+        where = f"host={pci.bdf}" if pci.bdf is not None else f"sysfsdev={q(pci.sysfs_path)}"
+        argv += ["-device", f"vfio-pci,{where}"]
+    if vm.gpu is not None and vm.gpu.opengl:
+        argv += ["-device", "virtio-gpu-gl-pci", "-display", "egl-headless"]
+    return argv
+
+
+def qmp_powerdown() -> dict[str, str]:
+    return {"execute": "system_powerdown"}

@@ -1,0 +1,466 @@
+"""The vmsilo command-channel wire protocol: frames, requests, readiness, versions.
+
+Everything that crosses between ``vm-run``, the per-VM supervisor and the guest agent is a
+*frame*. One codec serves every hop (client ↔ command socket, supervisor ↔ virtio-serial mux,
+supervisor ↔ per-session vsock connection), so the supervisor relays sessions by rewriting a
+session id instead of re-encoding anything.
+
+Frame layout (big endian, 8-byte header, frozen for every protocol version so that a peer of
+another version can still be *recognised* and answered with a version error)::
+
+    +---------+--------+----------------+--------------------+---------------+
+    | version | type   | payload length | session id         | payload       |
+    | u8      | u8     | u16            | u32                | length bytes  |
+    +---------+--------+----------------+--------------------+---------------+
+
+A whole frame is at most :data:`MAX_FRAME` (64 KiB) bytes. Because the header is fixed-size and
+always parseable, a bad frame never desynchronises the stream: the reader skips its payload and
+ends only the session the frame named ("a malformed frame ends that session only").
+
+Flow control: every DATA frame (stdin, stdout, stderr) costs ``len(payload) +``
+:data:`FRAME_COST` credits. Each direction of each session starts with :data:`WINDOW` credits;
+the receiver returns credits (CREDIT frame, u32) once it has *delivered* the data (written it to
+the process or to the user's terminal). So at most one window per direction and session is ever
+in flight, which is what lets the supervisor's relay bound its buffers per session and keeps a
+slow reader from stalling other sessions on the same mux.
+
+This module is copied into the guest image: standard library only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import json
+import signal
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Version of the frame protocol; bump on any incompatible change. Client and agent must agree.
+PROTOCOL_VERSION = 1
+
+#: Largest frame on the wire, header included (SPEC §6: frames ≤ 64 KiB).
+MAX_FRAME = 64 * 1024
+HEADER = struct.Struct("!BBHI")
+HEADER_SIZE = HEADER.size
+#: Largest payload a frame may carry.
+MAX_PAYLOAD = MAX_FRAME - HEADER_SIZE
+#: Largest DATA payload senders produce: small enough that sessions interleave fairly on a mux.
+CHUNK = 32 * 1024
+#: Per-session, per-direction flow-control window in credits.
+WINDOW = 256 * 1024
+#: Credits a DATA frame costs on top of its payload, so that a peer sending tiny frames cannot
+#: make a receiver queue unboundedly many frame objects within one window.
+FRAME_COST = 64
+#: A receiver may hold this many queued cost units per session before it declares the peer in
+#: violation: one window of DATA plus as many small control frames (credits, signals) as the
+#: window can generate, plus slack.
+QUEUE_LIMIT = 2 * WINDOW + 64 * FRAME_COST
+
+#: vsock port the agent listens on (SPEC §6).
+VSOCK_PORT = 5000
+#: The only vsock peer the agent accepts: the host.
+VSOCK_HOST_CID = 2
+
+#: virtio port names (SPEC §4/§6).
+READY_PORT_NAME = "org.vmsilo.ready"
+CHANNEL_PORT_NAME = "org.vmsilo.channel"
+
+#: Signals a client may forward to the guest process group (SIGWINCH travels as WINSIZE).
+FORWARDED_SIGNALS: frozenset[int] = frozenset(
+    {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+)
+
+#: The hint every version mismatch carries.
+VERSION_HINT = "rebuild the image (vmsilo image build) so the guest agent matches this vmsilo"
+
+
+class FrameType(enum.IntEnum):
+    """Frame types. Direction: C = client (host) → agent, A = agent → client, L = link/relay."""
+
+    OPEN = 1  # C: JSON ExecRequest; first frame of every session
+    STDIN = 2  # C: data for the process's stdin (costs credit)
+    STDIN_EOF = 3  # C: stdin reached EOF; the agent half-closes the process's stdin
+    SIGNAL = 4  # C: u8 signal number, forwarded to the process group
+    WINSIZE = 5  # C: u16 rows, u16 cols (pty sessions)
+    CREDIT = 6  # C/A: u32 credits returned to the peer
+    STDOUT = 7  # A: process stdout (or pty output); costs credit
+    STDERR = 8  # A: process stderr; costs credit
+    EXIT = 9  # A: JSON {"status": int, "message": str?}; ends the session
+    ERROR = 10  # C/A/L: JSON {"code": str, "message": str, "version": int}; ends the session
+    RESET = 11  # L: the client went away; the agent hangs up the process group
+
+
+#: Frame types whose payload costs flow-control credit.
+DATA_TYPES: frozenset[int] = frozenset({FrameType.STDIN, FrameType.STDOUT, FrameType.STDERR})
+#: Frame types after which the sender forgets the session.
+TERMINAL_TYPES: frozenset[int] = frozenset({FrameType.EXIT, FrameType.ERROR, FrameType.RESET})
+
+
+class ChannelError(Exception):
+    """A failure of the channel itself (not of the guest program); vm-run exits 255 on it.
+
+    Carries a ``hint`` like :class:`vmsilo.errors.VmsiloError` without importing it, because
+    this package also runs in the guest where only the channel and agent are installed.
+    """
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} (hint: {self.hint})" if self.hint else self.message
+
+
+class ProtocolError(ChannelError):
+    """A malformed or out-of-order frame; ends the one session it belongs to."""
+
+
+class ProtocolVersionError(ChannelError):
+    """Client and guest agent speak different protocol versions."""
+
+    def __init__(self, local: int, remote: int | None) -> None:
+        peer = "unknown" if remote is None else str(remote)
+        super().__init__(
+            f"guest agent speaks channel protocol version {peer}, vmsilo speaks {local}",
+            VERSION_HINT,
+        )
+        self.local = local
+        self.remote = remote
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame. ``version`` is kept so receivers can report mismatches."""
+
+    type: int
+    session: int
+    payload: bytes = b""
+    version: int = PROTOCOL_VERSION
+
+    @property
+    def cost(self) -> int:
+        """Queue/credit cost: what a receiver accounts for while this frame sits in memory."""
+        return len(self.payload) + FRAME_COST
+
+
+def encode_frame(ftype: int, session: int, payload: bytes = b"") -> bytes:
+    """Serialise one frame; raises ValueError if it would exceed :data:`MAX_FRAME`."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"frame payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(PROTOCOL_VERSION, ftype, len(payload), session) + payload
+
+
+def decode_header(header: bytes) -> tuple[int, int, int, int]:
+    """(version, type, length, session) of an 8-byte header."""
+    version, ftype, length, session = HEADER.unpack(header)
+    return version, ftype, length, session
+
+
+def validate_frame(frame: Frame) -> None:
+    """Raise ProtocolError / ProtocolVersionError if ``frame`` is not acceptable at all.
+
+    Checks only what is independent of session state: version byte, known type, payload size,
+    non-empty data.
+    """
+    if frame.version != PROTOCOL_VERSION:
+        raise ProtocolVersionError(PROTOCOL_VERSION, frame.version)
+    if frame.type not in _KNOWN_TYPES:
+        raise ProtocolError(f"unknown frame type {frame.type}")
+    if len(frame.payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"frame payload of {len(frame.payload)} bytes is too large")
+    if frame.type in DATA_TYPES and not frame.payload:
+        raise ProtocolError("empty data frame")
+
+
+_KNOWN_TYPES = frozenset(int(t) for t in FrameType)
+
+
+# --------------------------------------------------------------------------- small payloads
+
+
+def encode_u32(value: int) -> bytes:
+    return struct.pack("!I", value)
+
+
+def decode_u32(payload: bytes) -> int:
+    if len(payload) != 4:
+        raise ProtocolError("bad u32 payload")
+    (value,) = struct.unpack("!I", payload)
+    return int(value)
+
+
+def encode_signal(signum: int) -> bytes:
+    return struct.pack("!B", signum)
+
+
+def decode_signal(payload: bytes) -> int:
+    if len(payload) != 1:
+        raise ProtocolError("bad signal payload")
+    signum = payload[0]
+    if signum not in FORWARDED_SIGNALS:
+        raise ProtocolError(f"signal {signum} may not be forwarded")
+    return signum
+
+
+def encode_winsize(rows: int, cols: int) -> bytes:
+    return struct.pack("!HH", max(0, min(rows, 0xFFFF)), max(0, min(cols, 0xFFFF)))
+
+
+def decode_winsize(payload: bytes) -> tuple[int, int]:
+    if len(payload) != 4:
+        raise ProtocolError("bad window size payload")
+    rows, cols = struct.unpack("!HH", payload)
+    return int(rows), int(cols)
+
+
+def encode_json(obj: Mapping[str, Any]) -> bytes:
+    data = json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode()
+    if len(data) > MAX_PAYLOAD:
+        raise ValueError("JSON payload too large for one frame")
+    return data
+
+
+def decode_json(payload: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(f"bad JSON payload: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("JSON payload is not an object")
+    return obj
+
+
+def encode_exit(status: int, message: str | None = None) -> bytes:
+    obj: dict[str, Any] = {"status": status}
+    if message:
+        obj["message"] = message
+    return encode_json(obj)
+
+
+def decode_exit(payload: bytes) -> tuple[int, str | None]:
+    obj = decode_json(payload)
+    status = obj.get("status")
+    message = obj.get("message")
+    if not isinstance(status, int) or isinstance(status, bool) or not 0 <= status <= 255:
+        raise ProtocolError("bad exit status")
+    return status, message if isinstance(message, str) else None
+
+
+def encode_error(code: str, message: str) -> bytes:
+    return encode_json({"code": code, "message": message[:4000], "version": PROTOCOL_VERSION})
+
+
+def decode_error(payload: bytes) -> ChannelError:
+    """The exception an ERROR frame stands for (version errors become ProtocolVersionError)."""
+    try:
+        obj = decode_json(payload)
+    except ProtocolError:
+        return ChannelError("guest agent reported an unreadable error")
+    remote = obj.get("version")
+    if obj.get("code") == "version":
+        return ProtocolVersionError(PROTOCOL_VERSION, remote if isinstance(remote, int) else None)
+    return ChannelError(f"channel: {obj.get('message', 'unknown error')}")
+
+
+# --------------------------------------------------------------------------- exec request
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: object) -> bytes:
+    if not isinstance(text, str):
+        raise ProtocolError("expected a base64 string")
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise ProtocolError("bad base64 string") from None
+
+
+def _to_bytes(value: str | bytes) -> bytes:
+    """Arguments travel as the exact bytes the host OS gave us (surrogateescape for str)."""
+    return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    """What to run in the guest, as sent in the OPEN frame.
+
+    ``argv`` is executed as is (no shell); every element travels as base64 of its exact bytes,
+    so spaces, quotes, ``$``, newlines, empty strings and non-UTF-8 bytes survive. ``env`` holds
+    ``K=V`` additions on top of the agent's clean base environment. ``user`` is ``None`` for the
+    guest's default user, or a user name (``"root"``).
+    """
+
+    argv: Sequence[str | bytes]
+    env: Sequence[str | bytes] = ()
+    cwd: str | bytes | None = None
+    user: str | None = None
+    tty: bool = False
+    detach: bool = False
+    term: str | None = None
+    rows: int = 0
+    cols: int = 0
+    version: int = field(default=PROTOCOL_VERSION)
+
+    def argv_bytes(self) -> list[bytes]:
+        return [_to_bytes(a) for a in self.argv]
+
+    def env_bytes(self) -> list[bytes]:
+        return [_to_bytes(e) for e in self.env]
+
+    def cwd_bytes(self) -> bytes | None:
+        return None if self.cwd is None else _to_bytes(self.cwd)
+
+    def validate(self) -> None:
+        """Raise ValueError for requests no guest could execute (caught before sending)."""
+        argv = self.argv_bytes()
+        if not argv or not argv[0]:
+            raise ValueError("empty command")
+        for a in argv:
+            if b"\0" in a:
+                raise ValueError("arguments may not contain NUL bytes")
+        for e in self.env_bytes():
+            if b"\0" in e or b"=" not in e or e.startswith(b"="):
+                raise ValueError(f"bad environment entry {e!r}: expected K=V")
+        cwd = self.cwd_bytes()
+        if cwd is not None and (not cwd or b"\0" in cwd):
+            raise ValueError("bad working directory")
+        if self.user is not None and (not self.user or "\0" in self.user):
+            raise ValueError("bad user name")
+
+    def encode(self) -> bytes:
+        """The OPEN payload; raises ValueError if invalid or larger than one frame."""
+        self.validate()
+        cwd = self.cwd_bytes()
+        return encode_json(
+            {
+                "version": self.version,
+                "argv": [_b64(a) for a in self.argv_bytes()],
+                "env": [_b64(e) for e in self.env_bytes()],
+                "cwd": None if cwd is None else _b64(cwd),
+                "user": self.user,
+                "tty": self.tty,
+                "detach": self.detach,
+                "term": self.term,
+                "rows": self.rows,
+                "cols": self.cols,
+            }
+        )
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ExecRequest:
+        """Parse an OPEN payload; ProtocolVersionError first, then ProtocolError on bad input."""
+        obj = decode_json(payload)
+        version = obj.get("version")
+        if version != PROTOCOL_VERSION:
+            raise ProtocolVersionError(
+                PROTOCOL_VERSION, version if isinstance(version, int) else None
+            )
+        argv = obj.get("argv")
+        env = obj.get("env", [])
+        if not isinstance(argv, list) or not isinstance(env, list):
+            raise ProtocolError("argv and env must be lists")
+        cwd_raw = obj.get("cwd")
+        user = obj.get("user")
+        term = obj.get("term")
+        rows, cols = obj.get("rows", 0), obj.get("cols", 0)
+        if user is not None and not isinstance(user, str):
+            raise ProtocolError("user must be a string")
+        if term is not None and not isinstance(term, str):
+            raise ProtocolError("term must be a string")
+        if not isinstance(rows, int) or not isinstance(cols, int):
+            raise ProtocolError("rows/cols must be integers")
+        req = cls(
+            argv=[_unb64(a) for a in argv],
+            env=[_unb64(e) for e in env],
+            cwd=None if cwd_raw is None else _unb64(cwd_raw),
+            user=user,
+            tty=bool(obj.get("tty", False)),
+            detach=bool(obj.get("detach", False)),
+            term=term,
+            rows=rows,
+            cols=cols,
+        )
+        try:
+            req.validate()
+        except ValueError as e:
+            raise ProtocolError(str(e)) from None
+        return req
+
+
+# --------------------------------------------------------------------------- readiness
+
+#: Marker every readiness line starts with, so stray console noise is not mistaken for it.
+READY_MAGIC = "vmsilo-agent"
+
+
+@dataclass(frozen=True)
+class ReadyHello:
+    """The agent's readiness announcement on ``org.vmsilo.ready``."""
+
+    version: int
+    transport: str  # "channel" (virtio-serial mux) or "vsock"
+    agent_pid: int = 0
+
+    def compatible(self) -> bool:
+        return self.version == PROTOCOL_VERSION
+
+    def check(self) -> None:
+        """Raise ProtocolVersionError unless this agent speaks our protocol version."""
+        if not self.compatible():
+            raise ProtocolVersionError(PROTOCOL_VERSION, self.version)
+
+
+def encode_ready(transport: str, agent_pid: int = 0) -> bytes:
+    """The readiness line: one JSON object terminated by ``\\n``.
+
+    ``{"hello":"vmsilo-agent","version":1,"transport":"channel","pid":123}\\n``
+    """
+    obj = {"hello": READY_MAGIC, "version": PROTOCOL_VERSION, "transport": transport}
+    obj["pid"] = agent_pid  # type: ignore[assignment]
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def parse_ready(data: bytes) -> ReadyHello:
+    """Parse one readiness line (with or without the newline); ValueError if it is not one.
+
+    The supervisor reads lines from the ready port and calls this on each; it may ignore lines
+    that raise ValueError (console noise) and must call :meth:`ReadyHello.check` (or compare
+    ``version``) to turn a mismatch into the "rebuild the image" error.
+    """
+    try:
+        obj = json.loads(data.strip().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"not a vmsilo readiness line: {data[:80]!r}") from None
+    if not isinstance(obj, dict) or obj.get("hello") != READY_MAGIC:
+        raise ValueError(f"not a vmsilo readiness line: {data[:80]!r}")
+    version, transport, pid = obj.get("version"), obj.get("transport"), obj.get("pid", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError("readiness line without an integer version")
+    return ReadyHello(
+        version=version,
+        transport=transport if isinstance(transport, str) else "unknown",
+        agent_pid=pid if isinstance(pid, int) else 0,
+    )
+
+
+def accept_vsock_peer(cid: int) -> bool:
+    """Whether the agent serves a vsock connection from ``cid``: only the host (CID 2).
+
+    Other guests (or a local loopback peer) reaching the agent's port must never run commands.
+    """
+    return cid == VSOCK_HOST_CID
+
+
+def status_from_returncode(returncode: int) -> int:
+    """Exit status vm-run reports: the program's, or 128+N when it was killed by signal N."""
+    if returncode < 0:
+        return 128 + (-returncode)
+    return returncode & 0xFF

@@ -1,0 +1,222 @@
+"""The supervisor's side of a session: bridge a command-socket client to the guest agent.
+
+``vm-run`` speaks frames to the VM's command socket; the supervisor accepts the connection and
+calls :func:`relay_client` (virtio-serial mux) or :func:`relay_client_vsock` (one vsock
+connection per session). The relay looks at frame *types* only — payloads pass through
+untouched — and enforces just what keeps the host safe from a misbehaving peer:
+
+* frames toward the client sit in the mux session's queue, which is bounded by the credit
+  window (flow control is end to end between vm-run and the agent, and the mux fails a session
+  whose peer overruns it), so a client that stops reading costs at most one window of memory;
+* frames toward the guest are written with back-pressure (``drain``), so nothing accumulates;
+* a client that disconnects makes the relay send RESET, and the agent hangs up the program;
+* a frame of the wrong type or shape ends that session only, with an ERROR to both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+from vmsilo.channel.mux import ChannelMux, MuxSession, StreamLink, error_code
+from vmsilo.channel.protocol import (
+    VSOCK_PORT,
+    ChannelError,
+    FrameType,
+    ProtocolError,
+    encode_error,
+)
+
+#: Frame types a client may send after OPEN.
+CLIENT_TYPES = frozenset(
+    {
+        FrameType.STDIN,
+        FrameType.STDIN_EOF,
+        FrameType.SIGNAL,
+        FrameType.WINSIZE,
+        FrameType.CREDIT,
+    }
+)
+#: Frame types the agent may send.
+AGENT_TYPES = frozenset(
+    {FrameType.STDOUT, FrameType.STDERR, FrameType.CREDIT, FrameType.EXIT, FrameType.ERROR}
+)
+
+
+async def _fail_client(client: StreamLink, exc: BaseException | str) -> None:
+    if isinstance(exc, str):
+        await client.send(FrameType.ERROR, encode_error("relay", exc))
+    else:
+        await client.send(FrameType.ERROR, encode_error(error_code(exc), str(exc)))
+
+
+async def _agent_to_client(session: MuxSession, client: StreamLink) -> None:
+    """Forward until a terminal frame; ends on guest loss or a bad frame from the agent."""
+    while True:
+        try:
+            frame = await session.recv()
+        except ProtocolError as e:
+            await _fail_client(client, e)
+            await session.send(FrameType.ERROR, encode_error(error_code(e), str(e)))
+            return
+        if frame is None:
+            await _fail_client(client, "the channel to the guest was lost")
+            return
+        if frame.type not in AGENT_TYPES:
+            msg = f"guest agent sent an unexpected frame (type {frame.type})"
+            await _fail_client(client, msg)
+            await session.send(FrameType.ERROR, encode_error("protocol", msg))
+            return
+        await client.send(frame.type, frame.payload)
+        if frame.type in (FrameType.EXIT, FrameType.ERROR):
+            return
+
+
+async def _client_to_agent(client: StreamLink, session: MuxSession) -> None:
+    """Forward until the client disconnects (→ RESET) or sends a bad frame (→ ERROR)."""
+    while True:
+        try:
+            frame = await client.recv()
+        except ProtocolError as e:
+            await session.send(FrameType.ERROR, encode_error(error_code(e), str(e)))
+            await _fail_client(client, e)
+            return
+        if frame is None or frame.type in (FrameType.ERROR, FrameType.RESET):
+            await session.send(FrameType.RESET)
+            return
+        if frame.type not in CLIENT_TYPES:
+            msg = f"unexpected frame type {frame.type} from the client"
+            await session.send(FrameType.ERROR, encode_error("protocol", msg))
+            await _fail_client(client, msg)
+            return
+        await session.send(frame.type, frame.payload)
+
+
+async def relay_client(
+    client_reader: asyncio.StreamReader,
+    client_writer: asyncio.StreamWriter,
+    mux: ChannelMux,
+) -> None:
+    """Serve one accepted command-socket connection as a new session on ``mux``.
+
+    Suitable as the ``client_connected_cb`` of ``asyncio.start_unix_server`` (wrapped in a
+    lambda binding ``mux``). Returns when the session is over; always closes the connection.
+    """
+    client = StreamLink(client_reader, client_writer)
+    session: MuxSession | None = None
+    try:
+        try:
+            first = await client.recv()
+        except ProtocolError as e:
+            await _fail_client(client, e)
+            return
+        if first is None:
+            return
+        if first.type != FrameType.OPEN:
+            await _fail_client(client, "a session must start with an OPEN frame")
+            return
+        try:
+            session = mux.open_session()
+        except ChannelError as e:
+            await _fail_client(client, e.message)
+            return
+        await session.send(FrameType.OPEN, first.payload)
+        await _bridge(client, session)
+    finally:
+        if session is not None:
+            session.close()
+        await client.aclose()
+
+
+async def _bridge(client: StreamLink, session: MuxSession) -> None:
+    up = asyncio.create_task(_agent_to_client(session, client))
+    down = asyncio.create_task(_client_to_agent(client, session))
+    try:
+        await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (up, down):
+            if not task.done():
+                task.cancel()
+        for task in (up, down):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+# --------------------------------------------------------------------------- vsock
+
+
+async def connect_vsock(
+    cid: int, port: int = VSOCK_PORT
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a stream connection to the guest's agent over AF_VSOCK."""
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (cid, port))
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock)
+
+
+async def pipe_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy bytes until EOF, with back-pressure; then half-close (or close) the writer."""
+    try:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            if writer.can_write_eof():
+                writer.write_eof()
+            else:
+                writer.close()
+
+
+async def relay_streams(
+    a_reader: asyncio.StreamReader,
+    a_writer: asyncio.StreamWriter,
+    b_reader: asyncio.StreamReader,
+    b_writer: asyncio.StreamWriter,
+) -> None:
+    """Pipe two streams both ways until either side is done, then close both.
+
+    A session's frames end with EXIT/ERROR from the agent, after which the agent closes its
+    connection; a client that goes away closes its side, and closing the vsock connection is
+    what tells the agent to hang up the program. Either way the first EOF ends the relay.
+    """
+    t1 = asyncio.create_task(pipe_stream(a_reader, b_writer))
+    t2 = asyncio.create_task(pipe_stream(b_reader, a_writer))
+    try:
+        await asyncio.wait({t1, t2}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (t1, t2):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        for w in (a_writer, b_writer):
+            with contextlib.suppress(Exception):
+                w.close()
+
+
+async def relay_client_vsock(
+    client_reader: asyncio.StreamReader,
+    client_writer: asyncio.StreamWriter,
+    cid: int,
+    port: int = VSOCK_PORT,
+) -> None:
+    """Serve one command-socket connection over a fresh vsock connection to the guest."""
+    try:
+        up_reader, up_writer = await connect_vsock(cid, port)
+    except OSError as e:
+        client = StreamLink(client_reader, client_writer)
+        await _fail_client(client, f"cannot reach the guest agent over vsock: {e}")
+        await client.aclose()
+        return
+    await relay_streams(client_reader, client_writer, up_reader, up_writer)

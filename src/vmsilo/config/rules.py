@@ -1,0 +1,207 @@
+"""Semantic rules of SPEC §2 that span several keys or several VMs.
+
+Types and formats are checked by the model; what remains is how values relate: exclusive
+options, references between VMs (``netvm``), cycles, pinned /31 subnets, features one
+hypervisor cannot provide. Rules that depend on *derived* values (tap names, MACs, PCI slots,
+runtime paths, the kernel command line) run on the plan, in :mod:`vmsilo.plan.checks`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+from collections.abc import Callable, Iterator
+
+from vmsilo.config.model import Config, GpuConfig, VmConfig
+from vmsilo.config.problems import Problem, join_path
+from vmsilo.config.types import crosvm_unsafe_reason, is_bdf
+from vmsilo.config.users import UserLookup
+
+IMAGE_DEFAULT = "default"
+
+
+def check_config(config: Config, users: UserLookup, skip_vms: set[str]) -> list[Problem]:
+    """Every semantic problem; VMs in ``skip_vms`` failed validation and are only names here."""
+    problems: list[Problem] = []
+    if users(config.user) is None:
+        problems.append(
+            Problem(
+                "user", f"no host user named {config.user!r}", "create the user or fix the name"
+            )
+        )
+    known = set(config.vms) | skip_vms
+    for name, vm in config.vms.items():
+        problems += _check_vm(config, name, vm, known)
+    problems += _check_netvm_cycles(config)
+    problems += _check_pinned_subnets(config)
+    return problems
+
+
+def _check_vm(config: Config, name: str, vm: VmConfig, known: set[str]) -> Iterator[Problem]:
+    def at(*parts: str | int) -> str:
+        return join_path("vms", name, *parts)
+
+    images = set(config.images) | {IMAGE_DEFAULT}
+    if vm.image not in images:
+        yield Problem(
+            at("image"),
+            f"no image named {vm.image!r}",
+            _did_you_mean(vm.image, images, f"define [images.{vm.image}] or use 'default'"),
+        )
+
+    for ifname, iface in vm.network.interfaces.items():
+        if iface.dhcp and (
+            iface.addresses or iface.v6_addresses or iface.routes or iface.v6_routes
+        ):
+            yield Problem(
+                at("network", "interfaces", ifname, "dhcp"),
+                "dhcp together with static addresses or routes",
+                "use either dhcp = true or addresses/routes, not both",
+            )
+        if iface.tap.host_address is not None and iface.tap.bridge is not None:
+            yield Problem(
+                at("network", "interfaces", ifname, "tap"),
+                "hostAddress together with bridge",
+                "a tap either gets a host address or joins a bridge",
+            )
+
+    net = vm.network
+    if net.netvm_subnet is not None and net.netvm is None:
+        yield Problem(
+            at("network", "netvmSubnet"),
+            "netvmSubnet without netvm",
+            "set network.netvm, or remove netvmSubnet",
+        )
+    if net.netvm is not None and net.netvm != "host":
+        if net.netvm not in known:
+            yield Problem(
+                at("network", "netvm"),
+                f"no VM named {net.netvm!r}",
+                _did_you_mean(
+                    net.netvm, known | {"host"}, "name a VM with isNetvm = true, or 'host'"
+                ),
+            )
+        elif net.netvm in config.vms and not config.vms[net.netvm].network.is_netvm:
+            yield Problem(
+                at("network", "netvm"),
+                f"VM {net.netvm!r} is not a netvm",
+                f"set vms.{net.netvm}.network.isNetvm = true",
+            )
+
+    gpu = vm.gpu
+    if (
+        gpu is not None
+        and not isinstance(gpu, bool)
+        and not (gpu.wayland or gpu.opengl or gpu.vulkan)
+    ):
+        yield Problem(
+            at("gpu"),
+            "gpu table enables no feature",
+            "enable wayland, opengl or vulkan, or write gpu = false",
+        )
+
+    if vm.shared_home is not False and "home" in vm.shared_directories:
+        yield Problem(
+            at("sharedDirectories", "home"),
+            "share tag 'home' is taken by sharedHome",
+            "rename the share, or set sharedHome = false",
+        )
+
+    for i, dev in enumerate(vm.pci_devices):
+        if not is_bdf(dev.path) and not dev.path.startswith("/sys/"):
+            yield Problem(
+                at("pciDevices", i, "path"),
+                f"{dev.path!r} is neither a PCI address nor a sysfs path",
+                "write a BDF like 0000:01:00.0 or /sys/bus/pci/devices/0000:01:00.0",
+            )
+        elif (reason := crosvm_unsafe_reason(dev.path, "path")) is not None:
+            yield Problem(at("pciDevices", i, "path"), *reason)
+
+    if vm.hypervisor == "qemu":
+        yield from _check_qemu(vm, at)
+
+
+def _check_qemu(vm: VmConfig, at: Callable[..., str]) -> Iterator[Problem]:
+    gpu = vm.gpu
+    if gpu is True or (
+        gpu is not None and not isinstance(gpu, bool) and (gpu.wayland or gpu.vulkan)
+    ):
+        yield Problem(
+            at("gpu"),
+            "QEMU cannot provide Wayland (cross-domain) or Vulkan (venus) here",
+            "cross-domain needs QEMU >= 8.1 with rutabaga (Debian 12 has 7.2); use"
+            " hypervisor = 'crosvm', or gpu = { opengl = true }",
+        )
+    for key in ("playback", "capture"):
+        if getattr(vm.sound, key) is True:
+            yield Problem(
+                at("sound", key),
+                "QEMU cannot provide virtio-sound here",
+                "virtio-sound needs QEMU >= 8.2 (Debian 12 has 7.2); use hypervisor = 'crosvm'",
+            )
+    from vmsilo.backends.qemu import QEMU_VHOST_USER_DEVICES
+
+    for n, vu in enumerate(vm.vhost_user):
+        if vu.type not in QEMU_VHOST_USER_DEVICES:
+            yield Problem(
+                at("vhostUser", n, "type"),
+                f"QEMU cannot front a vhost-user {vu.type!r} device",
+                "supported with QEMU: " + ", ".join(sorted(QEMU_VHOST_USER_DEVICES)),
+            )
+
+
+def gpu_features(gpu: GpuConfig) -> bool:
+    return gpu.wayland or gpu.opengl or gpu.vulkan
+
+
+def _check_netvm_cycles(config: Config) -> Iterator[Problem]:
+    reported: set[frozenset[str]] = set()
+    for start in config.vms:
+        seen: list[str] = []
+        cur: str | None = start
+        while cur is not None and cur in config.vms and cur not in seen:
+            seen.append(cur)
+            cur = config.vms[cur].network.netvm
+        if cur is not None and cur in seen:
+            cycle = seen[seen.index(cur) :]
+            key = frozenset(cycle)
+            if key not in reported:
+                reported.add(key)
+                chain = " -> ".join([*cycle, cur])
+                yield Problem(
+                    join_path("vms", cur, "network", "netvm"),
+                    f"netvm cycle: {chain}",
+                    "a chain of netvms must end at 'host' or at a netvm without a netvm",
+                )
+
+
+def _check_pinned_subnets(config: Config) -> Iterator[Problem]:
+    rng = ipaddress.IPv4Network(config.netvm_range)
+    owners: dict[ipaddress.IPv4Network, str] = {}
+    for name, vm in config.vms.items():
+        pinned = vm.network.netvm_subnet
+        if pinned is None or vm.network.netvm is None:
+            continue
+        path = join_path("vms", name, "network", "netvmSubnet")
+        net = ipaddress.IPv4Network(pinned)
+        if net.prefixlen != 31:
+            yield Problem(path, f"{pinned} is not a /31", "pin a /31, e.g. 10.200.0.8/31")
+            continue
+        if not net.subnet_of(rng):
+            yield Problem(
+                path,
+                f"{pinned} lies outside netvmRange {config.netvm_range}",
+                "pick a /31 inside it",
+            )
+            continue
+        if net in owners:
+            yield Problem(
+                path, f"{pinned} is also pinned by VM {owners[net]!r}", "give each VM its own /31"
+            )
+            continue
+        owners[net] = name
+
+
+def _did_you_mean(value: str, candidates: set[str], fallback: str) -> str:
+    close = difflib.get_close_matches(value, sorted(candidates), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else fallback
