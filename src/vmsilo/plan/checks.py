@@ -62,6 +62,7 @@ def _unique(plan: Plan) -> Iterator[Problem]:
     macs: dict[str, str] = {}
     host_ifs: dict[str, str] = {}
     user_bridges: dict[str, str] = {}
+    link_bridges: dict[str, str] = {}
     paths: dict[str, str] = {}
     for vm in plan.vms.values():
         for i in vm.interfaces:
@@ -85,8 +86,8 @@ def _unique(plan: Plan) -> Iterator[Problem]:
             if i.bridge is not None:
                 if i.injected_for is None:
                     user_bridges.setdefault(i.bridge, where)
-                elif i.bridge not in host_ifs:
-                    host_ifs[i.bridge] = f"the netvm link of {vm.name}"
+                else:
+                    link_bridges.setdefault(i.bridge, where)
         for other in (*(s.socket for s in vm.shares), *vm.paths.as_dict().values()):
             if other in paths and paths[other] != vm.name:
                 yield Problem(
@@ -105,6 +106,15 @@ def _unique(plan: Plan) -> Iterator[Problem]:
                 )
             elif not d.read_only:
                 paths[d.path] = vm.name
+    for bridge, where in link_bridges.items():
+        if bridge in host_ifs:
+            yield Problem(
+                join_path(host_ifs[bridge], "tap", "name"),
+                f"host interface name {bridge!r} is the netvm link bridge of {where}",
+                "set a different tap.name",
+            )
+        else:
+            host_ifs[bridge] = where
     for bridge, where in user_bridges.items():
         if bridge in host_ifs:
             yield Problem(

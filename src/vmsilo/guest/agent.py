@@ -1,0 +1,340 @@
+"""The vmsilo guest agent: serves command sessions from the host.
+
+The guest init forks a child that calls :func:`main` with::
+
+    --ready-port org.vmsilo.ready --channel-port org.vmsilo.channel --vsock-port 5000
+    --user UID:GID [--auto-shutdown-after S]
+
+Transport: vsock (one connection per session, only from the host, CID 2) when ``--vsock-port``
+is given, ``AF_VSOCK`` works and ``/dev/vsock`` exists; otherwise the ``org.vmsilo.channel``
+virtio-serial port, on which the host multiplexes all sessions (:class:`ChannelMux`).
+
+Readiness: once the transport is listening, the agent writes one line
+(:func:`vmsilo.channel.protocol.encode_ready`, e.g.
+``{"hello":"vmsilo-agent","version":1,"transport":"channel","pid":42}``) on the
+``org.vmsilo.ready`` virtio-console port; the supervisor parses it with
+:func:`vmsilo.channel.protocol.parse_ready`. On a virtio-serial channel the line is sent again
+whenever the host side reconnects.
+
+Return value of :func:`main`: 0 means "power off" (``--auto-shutdown-after`` expired with no
+session); non-zero means the agent failed (the init may restart it). With ``--channel-path`` to
+a Unix socket (tests on the host) the agent returns 1 when that socket closes.
+
+No sleeps or polling: sessions, idle timeouts and host reconnects are all events (asyncio
+timers; SIGIO from virtio_console when the host end of a port opens).
+
+Standard library only: this module runs in the guest on Debian's python3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import sys
+from pathlib import Path
+
+from vmsilo.channel.mux import ChannelMux, Link, MuxSession, StreamLink
+from vmsilo.channel.pipes import open_fd_streams
+from vmsilo.channel.protocol import (
+    CHANNEL_PORT_NAME,
+    READY_PORT_NAME,
+    accept_vsock_peer,
+    encode_ready,
+)
+from vmsilo.guest.agent_exec import ExecSession
+
+log = logging.getLogger("vmsilo.agent")
+
+__all__ = ["Agent", "accept_vsock_peer", "main", "parse_user"]
+
+
+def _find_virtio_port(name: str) -> Path | None:
+    """/dev/vportNpM of the virtio port called ``name``.
+
+    The guest has no udev, so there is no /dev/virtio-ports/NAME link: read the names from
+    sysfs. (Private twin of vmsilo.guest.ports.find_virtio_port, so the agent does not depend on
+    the image builder's module.)
+    """
+    base = Path("/sys/class/virtio-ports")
+    try:
+        entries = sorted(base.iterdir())
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            if (entry / "name").read_text().strip() == name:
+                return Path("/dev") / entry.name
+        except OSError:
+            continue
+    return None
+
+
+def parse_user(text: str) -> tuple[int, int]:
+    """``UID:GID`` → (uid, gid)."""
+    uid_s, sep, gid_s = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected UID:GID, got {text!r}")
+    try:
+        uid, gid = int(uid_s), int(gid_s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected UID:GID, got {text!r}") from None
+    if uid < 0 or gid < 0:
+        raise argparse.ArgumentTypeError("ids must not be negative")
+    return uid, gid
+
+
+class Agent:
+    """Session accounting and the idle power-off timer, shared by every transport."""
+
+    def __init__(self, uid: int, gid: int, auto_shutdown_after: float | None = None) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.auto_shutdown_after = auto_shutdown_after
+        #: Live sessions: connected exec sessions plus detached programs still running.
+        self.live_sessions = 0
+        self.shutdown = asyncio.Event()
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._arm_idle_timer()
+
+    def session_started(self) -> None:
+        self.live_sessions += 1
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def session_ended(self) -> None:
+        self.live_sessions -= 1
+        if self.live_sessions == 0:
+            self._arm_idle_timer()
+
+    def _arm_idle_timer(self) -> None:
+        if self.auto_shutdown_after is None or self.live_sessions:
+            return
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._idle_timer = loop.call_later(self.auto_shutdown_after, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        self._idle_timer = None
+        if self.live_sessions == 0:
+            log.info("no sessions for %s s: shutting down", self.auto_shutdown_after)
+            self.shutdown.set()
+
+    async def handle_link(self, link: Link) -> None:
+        """Serve one session (mux session or vsock connection) until its program is gone."""
+        self.session_started()
+        try:
+            await ExecSession(link, self, default_uid=self.uid, default_gid=self.gid).run()
+        except Exception:
+            log.exception("session failed")
+        finally:
+            link.close()
+            self.session_ended()
+
+    async def handle_mux_session(self, session: MuxSession) -> None:
+        await self.handle_link(session)
+
+
+# --------------------------------------------------------------------------- readiness
+
+
+def _write_ready_blocking(path: Path, data: bytes) -> None:
+    """Write the hello; a virtio-console write blocks until the host end is connected."""
+    st = os.stat(path)
+    if stat.S_ISSOCK(st.st_mode):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(path))
+            s.sendall(data)
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_APPEND)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    finally:
+        os.close(fd)
+
+
+async def send_ready(path: Path, transport: str) -> None:
+    await asyncio.to_thread(_write_ready_blocking, path, encode_ready(transport, os.getpid()))
+    log.info("ready (%s) sent on %s", transport, path)
+
+
+# --------------------------------------------------------------------------- vsock
+
+
+def vsock_usable() -> bool:
+    """AF_VSOCK works and the guest has a vsock device."""
+    if not hasattr(socket, "AF_VSOCK") or not os.path.exists("/dev/vsock"):
+        return False
+    try:
+        socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
+    except OSError:
+        return False
+    return True
+
+
+async def serve_vsock(agent: Agent, port: int) -> asyncio.Server:
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    sock.bind((socket.VMADDR_CID_ANY, port))
+    sock.listen(64)
+    sock.setblocking(False)
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        cid = peer[0] if isinstance(peer, tuple) and peer else -1
+        if not accept_vsock_peer(cid):
+            log.warning("refused vsock connection from CID %s", cid)
+            writer.close()
+            return
+        await agent.handle_link(StreamLink(reader, writer))
+
+    return await asyncio.start_server(on_connect, sock=sock)
+
+
+# --------------------------------------------------------------------------- virtio-serial
+
+
+def _host_connected(fd: int) -> bool:
+    """A virtio port reports POLLHUP while its host end is closed (one instant check)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return not any(ev & select.POLLHUP for _, ev in p.poll(0))
+
+
+async def _wait_host_connected(fd: int, sigio: asyncio.Event) -> None:
+    """Wait, without polling, until the host end of the virtio port at ``fd`` is open.
+
+    virtio_console sends SIGIO to the port's async owner when the host connects (after
+    ``F_SETOWN`` + ``O_ASYNC``); the SIGIO handler is installed once by the caller.
+    """
+    fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_ASYNC)
+    try:
+        while True:
+            sigio.clear()
+            if _host_connected(fd):
+                return
+            log.info("waiting for the host to open the channel")
+            await sigio.wait()
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_ASYNC)
+
+
+async def _open_channel(
+    path: Path, sigio: asyncio.Event | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    st = os.stat(path)
+    if stat.S_ISSOCK(st.st_mode):
+        return await asyncio.open_unix_connection(str(path))
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        if sigio is not None and stat.S_ISCHR(st.st_mode):
+            await _wait_host_connected(fd, sigio)
+        return await open_fd_streams(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+
+
+async def serve_channel(
+    agent: Agent, channel: Path, ready: Path | None, *, reconnect: bool
+) -> int:
+    """Serve the mux on ``channel`` until shutdown (0) or, without ``reconnect``, EOF (1)."""
+    sigio: asyncio.Event | None = None
+    if reconnect:
+        sigio = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGIO, sigio.set)
+    while True:
+        reader, writer = await _open_channel(channel, sigio)
+        mux = ChannelMux(reader, writer, on_open=agent.handle_mux_session, name="agent-mux")
+        task = mux.start()
+        if ready is not None:
+            await send_ready(ready, "channel")
+        stop = asyncio.create_task(agent.shutdown.wait())
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.done():
+            await mux.aclose()
+            return 0
+        stop.cancel()
+        await mux.aclose()
+        if not reconnect:
+            log.warning("channel %s closed", channel)
+            return 1
+        log.warning("channel %s closed by the host; waiting for it to reconnect", channel)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vmsilo-agent", description="vmsilo guest agent")
+    p.add_argument("--ready-port", default=READY_PORT_NAME, help="virtio-console port for hello")
+    p.add_argument("--channel-port", default=CHANNEL_PORT_NAME, help="virtio-serial mux port")
+    p.add_argument("--vsock-port", type=int, help="serve on this vsock port when vsock works")
+    p.add_argument("--user", type=parse_user, help="UID:GID of the default guest user")
+    p.add_argument("--auto-shutdown-after", type=float, metavar="S", help="idle power-off")
+    p.add_argument("--channel-path", type=Path, help="(tests) channel file or Unix socket")
+    p.add_argument("--ready-path", type=Path, help="(tests) ready file or Unix socket")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+async def serve(args: argparse.Namespace) -> int:
+    uid, gid = args.user if args.user is not None else (os.getuid(), os.getgid())
+    agent = Agent(uid, gid, args.auto_shutdown_after)
+    agent.start()
+    ready: Path | None = args.ready_path
+    if ready is None and args.ready_port:
+        ready = _find_virtio_port(args.ready_port)
+        if ready is None:
+            log.error("virtio port %s not found: readiness cannot be announced", args.ready_port)
+
+    if args.vsock_port is not None and args.channel_path is None and vsock_usable():
+        server = await serve_vsock(agent, args.vsock_port)
+        async with server:
+            if ready is not None:
+                await send_ready(ready, "vsock")
+            await agent.shutdown.wait()
+        return 0
+
+    channel: Path | None = args.channel_path
+    if channel is None:
+        channel = _find_virtio_port(args.channel_port)
+        if channel is None:
+            log.error("virtio port %s not found and vsock unusable", args.channel_port)
+            return 1
+    reconnect = args.channel_path is None
+    return await serve_channel(agent, channel, ready, reconnect=reconnect)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Agent entry point; see the module docstring for options and the return value."""
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="vmsilo-agent: %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
