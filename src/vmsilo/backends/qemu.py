@@ -10,6 +10,7 @@ ports, vfio-pci, and QMP for control. crosvm-only tunings are listed in the plan
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from vmsilo.plan.model import Plan, VmPlan
@@ -25,6 +26,11 @@ QEMU_VHOST_USER_DEVICES = {
     "scsi": "vhost-user-scsi-pci",
     "vsock": "vhost-user-vsock-pci",
 }
+
+
+def vsock_available() -> bool:
+    """Whether QEMU can give the guest a vhost-vsock device on this host."""
+    return os.path.exists("/dev/vhost-vsock")
 
 
 def q(value: str) -> str:

@@ -28,9 +28,10 @@ def vmm_argv(plan: Plan, vm: VmPlan, backend: str | None = None) -> list[str]:
     chosen = backend or vm.hypervisor
     if chosen == "crosvm":
         return crosvm_argv(plan, vm)
-    from vmsilo.backends.qemu import qemu_argv
+    from vmsilo.backends.accel import cached_accel
+    from vmsilo.backends.qemu import qemu_argv, vsock_available
 
-    return qemu_argv(plan, vm)
+    return qemu_argv(plan, vm, cached_accel(plan, vm), vsock=vsock_available())
 
 
 def build_parser() -> argparse.ArgumentParser:

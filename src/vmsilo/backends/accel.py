@@ -1,0 +1,106 @@
+"""Choosing QEMU's accelerator: KVM only if a real test boot under KVM works (SPEC §4).
+
+``/dev/kvm`` existing is not enough: under nested virtualisation it may open fine and then fail
+or hang on a real kernel. So ``qemu.accel = "auto"`` boots the VM's own kernel once under KVM
+with no root file system and a short timeout; the kernel reaching its "no root" panic proves KVM
+runs guest code. The verdict is cached in the runtime dir, keyed on the QEMU binary and kernel,
+so the probe costs one boot per host boot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Literal
+
+from vmsilo.plan.model import Plan, VmPlan
+
+Accel = Literal["kvm", "tcg"]
+PROBE_TIMEOUT = 20.0
+CACHE_NAME = "qemu-accel.json"
+
+
+def _cache_key(binary: str, kernel: str) -> str:
+    def stamp(path: str | None) -> str:
+        if path is None:
+            return "-"
+        try:
+            st = os.stat(path)
+        except OSError:
+            return f"{path}:missing"
+        return f"{os.path.realpath(path)}:{st.st_size}:{int(st.st_mtime)}"
+
+    return f"{stamp(shutil.which(binary))}|{stamp(kernel)}"
+
+
+def probe_kvm(binary: str, kernel: str, timeout: float = PROBE_TIMEOUT) -> bool:
+    """Boot ``kernel`` under KVM until its no-root panic; True if that happened in time."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    argv = [
+        binary,
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "256",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-kernel",
+        kernel,
+        "-append",
+        "console=ttyS0 panic=-1 root=/dev/nonexistent",
+    ]
+    try:
+        proc = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
+        )
+    except (subprocess.TimeoutExpired, OSError):
+        return False
+    return b"Kernel panic" in proc.stdout or b"VFS: Unable to mount root" in proc.stdout
+
+
+def resolve_accel(plan: Plan, vm: VmPlan) -> Accel:
+    """The accelerator to use for ``vm`` (probing and caching when ``auto``)."""
+    if plan.qemu.accel != "auto":
+        return plan.qemu.accel
+    if not os.path.exists("/dev/kvm"):
+        return "tcg"
+    cache = Path(plan.runtime_dir) / CACHE_NAME
+    key = _cache_key(plan.qemu.binary, vm.kernel)
+    with contextlib.suppress(OSError, ValueError):
+        cached = json.loads(cache.read_text())
+        if cached.get(key) in ("kvm", "tcg"):
+            return "kvm" if cached[key] == "kvm" else "tcg"
+    verdict: Accel = "kvm" if probe_kvm(plan.qemu.binary, vm.kernel) else "tcg"
+    with contextlib.suppress(OSError, ValueError):
+        data = {}
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(cache.read_text())
+        data[key] = verdict
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{CACHE_NAME}.{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, cache)
+    return verdict
+
+
+def cached_accel(plan: Plan, vm: VmPlan) -> Accel:
+    """The accelerator ``vmsilo argv`` shows: the cached verdict, without probing."""
+    if plan.qemu.accel != "auto":
+        return plan.qemu.accel
+    with contextlib.suppress(OSError, ValueError):
+        cached = json.loads((Path(plan.runtime_dir) / CACHE_NAME).read_text())
+        if cached.get(_cache_key(plan.qemu.binary, vm.kernel)) == "kvm":
+            return "kvm"
+    return "tcg"

@@ -1,0 +1,110 @@
+"""``vm-shell [--ssh [--root]] VM`` — the VM's console, or a pty shell through the channel.
+
+Without ``--ssh`` it attaches to the console relay (``R/<vm>-console``) in raw mode; Ctrl-]
+leaves. With ``--ssh`` it opens a login shell on a guest pty over the command channel (no sshd
+in the guest), as ``user`` or, with ``--root``, as root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import sys
+import termios
+import tty
+from typing import TextIO
+
+from vmsilo.cli.vm_common import EXIT_USAGE, load_for_tool, pop_config, resolve, run_tool
+from vmsilo.config.users import UserLookup
+
+ESCAPE = 0x1D  # Ctrl-]
+USAGE = """Usage: vm-shell [--ssh [--root]] <vm-name>
+
+Options:
+ --ssh Open a shell over the vmsilo channel (a pty, no sshd needed)
+ --root Connect as root (only with --ssh)
+
+Without --ssh, connects to serial console.
+Escape character is CTRL+]"""
+
+
+def main(
+    argv: list[str] | None = None, *, users: UserLookup | None = None, err: TextIO | None = None
+) -> int:
+    stream = err or sys.stderr
+    config, rest = pop_config(sys.argv[1:] if argv is None else argv)
+    use_ssh = use_root = False
+    while rest and rest[0].startswith("-"):
+        if rest[0] == "--ssh":
+            use_ssh = True
+        elif rest[0] == "--root":
+            use_root = True
+        else:
+            print(USAGE, file=stream)
+            return EXIT_USAGE
+        rest = rest[1:]
+    if len(rest) != 1:
+        print(USAGE, file=stream)
+        return EXIT_USAGE
+    if use_root and not use_ssh:
+        print("Error: --root requires --ssh", file=stream)
+        return EXIT_USAGE
+
+    def body() -> int:
+        loaded = load_for_tool(config, users)
+        vm = resolve(loaded, rest[0], stream)
+        if vm is None:
+            return EXIT_USAGE
+        if use_ssh:
+            from vmsilo.cli.vm_run import main as vm_run_main
+
+            args = (["-c", config] if config else []) + ["-t"]
+            args += ["--root"] if use_root else []
+            return vm_run_main([*args, vm.name, "/bin/bash", "--login"])
+        if not os.path.exists(vm.paths.console):
+            print(f"Console not found: {vm.paths.console}", file=stream)
+            print(f"Is the VM running? Use: vm-start {vm.name}", file=stream)
+            return EXIT_USAGE
+        print("Escape character is CTRL+]", file=sys.stdout, flush=True)
+        return attach_console(vm.paths.console)
+
+    return run_tool("vm-shell", body, stream)
+
+
+def attach_console(path: str, stdin: int = 0, stdout: int = 1) -> int:
+    """Relay the terminal to the console socket until Ctrl-] or the VM goes away."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    saved = None
+    if os.isatty(stdin):
+        saved = termios.tcgetattr(stdin)
+        tty.setraw(stdin)
+    try:
+        while True:
+            ready, _, _ = select.select([stdin, sock.fileno()], [], [])
+            if sock.fileno() in ready:
+                data = sock.recv(65536)
+                if not data:
+                    return 0
+                os.write(stdout, data)
+            if stdin in ready:
+                data = os.read(stdin, 4096)
+                if not data:
+                    return 0
+                if ESCAPE in data:
+                    before = data[: data.index(ESCAPE)]
+                    if before:
+                        sock.sendall(before)
+                    return 0
+                sock.sendall(data)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The per-VM state file and lock, shared by the supervisor and every reader.
+
+The lock (``R/<vm>.lock``, flock) is held by the supervisor for its whole life: whether it is
+held is the single source of truth for "a supervisor runs"; a waiter blocks on it to learn, with
+no polling, when a supervisor has exited. The state file (``R/<vm>.state.json``, replaced
+atomically) says what that supervisor is doing, and after it exits keeps the last exit reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from vmsilo.errors import VMAlreadyRunningError
+
+State = Literal["stopped", "starting", "running", "stopping", "failed"]
+
+
+@dataclass
+class VmState:
+    state: State
+    supervisor_pid: int | None = None
+    vmm_pid: int | None = None
+    hypervisor: str | None = None
+    started_at: float | None = None
+    ready_at: float | None = None
+    config_hash: str | None = None
+    last_exit: dict[str, Any] | None = None
+    detail: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def read_state(path: str | Path) -> VmState | None:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    known = {k: v for k, v in data.items() if k in VmState.__dataclass_fields__}
+    try:
+        return VmState(**known)
+    except TypeError:
+        return None
+
+
+def write_state(path: str | Path, state: VmState) -> None:
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(asdict(state), indent=1) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, target)
+
+
+def now() -> float:
+    return time.time()
+
+
+class VmLock:
+    """The supervisor's lifetime lock on ``R/<vm>.lock``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.fd: int | None = None
+
+    def acquire(self, vm: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise VMAlreadyRunningError(
+                f"VM {vm} already has a running supervisor",
+                f"use `vmsilo status {vm}`, or `vmsilo stop {vm}` first",
+            ) from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def is_locked(path: str | Path) -> bool:
+    """Whether a live process holds the lock (i.e. the VM's supervisor runs)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def wait_unlocked(path: str | Path) -> None:
+    """Block until no supervisor holds the lock (kernel wakes us; no polling)."""
+    with contextlib.suppress(FileNotFoundError):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        finally:
+            os.close(fd)
