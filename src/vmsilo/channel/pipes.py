@@ -114,7 +114,8 @@ class PipeWriter(asyncio.Protocol):
         self.closed = True
 
     def abort(self) -> None:
-        if self._transport is not None:
+        """Close now, discarding unwritten data."""
+        if self._transport is not None and not self._transport.is_closing():
             self._transport.abort()
         self.closed = True
 

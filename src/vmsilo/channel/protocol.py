@@ -120,8 +120,8 @@ class ProtocolError(ChannelError):
     """A malformed or out-of-order frame; ends the one session it belongs to."""
 
 
-class ProtocolVersionError(ChannelError):
-    """Client and guest agent speak different protocol versions."""
+class ProtocolVersionError(ProtocolError):
+    """Client and guest agent speak different protocol versions (a kind of malformed frame)."""
 
     def __init__(self, local: int, remote: int | None) -> None:
         peer = "unknown" if remote is None else str(remote)
@@ -423,8 +423,12 @@ def encode_ready(transport: str, agent_pid: int = 0) -> bytes:
 
     ``{"hello":"vmsilo-agent","version":1,"transport":"channel","pid":123}\\n``
     """
-    obj = {"hello": READY_MAGIC, "version": PROTOCOL_VERSION, "transport": transport}
-    obj["pid"] = agent_pid  # type: ignore[assignment]
+    obj: dict[str, object] = {
+        "hello": READY_MAGIC,
+        "version": PROTOCOL_VERSION,
+        "transport": transport,
+        "pid": agent_pid,
+    }
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 

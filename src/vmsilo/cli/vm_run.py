@@ -125,10 +125,11 @@ def _run(args: RunArgs, users: UserLookup | None, err: TextIO) -> int:
 
     loaded = load(args.config, users)
     vm = select_vm(loaded.plan, args.vm)
+    watch = None
     if not command_socket_live(vm):
         if not args.autostart:
             raise VmsiloError(f"VM {vm.name} is not running", f"start it: vm-start {vm.name}")
-        ensure_supervisor(str(loaded.path), vm)
+        watch = ensure_supervisor(str(loaded.path), vm)
 
     tty_fd = None
     rows = cols = 0
@@ -174,9 +175,15 @@ def _run(args: RunArgs, users: UserLookup | None, err: TextIO) -> int:
     try:
         return asyncio.run(go())
     except ChannelError as e:
+        reason = watch.failure() if watch is not None else None
+        if reason is not None:
+            raise VmsiloError(f"VM {vm.name} failed to start: {reason}") from None
         raise VmsiloError(e.message if hasattr(e, "message") else str(e), e.hint) from None
     except ValueError as e:
         raise UsageError(str(e)) from None
+    finally:
+        if watch is not None:
+            watch.close()
 
 
 if __name__ == "__main__":

@@ -251,9 +251,7 @@ async def _open_channel(
         raise
 
 
-async def serve_channel(
-    agent: Agent, channel: Path, ready: Path | None, *, reconnect: bool
-) -> int:
+async def serve_channel(agent: Agent, channel: Path, ready: Path | None, *, reconnect: bool) -> int:
     """Serve the mux on ``channel`` until shutdown (0) or, without ``reconnect``, EOF (1)."""
     sigio: asyncio.Event | None = None
     if reconnect:

@@ -52,6 +52,8 @@ from vmsilo.channel.protocol import (
 log = logging.getLogger(__name__)
 
 USER_PATH = b"/usr/local/bin:/usr/bin:/bin"
+#: Seconds a hung-up program may keep writing (into the void) before its pipes are closed.
+HANGUP_GRACE = 5.0
 ROOT_PATH = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -179,6 +181,8 @@ class ExecSession:
         self.stdin_eof = False
         self._stdin_queue: asyncio.Queue[object] = asyncio.Queue()
         self._credit_to_return = 0
+        # Set once the client is gone: output is drained and dropped.
+        self.discard = False
 
     # ------------------------------------------------------------------ entry
 
@@ -254,11 +258,13 @@ class ExecSession:
                 stdio = {"stdin": in_r, "stdout": out_w, "stderr": err_w}
             try:
                 self.proc = await asyncio.create_subprocess_exec(
-                    *argv, env=env, cwd=cwd, start_new_session=True, **stdio, **kwargs
+                    argv[0], *argv[1:], env=env, cwd=cwd, start_new_session=True, **stdio, **kwargs
                 )
             except FileNotFoundError as e:
                 if e.filename is not None and os.fsencode(e.filename) == cwd:
-                    raise SpawnError(126, f"cannot change to directory {os.fsdecode(cwd)}") from None
+                    raise SpawnError(
+                        126, f"cannot change to directory {os.fsdecode(cwd)}"
+                    ) from None
                 raise SpawnError(127, f"{os.fsdecode(argv[0])}: command not found") from None
             except PermissionError:
                 raise SpawnError(126, f"{os.fsdecode(argv[0])}: Permission denied") from None
@@ -325,12 +331,22 @@ class ExecSession:
                 return
             problem = receiver.result()
             if problem is not None:
-                await self.link.send(FrameType.ERROR, encode_error(error_code(problem), str(problem)))
+                await self.link.send(
+                    FrameType.ERROR, encode_error(error_code(problem), str(problem))
+                )
             # The client is gone (or broke the protocol): hang up the program like a terminal
-            # would, stop relaying its output, and wait for it to go away.
+            # would. Its output is drained and discarded for a grace period so that it can
+            # react to SIGHUP (a shell reporting "Hangup" on a closed stderr would die of
+            # SIGPIPE instead); then its pipes are closed so a program ignoring SIGHUP does
+            # not write into the void forever. It counts as a session until it exits.
+            self.discard = True
+            self._credit_event.set()
             kill_group(proc.pid, signal.SIGHUP)
-            self._close_stdio()
-            await proc.wait()
+            try:
+                await asyncio.wait_for(asyncio.shield(done_task), HANGUP_GRACE)
+            except TimeoutError:
+                self._close_stdio()
+                await proc.wait()
         finally:
             for t in (receiver, stdin_task, done_task, *pumps):
                 t.cancel()
@@ -352,10 +368,13 @@ class ExecSession:
     async def _pump(self, reader: PipeReader, ftype: FrameType) -> None:
         """Relay one output pipe within the client's credit, until EOF."""
         while await reader.wait():
-            while self.credit <= FRAME_COST:
+            if self.discard:
+                reader.take(len(reader.buffer))
+                continue
+            while self.credit <= FRAME_COST and not self.discard:
                 self._credit_event.clear()
                 await self._credit_event.wait()
-            if not reader.buffer:
+            if not reader.buffer or self.discard:
                 continue
             chunk = reader.take(min(CHUNK, self.credit - FRAME_COST))
             self.credit -= len(chunk) + FRAME_COST

@@ -6,7 +6,7 @@ import gzip
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, cast
 
 
 def _header(ino: int, mode: int, nlink: int, size: int, name: bytes, rdev: int = 0) -> bytes:
@@ -28,13 +28,13 @@ def _header(ino: int, mode: int, nlink: int, size: int, name: bytes, rdev: int =
     return b"070701" + b"".join(b"%08X" % f for f in fields) + name + b"\x00"
 
 
-def _pad(out: BinaryIO, n: int) -> None:
+def _pad(out: IO[bytes], n: int) -> None:
     if n % 4:
         out.write(b"\x00" * (4 - n % 4))
 
 
 def write_newc(
-    tree: Path, out: BinaryIO, devices: tuple[tuple[str, int, int, int], ...] = ()
+    tree: Path, out: IO[bytes], devices: tuple[tuple[str, int, int, int], ...] = ()
 ) -> None:
     """Write every entry under ``tree`` (sorted, owned by root, mtime 0) as a newc archive.
 
@@ -85,4 +85,4 @@ def write_initramfs(
         open(dest, "wb") as raw,
         gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=level, mtime=0) as gz,
     ):
-        write_newc(tree, gz, devices)
+        write_newc(tree, cast(IO[bytes], gz), devices)

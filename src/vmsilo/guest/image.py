@@ -38,7 +38,7 @@ from vmsilo.guest.kernel import (
     KernelRef,
     cached_kernels,
     fetch_kernel,
-    resolve_kernel,
+    resolve_kernel_cached,
     stage_modules,
 )
 from vmsilo.runcmd import run
@@ -343,7 +343,7 @@ def _root_status(root: Path) -> bytes:
 
 def _kernel_ref(cache_dir: Path, say: Callable[[str], None]) -> KernelRef:
     try:
-        return resolve_kernel()
+        return resolve_kernel_cached(cache_dir)
     except VmsiloError:
         cached = cached_kernels(cache_dir)
         if not cached:

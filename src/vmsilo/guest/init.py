@@ -13,8 +13,8 @@ part parses ``/proc/cmdline`` into :class:`GuestParams` and turns it into lists 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import errno
 import ipaddress
 import os
 import selectors
@@ -431,13 +431,13 @@ def hostname_actions(p: GuestParams, hosts: str) -> list[Action]:
     ]
 
 
-def _without(text: str, name: str) -> list[str]:
-    return [ln for ln in text.splitlines() if ln and ln.split(":", 1)[0] != name]
+def _without(lines: str | list[str], name: str) -> list[str]:
+    if isinstance(lines, str):
+        lines = lines.splitlines()
+    return [ln for ln in lines if ln and ln.split(":", 1)[0] != name]
 
 
-def user_files(
-    p: GuestParams, passwd: str, group: str, shadow: str, shell: str
-) -> dict[str, str]:
+def user_files(p: GuestParams, passwd: str, group: str, shadow: str, shell: str) -> dict[str, str]:
     """New /etc/passwd, /etc/group and /etc/shadow with ``user`` (ids from ``vmsilo.user``) and
     ``root``, both with an empty password (the VM is the isolation boundary; the console logs
     in automatically)."""
@@ -542,10 +542,8 @@ def _uptime() -> float:
 
 def log(msg: str) -> None:
     line = f"vmsilo-init: [{_uptime():8.2f}] {msg}\n"
-    try:
+    with contextlib.suppress(OSError):
         os.write(2, line.encode(errors="replace"))
-    except OSError:
-        pass
 
 
 def sys_mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
@@ -728,10 +726,8 @@ def setup_dev_links() -> None:
     ):
         path = f"/dev/{name}"
         if not os.path.lexists(path):
-            try:
+            with contextlib.suppress(OSError):
                 os.symlink(target, path)
-            except OSError:
-                pass
 
 
 # --- supervision ------------------------------------------------------------------------------
@@ -765,10 +761,7 @@ class Init:
         for sig in (*SHUTDOWN_SIGNALS, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, lambda _s, _f: None)
         self.selector.register(self.wakeup_r, selectors.EVENT_READ, "signal")
-        try:
-            _libc.reboot(RB_DISABLE_CAD)  # Ctrl-Alt-Del → SIGINT to us
-        except OSError:
-            pass
+        _libc.reboot(RB_DISABLE_CAD)  # Ctrl-Alt-Del → SIGINT to us
 
     def find_power_buttons(self) -> None:
         base = Path("/sys/class/input")
@@ -797,14 +790,10 @@ class Init:
         for sig in (*SHUTDOWN_SIGNALS, signal.SIGCHLD, signal.SIGHUP, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
         for fd in (self.wakeup_r, self.wakeup_w, *self.buttons):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
-        try:
+        with contextlib.suppress(OSError):
             self.selector.close()
-        except OSError:
-            pass
 
     def start_agent(self) -> None:
         if self.agent_main is None:
@@ -958,7 +947,7 @@ class Init:
                     for sig in self.drain_signals():
                         if sig in SHUTDOWN_SIGNALS:
                             self.shutdown(f"signal {signal.Signals(sig).name}")
-                elif key.data == "button" and self.read_button(int(key.fd)):  # type: ignore[call-overload]
+                elif key.data == "button" and self.read_button(int(key.fd)):
                     self.shutdown("power button")
             self.reap()
             now = time.monotonic()
@@ -996,25 +985,22 @@ class Init:
         log(f"shutting down ({reason})")
         try:
             os.kill(-1, signal.SIGTERM)
+            os.kill(-1, signal.SIGHUP)  # interactive shells ignore SIGTERM
             os.kill(-1, signal.SIGCONT)
         except OSError:
             pass
         if not self._wait_children(3.0):
             log("killing the remaining processes")
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(-1, signal.SIGKILL)
-            except OSError:
-                pass
             self._wait_children(2.0)
         os.sync()
         for target in sorted(
             (t for t in mounted_targets() if t.startswith(("/home", "/mnt", "/media"))),
             reverse=True,
         ):
-            try:
+            with contextlib.suppress(OSError):
                 sys_umount(target, MNT_DETACH)
-            except OSError:
-                pass
         os.sync()
         log("power off")
         _libc.reboot(RB_POWER_OFF)

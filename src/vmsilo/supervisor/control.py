@@ -22,6 +22,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from vmsilo.channel.mux import StreamLink
 from vmsilo.channel.protocol import FrameType, decode_error, encode_json
@@ -61,7 +62,33 @@ def _flock(path: str) -> Iterator[None]:
         os.close(fd)
 
 
-def spawn_supervisor(config_path: str, vm: VmPlan) -> None:
+class StartWatch:
+    """The read end of a freshly spawned supervisor's milestone pipe.
+
+    After ``bound`` the spawner connects like any client; if that connection is refused or
+    dropped because the start failed, :meth:`failure` reads the supervisor's last words
+    (``failed <message>``) — it blocks only until the supervisor reports or exits.
+    """
+
+    def __init__(self, pipe: IO[bytes], vm: VmPlan) -> None:
+        self.pipe = pipe
+        self.vm = vm
+
+    def failure(self) -> str | None:
+        with self.pipe:
+            for raw in self.pipe:
+                line = raw.decode(errors="replace").strip()
+                if line == "ready":
+                    return None
+                if line.startswith("failed "):
+                    return line[7:]
+        return None
+
+    def close(self) -> None:
+        self.pipe.close()
+
+
+def spawn_supervisor(config_path: str, vm: VmPlan) -> StartWatch:
     """Start ``vmsilo service vm`` detached; return once its command socket is bound."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     log = open(supervisor_log(vm), "ab")  # noqa: SIM115 - handed to the child
@@ -89,23 +116,27 @@ def spawn_supervisor(config_path: str, vm: VmPlan) -> None:
     finally:
         os.close(write_fd)
         log.close()
-    with os.fdopen(read_fd, "rb") as pipe:
-        for raw in pipe:
-            line = raw.decode(errors="replace").strip()
-            if line == "bound":
-                return
-            if line.startswith("failed "):
-                raise VMStartError(f"VM {vm.name} failed to start: {line[7:]}")
+    pipe = os.fdopen(read_fd, "rb")
+    for raw in pipe:
+        line = raw.decode(errors="replace").strip()
+        if line == "bound":
+            return StartWatch(pipe, vm)
+        if line.startswith("failed "):
+            pipe.close()
+            raise VMStartError(f"VM {vm.name} failed to start: {line[7:]}")
+    pipe.close()
     raise VMStartError(
         f"VM {vm.name}: the supervisor exited before it was ready",
         f"see {supervisor_log(vm)}",
     )
 
 
-def ensure_supervisor(config_path: str, vm: VmPlan) -> None:
-    """Make sure a supervisor serves ``vm``'s command socket (spawning one if needed)."""
+def ensure_supervisor(config_path: str, vm: VmPlan) -> StartWatch | None:
+    """Make sure a supervisor serves ``vm``'s command socket (spawning one if needed).
+
+    Returns the :class:`StartWatch` when this call spawned it."""
     if command_socket_live(vm):
-        return
+        return None
     if os.geteuid() != 0:
         raise VmsiloError(
             f"VM {vm.name} is not running and only root can start it here",
@@ -113,11 +144,11 @@ def ensure_supervisor(config_path: str, vm: VmPlan) -> None:
         )
     with _flock(vm.paths.lock.replace(".lock", ".spawn.lock")):
         if command_socket_live(vm):
-            return
+            return None
         if is_running(vm):
             # a supervisor is shutting down (socket closed, lock still held): let it finish
             _wait_unlocked_for(vm.paths.lock, vm.stop_timeout + 15)
-        spawn_supervisor(config_path, vm)
+        return spawn_supervisor(config_path, vm)
 
 
 async def wait_ready_async(vm: VmPlan) -> None:
@@ -142,9 +173,19 @@ async def wait_ready_async(vm: VmPlan) -> None:
 
 
 def start_vm(config_path: str, plan: Plan, vm: VmPlan, wait: bool = True) -> None:
-    ensure_supervisor(config_path, vm)
-    if wait:
-        asyncio.run(wait_ready_async(vm))
+    watch = ensure_supervisor(config_path, vm)
+    try:
+        if wait:
+            try:
+                asyncio.run(wait_ready_async(vm))
+            except VMNotRunningError:
+                reason = watch.failure() if watch is not None else None
+                if reason is None:
+                    raise
+                raise VMStartError(f"VM {vm.name} failed to start: {reason}") from None
+    finally:
+        if watch is not None:
+            watch.close()
 
 
 def running_clients(plan: Plan, vm: VmPlan) -> list[str]:

@@ -121,6 +121,7 @@ class Supervisor:
         self.clients: set[asyncio.Task[Any]] = set()
         self.console = ConsoleRelay(ConsoleLog(vm.paths.console_log))
         self.owns_command_socket = options.listen_fd is None
+        self.binary = ""
 
     # ------------------------------------------------------------------ state
 
@@ -154,6 +155,7 @@ class Supervisor:
                 self.vm.paths.plan_snapshot, self.opts.config_path, self.opts.config_text, self.vm
             )
             self.state.config_hash = snap.config_hash
+            self.binary = preflight(self.plan, self.vm)
             await self._serve_command_socket()
             self.spawner.send("bound")
             exit_info = await self._launch_and_wait()
@@ -170,8 +172,7 @@ class Supervisor:
         return 0 if self.failure is None else 1
 
     async def _launch_and_wait(self) -> VmmExit | None:
-        vm, plan = self.vm, self.plan
-        binary = preflight(plan, vm)
+        vm = self.vm
         if vm.netvm not in (None, "host") and self.opts.start_netvm is not None:
             await self.opts.start_netvm(str(vm.netvm))
         await self._listen(vm.paths.console_backend, self.console.on_backend)
@@ -181,11 +182,12 @@ class Supervisor:
         if self.opts.console_on_tty:
             self.console.tty_out = sys.stdout.fileno()
             self.spawn(self._pump_tty_input())
-        setup_interfaces(vm)
-        self._attach_peer_taps()
+        # pyroute2's synchronous API runs its own event loop: keep it off ours
+        await asyncio.to_thread(setup_interfaces, vm)
+        await asyncio.to_thread(self._attach_peer_taps)
         self._prepare_home()
         while True:
-            exit_info = await self._boot_once(binary)
+            exit_info = await self._boot_once(self.binary)
             if exit_info is None or not exit_info.restart or self.stop_requested.is_set():
                 return exit_info
             # crosvm reset: a fresh ephemeral disk, then boot again
@@ -363,8 +365,8 @@ class Supervisor:
         client = StreamLink(reader, writer)
         try:
             await self._serve_client(client)
-        except (ConnectionError, OSError):
-            pass
+        except (ConnectionError, OSError, asyncio.CancelledError):
+            pass  # a cancelled client task must end normally: asyncio logs cancelled callbacks
         finally:
             if task is not None:
                 self.clients.discard(task)

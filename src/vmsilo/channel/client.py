@@ -1,0 +1,446 @@
+"""The host client library behind ``vm-run``: one session over the VM's command socket.
+
+:func:`run_session` connects, sends the :class:`~vmsilo.channel.protocol.ExecRequest`, relays
+the caller's stdin/stdout/stderr file descriptors, forwards signals (and the window size with
+``tty``) and returns the exit status vm-run should exit with. Any failure of the channel itself
+raises :class:`~vmsilo.channel.protocol.ChannelError` (vm-run: exit 255 with its message and
+hint; :class:`~vmsilo.channel.protocol.ProtocolVersionError` carries "rebuild the image").
+
+The caller's descriptors are used with blocking I/O in daemon threads, never switched to
+non-blocking mode: stdin and stdout are often a terminal or pipe shared with the user's shell,
+and flipping O_NONBLOCK on them would break the shell after vm-run exits. The threads hand data
+to the event loop one chunk at a time, so the client itself never buffers more than a chunk of
+stdin plus the flow-control window of output. Credit for output goes back to the agent only
+after the bytes were written, which is what makes a slow consumer slow down the guest program.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import queue
+import signal
+import termios
+import threading
+import tty as ttymod
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from vmsilo.channel.mux import StreamLink
+from vmsilo.channel.protocol import (
+    CHUNK,
+    FORWARDED_SIGNALS,
+    FRAME_COST,
+    WINDOW,
+    ChannelError,
+    ExecRequest,
+    FrameType,
+    ProtocolError,
+    decode_error,
+    decode_exit,
+    decode_u32,
+    encode_signal,
+    encode_u32,
+    encode_winsize,
+)
+
+Target = str | os.PathLike[str] | tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+#: Status returned when our own stdout was closed under us (like a shell's SIGPIPE death).
+SIGPIPE_STATUS = 128 + signal.SIGPIPE
+
+
+class _ThreadReader:
+    """Reads a blocking fd in a daemon thread, one chunk per :meth:`read` call."""
+
+    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.fd = fd
+        self.loop = loop
+        self._requests: queue.SimpleQueue[asyncio.Future[bytes] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"stdin-{fd}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            fut = self._requests.get()
+            if fut is None:
+                return
+            try:
+                data = os.read(self.fd, 65536)
+            except OSError:
+                # EIO: the terminal hung up. Anything else: treat like EOF too, the program
+                # gets EOF on its stdin rather than the whole session failing.
+                data = b""
+            self.loop.call_soon_threadsafe(_set_result, fut, data)
+            if not data:
+                return
+
+    async def read(self) -> bytes:
+        fut: asyncio.Future[bytes] = self.loop.create_future()
+        self._requests.put(fut)
+        return await fut
+
+    def stop(self) -> None:
+        self._requests.put(None)
+
+
+def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+class _ThreadWriter:
+    """Writes to a blocking fd in a daemon thread; reports each completed chunk to the loop."""
+
+    def __init__(
+        self,
+        fd: int,
+        loop: asyncio.AbstractEventLoop,
+        on_written: Callable[[int], None],
+        on_error: Callable[[OSError], None],
+    ) -> None:
+        self.fd = fd
+        self.loop = loop
+        self.on_written = on_written
+        self.on_error = on_error
+        self.pending = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._failed = False
+        self._queue: queue.SimpleQueue[tuple[bytes, int] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"out-{fd}", daemon=True)
+        self._thread.start()
+
+    def submit(self, data: bytes, cost: int) -> None:
+        if self._failed:
+            self.on_written(cost)
+            return
+        self.pending += 1
+        self._idle.clear()
+        self._queue.put((data, cost))
+
+    def _run(self) -> None:
+        failed = False
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            data, cost = item
+            if not failed:
+                try:
+                    _write_all(self.fd, data)
+                except OSError as e:
+                    failed = True
+                    self.loop.call_soon_threadsafe(self._fail, e)
+            self.loop.call_soon_threadsafe(self._done, cost)
+
+    def _fail(self, exc: OSError) -> None:
+        self._failed = True
+        self.on_error(exc)
+
+    def _done(self, cost: int) -> None:
+        self.pending -= 1
+        if self.pending == 0:
+            self._idle.set()
+        self.on_written(cost)
+
+    async def flush(self) -> None:
+        await self._idle.wait()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    import select
+
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            # Someone else made the descriptor non-blocking: wait for it, still no polling.
+            select.select([], [fd], [])
+            continue
+        view = view[n:]
+
+
+def terminal_size(fd: int) -> tuple[int, int]:
+    """(rows, cols) of the terminal on ``fd``; (0, 0) if unknown."""
+    try:
+        size = os.get_terminal_size(fd)
+    except OSError:
+        return 0, 0
+    return size.lines, size.columns
+
+
+class _Session:
+    def __init__(
+        self,
+        link: StreamLink,
+        request: ExecRequest,
+        stdin: int | None,
+        stdout: int | None,
+        stderr: int | None,
+        forward_signals: bool,
+        tty_fd: int | None,
+        output_filter: Callable[[bytes], bytes] | None,
+    ) -> None:
+        self.link = link
+        self.request = request
+        self.stdin_fd = stdin
+        self.stdout_fd = stdout
+        self.stderr_fd = stderr
+        self.forward_signals = forward_signals
+        self.tty_fd = tty_fd
+        self.output_filter = output_filter
+        self.loop = asyncio.get_running_loop()
+        self.credit = WINDOW  # ours, for stdin
+        self._credit_event = asyncio.Event()
+        self._to_return = 0  # output credit to give back
+        self._return_event = asyncio.Event()
+        self._broken_pipe = asyncio.Event()
+        self.writers: dict[int, _ThreadWriter | None] = {}
+        self.reader: _ThreadReader | None = None
+        self._signals: list[int] = []
+        self._saved_tty: list[Any] | None = None
+
+    async def run(self) -> int:
+        req = self.request
+        if req.tty and self.tty_fd is not None and (req.rows == 0 or req.cols == 0):
+            rows, cols = terminal_size(self.tty_fd)
+            req = replace(req, rows=rows, cols=cols)
+        await self.link.send(FrameType.OPEN, req.encode())
+        if req.detach:
+            return await self._receive_loop()
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            self._start_writers()
+            self._install_signals()
+            self._enter_raw_mode()
+            if self.stdin_fd is not None:
+                self.reader = _ThreadReader(self.stdin_fd, self.loop)
+                tasks.append(asyncio.create_task(self._stdin_pump()))
+            else:
+                await self.link.send(FrameType.STDIN_EOF)
+            tasks.append(asyncio.create_task(self._credit_returner()))
+            receive = asyncio.create_task(self._receive_loop())
+            broken = asyncio.create_task(self._broken_pipe.wait())
+            tasks += [receive, broken]
+            await asyncio.wait({receive, broken}, return_when=asyncio.FIRST_COMPLETED)
+            if receive.done():
+                return receive.result()
+            return SIGPIPE_STATUS
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            self._leave_raw_mode()
+            self._remove_signals()
+            if self.reader is not None:
+                self.reader.stop()
+            for w in self.writers.values():
+                if w is not None:
+                    w.stop()
+
+    # -- output
+
+    def _start_writers(self) -> None:
+        for fd in {self.stdout_fd, self.stderr_fd}:
+            if fd is not None:
+                self.writers[fd] = _ThreadWriter(fd, self.loop, self._written, self._write_error)
+
+    def _written(self, cost: int) -> None:
+        self._to_return += cost
+        self._return_event.set()
+
+    def _write_error(self, exc: OSError) -> None:
+        if exc.errno == errno.EPIPE:
+            self._broken_pipe.set()
+
+    async def _credit_returner(self) -> None:
+        while True:
+            await self._return_event.wait()
+            self._return_event.clear()
+            if self._to_return:
+                n, self._to_return = self._to_return, 0
+                await self.link.send(FrameType.CREDIT, encode_u32(n))
+
+    def _deliver(self, fd: int | None, data: bytes, cost: int) -> None:
+        writer = self.writers.get(fd) if fd is not None else None
+        if writer is None:
+            self._written(cost)  # discarded output still frees its credit
+            return
+        if self.output_filter is not None:
+            data = self.output_filter(data)
+        writer.submit(data, cost)
+
+    async def _flush(self) -> None:
+        for w in self.writers.values():
+            if w is not None:
+                await w.flush()
+
+    async def _message(self, text: str) -> None:
+        fd = self.stderr_fd
+        if fd is None:
+            return
+        writer = self.writers.get(fd)
+        data = f"vm-run: {text}\n".encode(errors="replace")
+        if writer is not None:
+            writer.submit(data, 0)
+            await writer.flush()
+        else:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(_write_all, fd, data)
+
+    async def _receive_loop(self) -> int:
+        while True:
+            try:
+                frame = await self.link.recv()
+            except ProtocolError as e:
+                raise ChannelError(f"malformed frame from the VM: {e}") from None
+            if frame is None:
+                raise ChannelError("the connection to the VM was lost")
+            t = frame.type
+            if t == FrameType.STDOUT:
+                self._deliver(self.stdout_fd, frame.payload, frame.cost)
+            elif t == FrameType.STDERR:
+                self._deliver(self.stderr_fd, frame.payload, frame.cost)
+            elif t == FrameType.CREDIT:
+                self.credit += decode_u32(frame.payload)
+                self._credit_event.set()
+            elif t == FrameType.EXIT:
+                status, message = decode_exit(frame.payload)
+                await self._flush()
+                if message:
+                    await self._message(message)
+                return status
+            elif t == FrameType.ERROR:
+                raise decode_error(frame.payload)
+            else:
+                raise ChannelError(f"unexpected frame type {t} from the VM")
+
+    # -- input
+
+    async def _stdin_pump(self) -> None:
+        assert self.reader is not None
+        while True:
+            data = await self.reader.read()
+            if not data:
+                await self.link.send(FrameType.STDIN_EOF)
+                return
+            view = memoryview(data)
+            while view:
+                while self.credit <= FRAME_COST:
+                    self._credit_event.clear()
+                    await self._credit_event.wait()
+                n = min(len(view), CHUNK, self.credit - FRAME_COST)
+                self.credit -= n + FRAME_COST
+                await self.link.send(FrameType.STDIN, bytes(view[:n]))
+                view = view[n:]
+
+    # -- signals and terminal
+
+    def _install_signals(self) -> None:
+        if not self.forward_signals:
+            return
+        for signum in sorted(FORWARDED_SIGNALS):
+            self.loop.add_signal_handler(signum, self._on_signal, signum)
+            self._signals.append(signum)
+        if self.request.tty and self.tty_fd is not None:
+            self.loop.add_signal_handler(signal.SIGWINCH, self._on_winch)
+            self._signals.append(signal.SIGWINCH)
+
+    def _remove_signals(self) -> None:
+        for signum in self._signals:
+            self.loop.remove_signal_handler(signum)
+        self._signals.clear()
+
+    def _on_signal(self, signum: int) -> None:
+        self._spawn(self.link.send(FrameType.SIGNAL, encode_signal(signum)))
+
+    def _on_winch(self) -> None:
+        assert self.tty_fd is not None
+        rows, cols = terminal_size(self.tty_fd)
+        self._spawn(self.link.send(FrameType.WINSIZE, encode_winsize(rows, cols)))
+
+    def _spawn(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    def _enter_raw_mode(self) -> None:
+        fd = self.tty_fd
+        if not self.request.tty or fd is None or not os.isatty(fd):
+            return
+        try:
+            self._saved_tty = termios.tcgetattr(fd)
+            ttymod.setraw(fd, termios.TCSANOW)
+        except termios.error:
+            self._saved_tty = None
+
+    def _leave_raw_mode(self) -> None:
+        if self._saved_tty is not None and self.tty_fd is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(self.tty_fd, termios.TCSADRAIN, self._saved_tty)
+            self._saved_tty = None
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+async def connect(target: Target) -> StreamLink:
+    """Open a session connection: to the command socket path, or over given streams."""
+    if isinstance(target, tuple):
+        return StreamLink(*target)
+    path = os.fspath(target)
+    try:
+        reader, writer = await asyncio.open_unix_connection(path)
+    except OSError as e:
+        raise ChannelError(f"cannot connect to {path}: {e.strerror or e}") from None
+    return StreamLink(reader, writer)
+
+
+async def run_session(
+    target: Target,
+    request: ExecRequest,
+    stdin: int | None = 0,
+    stdout: int | None = 1,
+    stderr: int | None = 2,
+    *,
+    forward_signals: bool = True,
+    tty_fd: int | None = None,
+    output_filter: Callable[[bytes], bytes] | None = None,
+) -> int:
+    """Run ``request`` in the VM behind ``target``; return the exit status for vm-run.
+
+    ``target``: the VM's command socket path, or an already connected (reader, writer).
+    ``stdin``/``stdout``/``stderr``: blocking file descriptors (None: no input — the program
+    sees EOF — or discard that output). They are not closed.
+    ``forward_signals``: install SIGINT/TERM/HUP/QUIT handlers on the running loop (main
+    thread only) that forward to the guest process group; removed again on return.
+    ``tty_fd``: with ``request.tty``, the local terminal: put in raw mode for the session
+    (restored on return), its size sent (unless the request carries one) and SIGWINCH
+    forwarded.
+    ``output_filter``: applied to stdout/stderr data before writing (vm-run's escape filter for
+    non-tty output on a terminal).
+
+    Returns the program's exit status (126/127 when it could not be executed / found, 128+N
+    when killed by signal N; 0 once started with ``detach``; 141 if our stdout broke).
+    Raises ChannelError (ProtocolVersionError on a version mismatch) for channel failures and
+    ValueError for a request that cannot be sent. Cancelling it (e.g. a timeout) disconnects,
+    which hangs up the guest program.
+    """
+    request.validate()
+    link = await connect(target)
+    try:
+        return await _Session(
+            link, request, stdin, stdout, stderr, forward_signals, tty_fd, output_filter
+        ).run()
+    finally:
+        await link.aclose()

@@ -1,0 +1,152 @@
+"""The supervisor, autostart, relay and stop paths against a fake VMM (fast, no VM).
+
+tests/fake_qemu.py plays QEMU: it connects to the supervisor's sockets like QEMU's chardevs and
+runs the real guest agent on the host. The same behaviours are proven on real QEMU in
+tests/test_vm_e2e.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from fakevm import FakeInstall, make_fake_install
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[FakeInstall]:
+    inst = make_fake_install(tmp_path / "inst", "[vms.fake]\n@VM@")
+    yield inst
+    inst.cmd("vmsilo", "stop", "fake", timeout=60)
+
+
+def test_start_run_status_stop(fake: FakeInstall) -> None:
+    assert fake.status("fake")["state"] == "stopped"
+    started = fake.cmd("vmsilo", "start", "fake")
+    assert started.returncode == 0, started.stderr
+    st = fake.status("fake")
+    assert st["state"] == "running"
+    assert st["pid"] and st["uptime_s"] is not None and st["id"] == 3
+    disk = fake.state_dir / "fake-ephemeral.raw"
+    assert disk.exists()
+    assert disk.stat().st_size == 10 << 30 and disk.stat().st_blocks == 0  # sparse
+    run = fake.cmd("vm-run", "fake", "sh", "-c", 'printf "%s|" "$@"; exit 3', "x", "a b", "")
+    assert (run.returncode, run.stdout) == (3, b"a b||")
+    stop = fake.cmd("vmsilo", "stop", "fake")
+    assert stop.returncode == 0, stop.stderr
+    st = fake.status("fake")
+    assert st["state"] == "stopped" and st["last_exit"]["reason"] == "stopped"
+    assert not disk.exists()
+    assert not (fake.run_dir / "fake-command.socket").exists()
+    assert not (fake.run_dir / "fake.plan.json").exists()
+
+
+def test_concurrent_vm_runs_on_a_stopped_vm_start_exactly_one(fake: FakeInstall) -> None:
+    def one(i: int) -> tuple[int, bytes]:
+        p = fake.cmd("vm-run", "fake", "echo", f"hello {i}")
+        return p.returncode, p.stdout + p.stderr
+
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(one, range(10)))
+    assert [r[0] for r in results] == [0] * 10, results
+    assert sorted(r[1] for r in results) == sorted(f"hello {i}\n".encode() for i in range(10))
+    assert fake.launch_count() == 1
+
+
+def test_vmm_killed_marks_failed_and_cleans_up(fake: FakeInstall) -> None:
+    assert fake.cmd("vmsilo", "start", "fake").returncode == 0
+    pid = fake.status("fake")["pid"]
+    os.kill(pid, signal.SIGKILL)
+    # the supervisor exits after its cleanup; waiting on its lock is how `stop` waits too
+    from vmsilo.supervisor.state import wait_unlocked
+
+    wait_unlocked(fake.run_dir / "fake.lock")
+    st = fake.status("fake")
+    assert st["state"] == "failed"
+    assert "SIGKILL" in st["last_exit"]["reason"]
+    assert not (fake.state_dir / "fake-ephemeral.raw").exists()
+    assert not (fake.run_dir / "fake-channel.socket").exists()
+
+
+def test_guest_poweroff_is_a_clean_stop(fake: FakeInstall) -> None:
+    assert fake.cmd("vmsilo", "start", "fake").returncode == 0
+    # the fake guest powers off when its agent exits; make the agent exit
+    run = fake.cmd("vm-run", "fake", "sh", "-c", "kill -TERM $PPID")
+    from vmsilo.supervisor.state import wait_unlocked
+
+    wait_unlocked(fake.run_dir / "fake.lock")
+    st = fake.status("fake")
+    assert st["state"] in ("stopped", "failed"), st
+    assert run.returncode != 0 or st["state"] == "stopped"
+    assert not (fake.state_dir / "fake-ephemeral.raw").exists()
+
+
+def test_start_failure_is_reported_to_vm_run(tmp_path: Path) -> None:
+    inst = make_fake_install(tmp_path / "inst", "[vms.broken]\n@VM@")
+    (inst.root / "vmlinuz").unlink()
+    run = inst.cmd("vm-run", "broken", "true")
+    assert run.returncode == 255
+    assert b"missing" in run.stderr and b"vmlinuz" in run.stderr
+    assert b"Traceback" not in run.stderr
+    assert inst.status("broken")["state"] == "failed"
+
+
+def test_vmm_crash_at_start_is_reported(tmp_path: Path) -> None:
+    inst = make_fake_install(tmp_path / "inst", "[vms.crashy]\n@VM@")
+    run = inst.cmd("vm-run", "crashy", "true", env=inst.env(FAKE_QEMU_FAIL="7"))
+    assert run.returncode == 255
+    assert b"exit status 7" in run.stderr
+    st = inst.status("crashy")
+    assert st["state"] == "failed" and "exit status 7" in st["last_exit"]["reason"]
+
+
+def test_vm_run_usage_and_unknown_vm(fake: FakeInstall) -> None:
+    p = fake.cmd("vm-run", "nosuch", "true")
+    assert p.returncode == 255 and b"Available VMs: fake" in p.stderr
+    p = fake.cmd("vm-run", "fake")
+    assert p.returncode == 255 and b"expected a VM name and a command" in p.stderr
+    p = fake.cmd("vm-run", "--no-autostart", "fake", "true")
+    assert p.returncode == 255 and b"not running" in p.stderr
+    assert fake.launch_count() == 0
+
+
+def test_vm_start_and_vm_stop_tools(fake: FakeInstall) -> None:
+    p = fake.cmd("vm-start", "fake")
+    assert p.returncode == 0, p.stderr
+    assert fake.status("fake")["state"] == "running"
+    p = fake.cmd("vm-start", "nosuch")
+    assert p.returncode == 1 and b"Unknown VM: nosuch" in p.stderr
+    p = fake.cmd("vm-stop", "fake")
+    assert p.returncode == 0, p.stderr
+    assert fake.status("fake")["state"] == "stopped"
+    p = fake.cmd("vm-stop")
+    assert p.returncode == 1 and b"Usage: vm-stop" in p.stderr
+
+
+def test_netvm_stop_refused_while_clients_run(tmp_path: Path) -> None:
+    inst = make_fake_install(
+        tmp_path / "inst",
+        "[vms.gw]\n@VM@\nnetwork = { isNetvm = true }\n"
+        "[vms.client]\n@VM@\nnetwork = { netvm = 'gw' }\n",
+    )
+    try:
+        p = inst.cmd("vmsilo", "start", "client")
+        assert p.returncode == 0, p.stderr
+        assert inst.status("gw")["state"] == "running"  # started first, for its client
+        p = inst.cmd("vm-stop", "gw")
+        assert p.returncode == 1 and b"client" in p.stderr
+        p = inst.cmd("vm-stop", "--force", "gw")
+        assert p.returncode == 0, p.stderr
+        assert inst.status("client")["state"] == "stopped"
+        assert inst.status("gw")["state"] == "stopped"
+    finally:
+        inst.cmd("vmsilo", "stop", "--force", "gw")
+
+
+
