@@ -15,10 +15,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from vmsilo.backends.crosvm import crosvm_argv  # noqa: E402
-from vmsilo.config.load import validate_config  # noqa: E402
-from vmsilo.config.users import StaticUsers  # noqa: E402
-from vmsilo.plan.build import build_plan  # noqa: E402
+from vmsilo.backends.crosvm import crosvm_argv
+from vmsilo.config.load import validate_config
+from vmsilo.config.users import StaticUsers
+from vmsilo.plan.build import build_plan
 
 USERS = StaticUsers.single("alice")
 SIZES = (10, 100, 1000, 2000)

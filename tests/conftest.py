@@ -8,3 +8,55 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+
+#: mmdebstrap roots and kernels survive between runs here, so only the first run pays for them.
+IMAGE_CACHE = Path(os.environ.get("VMSILO_TEST_CACHE", "/var/tmp/vmsilo-test-cache"))
+
+
+def vm_test_blocker() -> str | None:
+    """Why VM tests cannot run here (None: they can)."""
+    if os.geteuid() != 0:
+        return "VM tests need root (mmdebstrap, taps, chroot)"
+    for tool in ("mmdebstrap", "mkfs.erofs", "apt-get", "depmod", "qemu-system-x86_64"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed (make test installs it)"
+    return None
+
+
+def require_vm_tests() -> None:
+    """Skip on a developer machine without the tools; in CI a missing tool is a failure."""
+    why = vm_test_blocker()
+    if why is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"VM tests cannot run: {why}")
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One state dir per session: the image is built into it once."""
+    return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture(scope="session")
+def image(state_dir: Path):  # type: ignore[no-untyped-def]
+    """The default guest image, built once per test session."""
+    require_vm_tests()
+    from vmsilo.guest.image import ImageSpec, build_image
+
+    t = time.monotonic()
+    built = build_image(
+        ImageSpec(name="default", suite="bookworm", packages=()),
+        state_dir,
+        cache_dir=IMAGE_CACHE,
+        progress=lambda m: print("[image]", m),
+    )
+    print(f"[image] {built.version} ready in {time.monotonic() - t:.1f} s")
+    return built

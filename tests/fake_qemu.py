@@ -27,9 +27,7 @@ def chardevs(argv: list[str]) -> dict[str, str]:
     out = {}
     for i, word in enumerate(argv):
         if word == "-chardev" and i + 1 < len(argv):
-            fields = dict(
-                kv.split("=", 1) for kv in argv[i + 1].split(",")[1:] if "=" in kv
-            )
+            fields = dict(kv.split("=", 1) for kv in argv[i + 1].split(",")[1:] if "=" in kv)
             kind_id = argv[i + 1].split(",")
             cid = next(f.split("=", 1)[1] for f in kind_id if f.startswith("id="))
             out[cid] = fields["path"]

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from crosvm_grammar import assert_valid
 from fleet import USERS, plan_of, run_vmsilo, run_vmsilo_json
-
 from vmsilo.backends.crosvm import crosvm_argv
 from vmsilo.config.load import load_config
 from vmsilo.plan.build import build_plan

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from fleet import run_vmsilo
 
 U = 'user = "alice"\n'

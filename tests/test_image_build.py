@@ -16,40 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from guestvm import GuestVM, qemu_available
+from conftest import IMAGE_CACHE
+from guestvm import GuestVM
 from vmsilo.guest.image import BuiltImage, ImageSpec, build_image, list_images
 
 pytestmark = pytest.mark.vm
 
-CACHE = Path(os.environ.get("VMSILO_TEST_CACHE", "/var/tmp/vmsilo-test-cache"))
 SPEC = ImageSpec(name="default", suite="bookworm", packages=())
-
-
-def _can_build() -> str | None:
-    if os.geteuid() != 0:
-        return "building images needs root (mmdebstrap, chroot)"
-    for tool in ("mmdebstrap", "mkfs.erofs", "apt-get", "depmod"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed"
-    if not qemu_available():
-        return "qemu-system-x86_64 not installed"
-    return None
-
-
-@pytest.fixture(scope="session")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("state")
-
-
-@pytest.fixture(scope="session")
-def image(state_dir: Path) -> BuiltImage:
-    why = _can_build()
-    if why:
-        pytest.skip(why)
-    t = time.monotonic()
-    built = build_image(SPEC, state_dir, cache_dir=CACHE, progress=lambda m: print("[image]", m))
-    print(f"[image] {built.version} ready in {time.monotonic() - t:.1f} s")
-    return built
 
 
 @pytest.fixture
@@ -69,7 +42,7 @@ def test_layout_and_reuse(image: BuiltImage, state_dir: Path) -> None:
     mtime = (image.path / "root.erofs").stat().st_mtime_ns
 
     t = time.monotonic()
-    again = build_image(SPEC, state_dir, cache_dir=CACHE)
+    again = build_image(SPEC, state_dir, cache_dir=IMAGE_CACHE)
     elapsed = time.monotonic() - t
     assert again.reused and again.version == image.version
     assert elapsed < 1.0, f"an up-to-date build took {elapsed:.2f} s"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from crosvm_grammar import assert_valid
-from fleet import USERS
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
+from crosvm_grammar import assert_valid
+from fleet import USERS
 from vmsilo.backends.crosvm import crosvm_argv
 from vmsilo.config.load import validate_config
 from vmsilo.config.problems import ConfigErrors
@@ -40,9 +40,7 @@ def fleets(draw: st.DrawFn) -> dict[str, Any]:
         ifaces = draw(st.lists(if_names, max_size=3, unique=True))
         vm["network"] = {
             "interfaces": {
-                i: {"addresses": [f"192.168.{k}.2/24"]}
-                if draw(st.booleans())
-                else {"dhcp": True}
+                i: {"addresses": [f"192.168.{k}.2/24"]} if draw(st.booleans()) else {"dhcp": True}
                 for k, i in enumerate(ifaces)
                 if i != "upstream" and i not in names
             },

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
 from fakevm import FakeInstall, make_fake_install
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -147,6 +148,3 @@ def test_netvm_stop_refused_while_clients_run(tmp_path: Path) -> None:
         assert inst.status("gw")["state"] == "stopped"
     finally:
         inst.cmd("vmsilo", "stop", "--force", "gw")
-
-
-

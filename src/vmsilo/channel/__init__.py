@@ -34,7 +34,15 @@ from vmsilo.channel.protocol import (
     encode_ready,
     parse_ready,
 )
-from vmsilo.channel.relay import connect_vsock, relay_client, relay_client_vsock, relay_streams
+from vmsilo.channel.relay import (
+    bridge_session,
+    connect_vsock,
+    relay_client,
+    relay_client_vsock,
+    relay_opened,
+    relay_streams,
+    relay_vsock_opened,
+)
 
 if TYPE_CHECKING:
     from vmsilo.channel.client import run_session
@@ -57,12 +65,15 @@ __all__ = [
     "ReadyHello",
     "StreamLink",
     "accept_vsock_peer",
+    "bridge_session",
     "connect_vsock",
     "encode_ready",
     "parse_ready",
     "relay_client",
     "relay_client_vsock",
+    "relay_opened",
     "relay_streams",
+    "relay_vsock_opened",
     "run_session",
 ]
 

@@ -74,8 +74,7 @@ class _ThreadReader:
                 # EIO: the terminal hung up. Anything else: treat like EOF too, the program
                 # gets EOF on its stdin rather than the whole session failing.
                 data = b""
-            self.loop.call_soon_threadsafe(_set_result, fut, data)
-            if not data:
+            if not _post(self.loop, _set_result, fut, data) or not data:
                 return
 
     async def read(self) -> bytes:
@@ -85,6 +84,15 @@ class _ThreadReader:
 
     def stop(self) -> None:
         self._requests.put(None)
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> bool:
+    """Hand a result to the loop from a thread; False once the loop is gone (session over)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
@@ -134,8 +142,9 @@ class _ThreadWriter:
                     _write_all(self.fd, data)
                 except OSError as e:
                     failed = True
-                    self.loop.call_soon_threadsafe(self._fail, e)
-            self.loop.call_soon_threadsafe(self._done, cost)
+                    _post(self.loop, self._fail, e)
+            if not _post(self.loop, self._done, cost):
+                return
 
     def _fail(self, exc: OSError) -> None:
         self._failed = True

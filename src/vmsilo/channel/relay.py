@@ -23,9 +23,11 @@ from vmsilo.channel.mux import ChannelMux, MuxSession, StreamLink, error_code
 from vmsilo.channel.protocol import (
     VSOCK_PORT,
     ChannelError,
+    Frame,
     FrameType,
     ProtocolError,
     encode_error,
+    encode_frame,
 )
 
 #: Frame types a client may send after OPEN.
@@ -104,7 +106,6 @@ async def relay_client(
     lambda binding ``mux``). Returns when the session is over; always closes the connection.
     """
     client = StreamLink(client_reader, client_writer)
-    session: MuxSession | None = None
     try:
         try:
             first = await client.recv()
@@ -116,20 +117,31 @@ async def relay_client(
         if first.type != FrameType.OPEN:
             await _fail_client(client, "a session must start with an OPEN frame")
             return
-        try:
-            session = mux.open_session()
-        except ChannelError as e:
-            await _fail_client(client, e.message)
-            return
-        await session.send(FrameType.OPEN, first.payload)
-        await _bridge(client, session)
+        await relay_opened(client, first, mux)
     finally:
-        if session is not None:
-            session.close()
         await client.aclose()
 
 
-async def _bridge(client: StreamLink, session: MuxSession) -> None:
+async def relay_opened(client: StreamLink, first: Frame, mux: ChannelMux) -> None:
+    """Bridge ``client``, whose OPEN frame ``first`` was already read, onto a new mux session.
+
+    For a supervisor that reads the first frame itself (control requests, waiting for
+    readiness). Returns when the session is over; does not close ``client``.
+    """
+    try:
+        session = mux.open_session()
+    except ChannelError as e:
+        await _fail_client(client, e.message)
+        return
+    try:
+        await session.send(FrameType.OPEN, first.payload)
+        await bridge_session(client, session)
+    finally:
+        session.close()
+
+
+async def bridge_session(client: StreamLink, session: MuxSession) -> None:
+    """Relay frames both ways between a client stream and an open mux session, to the end."""
     up = asyncio.create_task(_agent_to_client(session, client))
     down = asyncio.create_task(_client_to_agent(client, session))
     try:
@@ -205,6 +217,24 @@ async def relay_streams(
                 w.close()
 
 
+async def relay_vsock_opened(
+    client: StreamLink, first: Frame, cid: int, port: int = VSOCK_PORT
+) -> None:
+    """Bridge ``client`` (OPEN ``first`` already read) to a fresh vsock connection to the agent.
+
+    Replays the OPEN, then pipes bytes both ways. Does not close ``client``'s streams on
+    connect failure (it gets an ERROR frame); after piping both are closed.
+    """
+    try:
+        up_reader, up_writer = await connect_vsock(cid, port)
+    except OSError as e:
+        await _fail_client(client, f"cannot reach the guest agent over vsock: {e}")
+        return
+    up_writer.write(encode_frame(FrameType.OPEN, 0, first.payload))
+    await up_writer.drain()
+    await relay_streams(client.reader, client.writer, up_reader, up_writer)
+
+
 async def relay_client_vsock(
     client_reader: asyncio.StreamReader,
     client_writer: asyncio.StreamWriter,
@@ -220,3 +250,6 @@ async def relay_client_vsock(
         await client.aclose()
         return
     await relay_streams(client_reader, client_writer, up_reader, up_writer)
+
+
+#: Kept for callers written against the first version of this module.

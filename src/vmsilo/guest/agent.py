@@ -5,9 +5,10 @@ The guest init forks a child that calls :func:`main` with::
     --ready-port org.vmsilo.ready --channel-port org.vmsilo.channel --vsock-port 5000
     --user UID:GID [--auto-shutdown-after S]
 
-Transport: vsock (one connection per session, only from the host, CID 2) when ``--vsock-port``
-is given, ``AF_VSOCK`` works and ``/dev/vsock`` exists; otherwise the ``org.vmsilo.channel``
-virtio-serial port, on which the host multiplexes all sessions (:class:`ChannelMux`).
+Transport: the ``org.vmsilo.channel`` virtio-serial port when the host provided one (it does
+exactly when it has no vsock), on which the host multiplexes all sessions (:class:`ChannelMux`);
+otherwise vsock (one connection per session, only from the host, CID 2) when ``--vsock-port``
+is given, ``AF_VSOCK`` works and ``/dev/vsock`` exists.
 
 Readiness: once the transport is listening, the agent writes one line
 (:func:`vmsilo.channel.protocol.encode_ready`, e.g.
@@ -53,7 +54,23 @@ from vmsilo.guest.agent_exec import ExecSession
 
 log = logging.getLogger("vmsilo.agent")
 
-__all__ = ["Agent", "accept_vsock_peer", "main", "parse_user"]
+__all__ = ["GUEST_FILES", "Agent", "accept_vsock_peer", "main", "parse_user"]
+
+#: Files (relative to the directory holding the ``vmsilo`` package) the image builder copies
+#: into the guest for the agent; all standard-library-only. A test checks that importing the
+#: agent loads nothing else from vmsilo.
+GUEST_FILES: tuple[str, ...] = (
+    "vmsilo/__init__.py",
+    "vmsilo/channel/__init__.py",
+    "vmsilo/channel/protocol.py",
+    "vmsilo/channel/mux.py",
+    "vmsilo/channel/pipes.py",
+    "vmsilo/channel/relay.py",
+    "vmsilo/channel/client.py",
+    "vmsilo/guest/__init__.py",
+    "vmsilo/guest/agent.py",
+    "vmsilo/guest/agent_exec.py",
+)
 
 
 def _find_virtio_port(name: str) -> Path | None:
@@ -168,7 +185,14 @@ def _write_ready_blocking(path: Path, data: bytes) -> None:
 
 
 async def send_ready(path: Path, transport: str) -> None:
-    await asyncio.to_thread(_write_ready_blocking, path, encode_ready(transport, os.getpid()))
+    """Announce readiness; a failure is logged, not fatal (sessions may still arrive)."""
+    try:
+        await asyncio.to_thread(_write_ready_blocking, path, encode_ready(transport, os.getpid()))
+    except OSError as e:
+        # ENXIO: the port is a *console* port, which virtio_console only serves as /dev/hvcN;
+        # the VMM must expose org.vmsilo.ready as a plain port, or pass --ready-path /dev/hvcN.
+        log.error("cannot send the readiness hello on %s: %s", path, e)
+        return
     log.info("ready (%s) sent on %s", transport, path)
 
 
@@ -193,15 +217,22 @@ async def serve_vsock(agent: Agent, port: int) -> asyncio.Server:
     sock.setblocking(False)
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        cid = peer[0] if isinstance(peer, tuple) and peer else -1
-        if not accept_vsock_peer(cid):
-            log.warning("refused vsock connection from CID %s", cid)
-            writer.close()
-            return
-        await agent.handle_link(StreamLink(reader, writer))
+        await serve_vsock_connection(agent, reader, writer)
 
     return await asyncio.start_server(on_connect, sock=sock)
+
+
+async def serve_vsock_connection(
+    agent: Agent, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """One accepted vsock connection = one session, if the peer is the host."""
+    peer = writer.get_extra_info("peername")
+    cid = peer[0] if isinstance(peer, tuple) and peer and isinstance(peer[0], int) else -1
+    if not accept_vsock_peer(cid):
+        log.warning("refused vsock connection from CID %s", cid)
+        writer.close()
+        return
+    await agent.handle_link(StreamLink(reader, writer))
 
 
 # --------------------------------------------------------------------------- virtio-serial
@@ -302,20 +333,21 @@ async def serve(args: argparse.Namespace) -> int:
         if ready is None:
             log.error("virtio port %s not found: readiness cannot be announced", args.ready_port)
 
-    if args.vsock_port is not None and args.channel_path is None and vsock_usable():
+    # The host gives the guest a channel port only when it has no vsock: if the port exists,
+    # it is the transport (the vsock driver may be loaded with no device behind it).
+    channel: Path | None = args.channel_path
+    if channel is None and args.channel_port:
+        channel = _find_virtio_port(args.channel_port)
+    if channel is None and args.vsock_port is not None and vsock_usable():
         server = await serve_vsock(agent, args.vsock_port)
         async with server:
             if ready is not None:
                 await send_ready(ready, "vsock")
             await agent.shutdown.wait()
         return 0
-
-    channel: Path | None = args.channel_path
     if channel is None:
-        channel = _find_virtio_port(args.channel_port)
-        if channel is None:
-            log.error("virtio port %s not found and vsock unusable", args.channel_port)
-            return 1
+        log.error("virtio port %s not found and vsock unusable", args.channel_port)
+        return 1
     reconnect = args.channel_path is None
     return await serve_channel(agent, channel, ready, reconnect=reconnect)
 
@@ -328,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         format="vmsilo-agent: %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    # Called in a forked child of the init: make sure no blocked signal is inherited by the
+    # programs we run (forwarded SIGINT/TERM/HUP/QUIT must reach them) or hides SIGIO from us.
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     try:
         return asyncio.run(serve(args))
     except KeyboardInterrupt:

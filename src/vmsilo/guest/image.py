@@ -473,6 +473,11 @@ def _assemble_root(
         init = tree / "usr" / "sbin" / init.name
     init.write_text(_STAGE2_WRAPPER)
     os.chmod(init, 0o755)
+    # No systemd in the guest: poweroff/reboot/halt are busybox's, which signal our PID 1.
+    sbin = tree / "usr" / "sbin"
+    for applet in ("poweroff", "reboot", "halt"):
+        if not (sbin / applet).exists() and not (sbin / applet).is_symlink():
+            os.symlink("/bin/busybox", sbin / applet)
     info = tree / "usr" / "lib" / "vmsilo"
     info.mkdir(parents=True, exist_ok=True)
     (info / "image").write_text(f"name={spec.name}\nversion={version}\nkernel={kver}\n")

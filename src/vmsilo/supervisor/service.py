@@ -30,10 +30,12 @@ from vmsilo.channel.protocol import (
     PROTOCOL_VERSION,
     VERSION_HINT,
     FrameType,
+    ProtocolError,
     ReadyHello,
     encode_json,
     parse_ready,
 )
+from vmsilo.channel.relay import relay_opened, relay_vsock_opened
 from vmsilo.errors import VmsiloError
 from vmsilo.host.disks import create_ephemeral_disk, remove_file
 from vmsilo.host.network import setup_interfaces, teardown_interfaces
@@ -41,7 +43,6 @@ from vmsilo.host.preflight import preflight
 from vmsilo.plan.model import Plan, VmPlan
 from vmsilo.supervisor.console import ConsoleLog, ConsoleRelay
 from vmsilo.supervisor.notify import SpawnerPipe, sd_notify
-from vmsilo.supervisor.sessions import relay_opened, relay_vsock_opened
 from vmsilo.supervisor.snapshot import write_snapshot
 from vmsilo.supervisor.state import VmLock, VmState, is_locked, now, read_state, write_state
 from vmsilo.supervisor.vmm import CrosvmVmm, QemuVmm, Vmm, VmmExit
@@ -374,7 +375,11 @@ class Supervisor:
                 await client.aclose()
 
     async def _serve_client(self, client: StreamLink) -> None:
-        first = await client.recv()
+        try:
+            first = await client.recv()
+        except ProtocolError as e:
+            await _send_error(client, "protocol", str(e))
+            return
         if first is None:
             return
         if first.type != FrameType.OPEN:

@@ -1,0 +1,135 @@
+"""Unit tests of the agent's pure parts: options, users, environment, idle accounting."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+
+import pytest
+
+from vmsilo.channel.protocol import ExecRequest
+from vmsilo.guest.agent import Agent, accept_vsock_peer, build_parser, parse_user
+from vmsilo.guest.agent_exec import UnknownUserError, build_env, resolve_user
+
+
+def test_parse_user() -> None:
+    assert parse_user("1000:100") == (1000, 100)
+    for bad in ("1000", "a:b", "-1:0", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_user(bad)
+
+
+def test_cli_options() -> None:
+    args = build_parser().parse_args(
+        [
+            "--ready-port",
+            "org.vmsilo.ready",
+            "--channel-port",
+            "org.vmsilo.channel",
+            "--vsock-port",
+            "5000",
+            "--user",
+            "1000:1000",
+            "--auto-shutdown-after",
+            "30",
+        ]
+    )
+    assert args.vsock_port == 5000 and args.user == (1000, 1000)
+    assert args.auto_shutdown_after == 30.0
+    assert accept_vsock_peer(2) and not accept_vsock_peer(3)
+
+
+def test_resolve_user() -> None:
+    root = resolve_user("root", 1000, 1000)
+    assert (root.uid, root.gid, root.name) == (0, 0, "root")
+    default = resolve_user(None, 65534, 65534)
+    assert default.uid == 65534 and default.gid == 65534
+    unknown_uid = resolve_user(None, 54321, 54321)  # no passwd entry: still runnable
+    assert unknown_uid.name == "54321" and unknown_uid.groups == (54321,)
+    with pytest.raises(UnknownUserError):
+        resolve_user("no-such-user-vmsilo", 1000, 1000)
+
+
+def test_build_env() -> None:
+    ident = resolve_user("root", 0, 0)
+    env = build_env(ident, ExecRequest(argv=["x"], env=["PATH=/opt", "X=a=b"], tty=True))
+    assert env[b"PATH"] == b"/opt"  # additions win
+    assert env[b"X"] == b"a=b"
+    assert env[b"HOME"] == os.fsencode(ident.home)
+    assert env[b"TERM"] == b"xterm-256color"
+    assert b"TERM" not in build_env(ident, ExecRequest(argv=["x"]))
+
+
+def test_idle_timer_counts_sessions() -> None:
+    async def main() -> None:
+        agent = Agent(0, 0, auto_shutdown_after=0.05)
+        agent.start()
+        agent.session_started()
+        await asyncio.sleep(0.15)  # the timer is disarmed while a session lives
+        assert not agent.shutdown.is_set()
+        agent.session_ended()
+        await asyncio.wait_for(agent.shutdown.wait(), 2)
+        assert agent.live_sessions == 0
+
+    asyncio.run(main())
+
+
+def test_no_idle_timer_without_option() -> None:
+    async def main() -> None:
+        agent = Agent(0, 0)
+        agent.start()
+        agent.session_started()
+        agent.session_ended()
+        assert agent._idle_timer is None
+
+    asyncio.run(main())
+
+
+def test_vsock_connection_from_non_host_is_refused() -> None:
+    import socket
+
+    from vmsilo.channel.mux import StreamLink
+    from vmsilo.channel.protocol import FrameType
+    from vmsilo.guest.agent import serve_vsock_connection
+
+    async def main() -> None:
+        agent = Agent(0, 0)
+        a, b = socket.socketpair()  # peername is not (2, port): must be refused unserved
+        ar, aw = await asyncio.open_connection(sock=a)
+        br, bw = await asyncio.open_connection(sock=b)
+        client = StreamLink(br, bw)
+        await client.send(FrameType.OPEN, ExecRequest(argv=["true"]).encode())
+        await asyncio.wait_for(serve_vsock_connection(agent, ar, aw), 5)
+        assert await asyncio.wait_for(client.recv(), 5) is None
+        assert agent.live_sessions == 0
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_guest_files_are_the_stdlib_only_import_closure() -> None:
+    """Importing the agent under the guest's python (no site-packages) loads only GUEST_FILES."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vmsilo.guest.agent import GUEST_FILES
+
+    src = Path(__file__).resolve().parent.parent / "src"
+    python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+    code = (
+        "import sys, json; sys.path.insert(0, sys.argv[1]);"
+        "import vmsilo.guest.agent, vmsilo.channel, vmsilo.channel.client;"
+        "print(json.dumps(sorted(m.__file__ for n, m in sys.modules.items()"
+        " if n.split('.')[0] == 'vmsilo')))"
+    )
+    out = subprocess.run(
+        [python, "-S", "-c", code, str(src)], capture_output=True, check=True, timeout=30
+    ).stdout
+    loaded = {str(Path(f).relative_to(src)) for f in json.loads(out)}
+    assert loaded <= set(GUEST_FILES)
+    assert "vmsilo/guest/agent_exec.py" in loaded
+    for rel in GUEST_FILES:
+        assert (src / rel).is_file()
