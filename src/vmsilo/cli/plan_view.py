@@ -11,7 +11,7 @@ from vmsilo.plan.model import Plan
 
 
 def print_plan(plan: Plan, only: str | None, out: TextIO) -> None:
-    console = Console(file=out, highlight=False, soft_wrap=True)
+    console = Console(file=out, highlight=False, soft_wrap=True, width=200)
     vms = [plan.vms[only]] if only else list(plan.vms.values())
     table = Table(title=f"vmsilo plan ({len(plan.vms)} VMs, user {plan.user.name})")
     for col in ("VM", "id", "hypervisor", "memory", "cpus", "netvm", "interfaces", "shares"):

@@ -295,7 +295,10 @@ class Supervisor:
         for task in list(self.tasks) + list(self.clients):
             with contextlib.suppress(BaseException):
                 await task
-        problems = cleanup_vm(self.plan, self.vm, remove_command_socket=self.owns_command_socket)
+        # in a worker thread: pyroute2's synchronous API runs an event loop of its own
+        problems = await asyncio.to_thread(
+            cleanup_vm, self.plan, self.vm, remove_command_socket=self.owns_command_socket
+        )
         for problem in problems:
             print(f"vmsilo supervisor: cleanup: {problem}", file=sys.stderr)
         self.console.log.close()

@@ -1,0 +1,84 @@
+"""Taps made by the supervisor, on a real guest, inside a network namespace of the test's own.
+
+The VM's supervisor (and so QEMU and its tap) runs in a fresh namespace; the only traffic is
+between that namespace and the guest behind its tap.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"vmsilo-t{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_tap_link_to_the_host_carries_traffic(image: Any, state_dir: Path, netns: str) -> None:
+    run_dir = Path(f"/tmp/vmsilo-net-{os.getpid()}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir()
+    config = run_dir / "vmsilo.toml"
+    config.write_text(
+        f"""
+user = "root"
+stateDir = "{state_dir}"
+runtimeDir = "{run_dir}"
+netvmRange = "10.231.0.0/24"
+[qemu]
+accel = "tcg"
+[vms.netdemo]
+hypervisor = "qemu"
+memory = 512
+cpus = 1
+sharedHome = false
+network.netvm = "host"
+"""
+    )
+    env = dict(os.environ, VMSILO_CONFIG=str(config))
+
+    def in_ns(*argv: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            ["ip", "netns", "exec", netns, *argv], capture_output=True, env=env, check=check
+        )
+
+    vmsilo = [sys.executable, "-m", "vmsilo.cli.vmsilo"]
+    vm_run = [sys.executable, "-m", "vmsilo.cli.vm_run"]
+    try:
+        p = in_ns(*vmsilo, "start", "netdemo", check=False)
+        assert p.returncode == 0, p.stderr
+        link = in_ns("ip", "-o", "addr", "show", "dev", "netdemo-22").stdout.decode()
+        assert "10.231.0.0/31" in link
+        # the guest got its address and default route from the kernel parameters
+        p = in_ns(*vm_run, "netdemo", "busybox", "ip", "-o", "addr", "show", "upstream")
+        assert b"10.231.0.1/31" in p.stdout, p.stdout + p.stderr
+        p = in_ns(*vm_run, "netdemo", "busybox", "ip", "route", check=False)
+        assert b"default via 10.231.0.0 dev upstream" in p.stdout, p.stdout + p.stderr
+        # traffic both ways across the tap
+        p = in_ns("busybox", "ping", "-c", "1", "-W", "5", "10.231.0.1", check=False)
+        assert p.returncode == 0, p.stdout + p.stderr
+        p = in_ns(
+            *vm_run, "--root", "netdemo", "busybox", "ping", "-c", "1", "-W", "5", "10.231.0.0"
+        )
+        assert p.returncode == 0, p.stdout + p.stderr
+        p = in_ns(*vmsilo, "stop", "netdemo", check=False)
+        assert p.returncode == 0, p.stderr
+        gone = in_ns("ip", "link", "show", "netdemo-22", check=False)
+        assert gone.returncode != 0  # tap removed on stop
+    finally:
+        in_ns(*vmsilo, "stop", "netdemo", check=False)
+        shutil.rmtree(run_dir, ignore_errors=True)
