@@ -43,6 +43,7 @@ from vmsilo.host.preflight import preflight
 from vmsilo.plan.model import Plan, VmPlan
 from vmsilo.supervisor.console import ConsoleLog, ConsoleRelay
 from vmsilo.supervisor.notify import SpawnerPipe, sd_notify
+from vmsilo.supervisor.sidecars import Sidecars
 from vmsilo.supervisor.snapshot import write_snapshot
 from vmsilo.supervisor.state import VmLock, VmState, is_locked, now, read_state, write_state
 from vmsilo.supervisor.vmm import CrosvmVmm, QemuVmm, Vmm, VmmExit
@@ -123,6 +124,7 @@ class Supervisor:
         self.console = ConsoleRelay(ConsoleLog(vm.paths.console_log))
         self.owns_command_socket = options.listen_fd is None
         self.binary = ""
+        self.sidecars = Sidecars()
 
     # ------------------------------------------------------------------ state
 
@@ -187,6 +189,7 @@ class Supervisor:
         await asyncio.to_thread(setup_interfaces, vm)
         await asyncio.to_thread(self._attach_peer_taps)
         self._prepare_home()
+        await self.sidecars.start(self.plan, vm)
         while True:
             exit_info = await self._boot_once(self.binary)
             if exit_info is None or not exit_info.restart or self.stop_requested.is_set():
@@ -301,6 +304,7 @@ class Supervisor:
         )
         for problem in problems:
             print(f"vmsilo supervisor: cleanup: {problem}", file=sys.stderr)
+        await self.sidecars.stop()
         self.console.log.close()
         if self.failure is not None:
             last = {"reason": self.failure, "at": now()}
