@@ -206,6 +206,8 @@ class _Session:
         self.forward_signals = forward_signals
         self.tty_fd = tty_fd
         self.output_filter = output_filter
+        # only output that goes to a terminal is filtered; a pipe or file gets the exact bytes
+        self.filtered_fds = {fd for fd in (stdout, stderr) if fd is not None and os.isatty(fd)}
         self.loop = asyncio.get_running_loop()
         self.credit = WINDOW  # ours, for stdin
         self._credit_event = asyncio.Event()
@@ -285,7 +287,7 @@ class _Session:
         if writer is None:
             self._written(cost)  # discarded output still frees its credit
             return
-        if self.output_filter is not None:
+        if self.output_filter is not None and fd in self.filtered_fds:
             data = self.output_filter(data)
         writer.submit(data, cost)
 
@@ -436,8 +438,8 @@ async def run_session(
     ``tty_fd``: with ``request.tty``, the local terminal: put in raw mode for the session
     (restored on return), its size sent (unless the request carries one) and SIGWINCH
     forwarded.
-    ``output_filter``: applied to stdout/stderr data before writing (vm-run's escape filter for
-    non-tty output on a terminal).
+    ``output_filter``: applied before writing to whichever of stdout/stderr is a terminal
+    (vm-run's escape filter when it runs without ``-t``); output to pipes and files is exact.
 
     Returns the program's exit status (126/127 when it could not be executed / found, 128+N
     when killed by signal N; 0 once started with ``detach``; 141 if our stdout broke).
