@@ -44,9 +44,11 @@ class FakeInstall:
             "vm-stop": "vmsilo.cli.vm_stop",
         }[tool]
         env = kw.pop("env", None) or self.env()
+        if "stdout" not in kw:
+            kw["stdout"] = subprocess.PIPE
         return subprocess.run(
             [sys.executable, "-m", module, *args],
-            capture_output=True,
+            stderr=subprocess.PIPE,
             timeout=timeout,
             check=check,
             env=env,

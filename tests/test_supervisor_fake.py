@@ -148,3 +148,21 @@ def test_netvm_stop_refused_while_clients_run(tmp_path: Path) -> None:
         assert inst.status("gw")["state"] == "stopped"
     finally:
         inst.cmd("vmsilo", "stop", "--force", "gw")
+
+
+def test_escape_sequences_filtered_only_on_a_terminal(fake: FakeInstall) -> None:
+    import pty
+
+    p = fake.cmd("vm-run", "fake", "printf", "\\033]0;pwned\\007ok")
+    assert p.stdout == b"\x1b]0;pwned\x07ok"  # a pipe gets the exact bytes
+    master, slave = pty.openpty()
+    try:
+        p = fake.cmd("vm-run", "fake", "printf", "\\033]0;pwned\\007ok", stdout=slave)
+        assert p.returncode == 0
+        os.set_blocking(master, False)
+        shown = os.read(master, 4096)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert b"\x1b" not in shown and b"\x07" not in shown
+    assert shown.replace(b"\r\n", b"\n") == b"_]0;pwned_ok"

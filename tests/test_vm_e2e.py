@@ -8,19 +8,16 @@ agent → virtio-serial mux → relay → client.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from vmenv import VM_DEMO, Install, qemu_install
 
 pytestmark = pytest.mark.vm
 
@@ -41,73 +38,10 @@ WEIRD_ARGS = [
 ]
 
 
-@dataclass
-class Install:
-    config: Path
-    run_dir: Path
-    state_dir: Path
-    launches: Path
-
-    def env(self, **extra: str) -> dict[str, str]:
-        env = dict(os.environ)
-        env["VMSILO_CONFIG"] = str(self.config)
-        env.update(extra)
-        return env
-
-    def cmd(
-        self, tool: str, *args: str, input: bytes | None = None, timeout: float = 120
-    ) -> subprocess.CompletedProcess[bytes]:
-        module = {"vmsilo": "vmsilo.cli.vmsilo", "vm-run": "vmsilo.cli.vm_run"}[tool]
-        return subprocess.run(
-            [sys.executable, "-m", module, *args],
-            capture_output=True,
-            input=input,
-            timeout=timeout,
-            env=self.env(),
-        )
-
-    def status(self, vm: str = "demo") -> dict[str, Any]:
-        p = self.cmd("vmsilo", "status", vm, "--json")
-        assert p.returncode == 0, p.stderr
-        data: dict[str, Any] = json.loads(p.stdout)["vms"][0]
-        return data
-
-    def launch_count(self) -> int:
-        return len(self.launches.read_text().split()) if self.launches.exists() else 0
-
-
 @pytest.fixture(scope="module")
 def inst(image: Any, state_dir: Path) -> Iterator[Install]:
-    run_dir = Path(f"/tmp/vmsilo-e2e-{os.getpid()}")
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir()
-    launches = run_dir / "launches"
-    wrapper = run_dir / "qemu"
-    real = shutil.which("qemu-system-x86_64")
-    wrapper.write_text(f'#!/bin/sh\necho $$ >> {launches}\nexec {real} "$@"\n')
-    wrapper.chmod(0o755)
-    config = run_dir / "vmsilo.toml"
-    config.write_text(
-        f"""
-user = "root"
-stateDir = "{state_dir}"
-runtimeDir = "{run_dir}"
-startTimeout = 120
-stopTimeout = 30
-[qemu]
-binary = "{wrapper}"
-accel = "tcg"
-[vms.demo]
-hypervisor = "qemu"
-memory = 512
-cpus = 1
-sharedHome = false
-"""
-    )
-    install = Install(config, run_dir, state_dir, launches)
-    yield install
-    install.cmd("vmsilo", "stop", "demo")
-    shutil.rmtree(run_dir, ignore_errors=True)
+    with qemu_install(state_dir, "e2e", VM_DEMO) as install:
+        yield install
 
 
 @pytest.fixture

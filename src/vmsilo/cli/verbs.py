@@ -62,6 +62,11 @@ def register(sub: Any) -> None:
     p = isub.add_parser("list", help="list built images")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_image_list)
+    __import__("vmsilo.cli.verbs_image_gc", fromlist=["register"]).register(isub)
+
+    from vmsilo.cli import verbs_install
+
+    verbs_install.register(sub)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -95,10 +100,15 @@ def _running_plan(loaded: Loaded, name: str, users: UserLookup | None) -> tuple[
 def cmd_start(
     args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
 ) -> int:
+    from vmsilo.supervisor import systemd_control
     from vmsilo.supervisor.control import start_vm
 
     loaded = _load(args, users)
     vm = select_vm(loaded.plan, args.vm)
+    if systemd_control.units_installed(vm, loaded.path):
+        systemd_control.start_vm(vm, wait=not args.no_wait)  # systemctl waits for READY=1
+        print(f"{vm.name}: running" if not args.no_wait else f"{vm.name}: starting", file=out)
+        return 0
     start_vm(str(loaded.path), loaded.plan, vm, wait=not args.no_wait)
     print(f"{vm.name}: running" if not args.no_wait else f"{vm.name}: starting", file=out)
     return 0
@@ -107,11 +117,15 @@ def cmd_start(
 def cmd_stop(
     args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
 ) -> int:
+    from vmsilo.supervisor import systemd_control
     from vmsilo.supervisor.control import stop_vm
 
     loaded = _load(args, users)
     plan, vm = _running_plan(loaded, args.vm, users)
-    stopped = stop_vm(plan, vm, force=args.force)
+    if systemd_control.units_installed(vm, loaded.path):
+        stopped = systemd_control.stop_vm(plan, vm, force=args.force)
+    else:
+        stopped = stop_vm(plan, vm, force=args.force)
     print(f"{vm.name}: stopped" if stopped else f"{vm.name}: not running", file=out)
     return 0
 

@@ -25,7 +25,12 @@ def main(
         vm = resolve(loaded, rest[0], stream)
         if vm is None:
             return EXIT_USAGE
-        start_vm(str(loaded.path), loaded.plan, vm, wait=True)
+        from vmsilo.supervisor import systemd_control
+
+        if systemd_control.units_installed(vm, loaded.path):
+            systemd_control.start_vm(vm)
+        else:
+            start_vm(str(loaded.path), loaded.plan, vm, wait=True)
         return 0
 
     return run_tool("vm-start", body, stream)

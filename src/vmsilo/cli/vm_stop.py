@@ -28,7 +28,12 @@ def main(
         if resolve(loaded, rest[0], stream) is None:
             return EXIT_USAGE
         plan, vm = _running_plan(loaded, rest[0], users)
-        stop_vm(plan, vm, force=force)
+        from vmsilo.supervisor import systemd_control
+
+        if systemd_control.units_installed(vm, loaded.path):
+            systemd_control.stop_vm(plan, vm, force=force)
+        else:
+            stop_vm(plan, vm, force=force)
         return 0
 
     return run_tool("vm-stop", body, stream)

@@ -8,7 +8,9 @@ The guest init forks a child that calls :func:`main` with::
 Transport: the ``org.vmsilo.channel`` virtio-serial port when the host provided one (it does
 exactly when it has no vsock), on which the host multiplexes all sessions (:class:`ChannelMux`);
 otherwise vsock (one connection per session, only from the host, CID 2) when ``--vsock-port``
-is given, ``AF_VSOCK`` works and ``/dev/vsock`` exists.
+is given, ``AF_VSOCK`` works and ``/dev/vsock`` exists. Tests on a host without vsock pass
+``--vsock-path PATH`` instead: the same one-connection-per-session service on a Unix socket
+(see ``VSOCK_EMULATION_ENV`` in :mod:`vmsilo.channel.relay`, the host side of that stand-in).
 
 Readiness: once the transport is listening, the agent writes one line
 (:func:`vmsilo.channel.protocol.encode_ready`, e.g.
@@ -222,6 +224,25 @@ async def serve_vsock(agent: Agent, port: int) -> asyncio.Server:
     return await asyncio.start_server(on_connect, sock=sock)
 
 
+async def serve_vsock_emulated(agent: Agent, path: Path) -> asyncio.Server:
+    """Tests only: serve vsock-style sessions on the Unix socket ``path`` (no AF_VSOCK here).
+
+    The socket stands in for the VM's vsock device, which only the host can reach, so there is
+    no peer CID to check: whoever may open ``path`` (0600, the fake VMM's owner) is the host. A
+    socket left behind by a VMM that was killed is replaced, as a rebooted guest would listen
+    anew.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await agent.handle_link(StreamLink(reader, writer))
+
+    server = await asyncio.start_unix_server(on_connect, path=str(path))
+    os.chmod(path, 0o600)
+    return server
+
+
 async def serve_vsock_connection(
     agent: Agent, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
@@ -319,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-shutdown-after", type=float, metavar="S", help="idle power-off")
     p.add_argument("--channel-path", type=Path, help="(tests) channel file or Unix socket")
     p.add_argument("--ready-path", type=Path, help="(tests) ready file or Unix socket")
+    p.add_argument(
+        "--vsock-path", type=Path, help="(tests) serve vsock-style sessions on this Unix socket"
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -336,10 +360,14 @@ async def serve(args: argparse.Namespace) -> int:
     # The host gives the guest a channel port only when it has no vsock: if the port exists,
     # it is the transport (the vsock driver may be loaded with no device behind it).
     channel: Path | None = args.channel_path
-    if channel is None and args.channel_port:
+    if channel is None and args.channel_port and args.vsock_path is None:
         channel = _find_virtio_port(args.channel_port)
-    if channel is None and args.vsock_port is not None and vsock_usable():
+    server: asyncio.Server | None = None
+    if args.vsock_path is not None:
+        server = await serve_vsock_emulated(agent, args.vsock_path)
+    elif channel is None and args.vsock_port is not None and vsock_usable():
         server = await serve_vsock(agent, args.vsock_port)
+    if server is not None:
         async with server:
             if ready is not None:
                 await send_ready(ready, "vsock")

@@ -18,6 +18,7 @@ directory, once renamed into place, is never modified or deleted (a running VM m
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -531,3 +532,62 @@ def list_images(state_dir: Path) -> list[ImageInfo]:
             )
     infos.sort(key=lambda i: (i.name, i.built))
     return infos
+
+
+# --- garbage collection -----------------------------------------------------------------------
+
+
+def _tree_size(path: Path) -> int:
+    """Bytes on disk under ``path`` (allocated blocks, so sparse files count what they use)."""
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in files + dirs:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+def gc_images(state_dir: Path, in_use: set[Path], *, dry_run: bool = False) -> list[ImageInfo]:
+    """Remove every image version that is neither ``current`` nor in ``in_use``.
+
+    ``in_use`` holds version directories (any spelling; compared after resolving symlinks)
+    that a running VM uses. Each image is handled under the same lock as ``build_image``, so a
+    build can never switch ``current`` to a version being removed. A version is first renamed
+    to a dot-name (invisible to ``list_images`` and to new VMs at once), then deleted. Returns
+    what was (or, with ``dry_run``, would be) removed, with the bytes it occupied.
+    """
+    base = Path(state_dir) / "images"
+    keep = {Path(os.path.realpath(p)) for p in in_use}
+    removed: list[ImageInfo] = []
+    if not base.is_dir():
+        return removed
+    for image_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink()):
+        with _locked(image_dir / ".lock"):
+            _clean_stale(image_dir, ".gc-")  # an interrupted gc's renamed leftovers
+            try:
+                current: str | None = os.readlink(image_dir / "current")
+            except OSError:
+                current = None
+            current_dir = (
+                Path(os.path.realpath(image_dir / "current")) if current is not None else None
+            )
+            for vdir in sorted(image_dir.iterdir()):
+                if vdir.name.startswith(".") or vdir.is_symlink() or not vdir.is_dir():
+                    continue
+                real = Path(os.path.realpath(vdir))
+                if vdir.name == current or real == current_dir or real in keep:
+                    continue
+                info = ImageInfo(
+                    name=image_dir.name,
+                    version=vdir.name,
+                    path=vdir,
+                    size=_tree_size(vdir),
+                    built=vdir.stat().st_mtime,
+                    is_current=False,
+                )
+                if not dry_run:
+                    doomed = image_dir / f".gc-{vdir.name}-{os.getpid()}"
+                    os.rename(vdir, doomed)
+                    shutil.rmtree(doomed)
+                removed.append(info)
+    return removed

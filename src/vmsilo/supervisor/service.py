@@ -114,6 +114,8 @@ class Supervisor:
         self.ready = asyncio.Event()
         self.finished = asyncio.Event()
         self.failure: str | None = None
+        #: a VMM exit that failed the start (its code is kept for ``status``, e.g. crosvm 33/34)
+        self.start_exit: VmmExit | None = None
         self.stop_requested = asyncio.Event()
         self.hello: ReadyHello | None = None
         self.mux: ChannelMux | None = None
@@ -121,6 +123,8 @@ class Supervisor:
         self.servers: list[asyncio.Server] = []
         self.tasks: set[asyncio.Task[Any]] = set()
         self.clients: set[asyncio.Task[Any]] = set()
+        #: clients still waiting for readiness: on a failed start each gets the reason first
+        self.waiting_clients: set[asyncio.Task[Any]] = set()
         self.console = ConsoleRelay(ConsoleLog(vm.paths.console_log))
         self.owns_command_socket = options.listen_fd is None
         self.binary = ""
@@ -219,6 +223,7 @@ class Supervisor:
         if vmm_exit.done():
             result: VmmExit = vmm_exit.result()
             if not self.ready.is_set():
+                self.start_exit = result
                 raise VmsiloError(
                     f"VM {vm.name}: {result.reason} before the guest was ready",
                     f"see the console log {vm.paths.console_log}",
@@ -308,8 +313,9 @@ class Supervisor:
         self.console.log.close()
         if self.failure is not None:
             last = {"reason": self.failure, "at": now()}
-            if exit_info is not None:
-                last["code"] = exit_info.code
+            code_from = exit_info or self.start_exit
+            if code_from is not None:
+                last["code"] = code_from.code
             self.set_state("failed", vmm_pid=None, last_exit=last, supervisor_pid=None)
             self.spawner.send(f"failed {self.failure}")
             sd_notify(f"STATUS=failed: {self.failure}")
@@ -393,9 +399,15 @@ class Supervisor:
             await _send_error(client, "protocol", "a session must start with an OPEN frame")
             return
         control = _control_request(first.payload)
-        if not await self._wait_until_ready():
-            await _send_error(client, "start", self.failure or f"VM {self.vm.name} stopped")
-            return
+        task = asyncio.current_task()
+        if task is not None:
+            self.waiting_clients.add(task)
+        try:
+            if not await self._wait_until_ready():
+                await _send_error(client, "start", self.failure or f"VM {self.vm.name} stopped")
+                return
+        finally:
+            self.waiting_clients.discard(task)
         hello = self.hello
         assert hello is not None
         if not hello.compatible():
@@ -435,8 +447,14 @@ class Supervisor:
         return self.ready.is_set() and not self.finished.is_set()
 
     async def _fail_waiting_clients(self) -> None:
+        """Wake clients waiting for readiness and let them send the failure (bounded).
+
+        Without this they would be cancelled with the rest, and ``vm-start`` would see a bare
+        "stopped while starting" instead of, say, "crosvm: invalid arguments"."""
         self.finished.set()
-        await asyncio.sleep(0)  # sleep-ok: one loop turn so waiters see `finished`
+        waiting = set(self.waiting_clients)
+        if waiting:
+            await asyncio.wait(waiting, timeout=2)
 
     # ------------------------------------------------------------------ host bits
 

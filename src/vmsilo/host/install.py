@@ -1,0 +1,270 @@
+"""``vmsilo install`` / ``vmsilo uninstall``: write and remove the host integration files.
+
+What was installed is recorded in a manifest (``<root>/var/lib/vmsilo/installed.json``) —
+files, enablement symlinks, directories vmsilo had to create, and units. That record is what
+makes the operations exact: a reinstall removes the units of VMs that left the config, and an
+uninstall removes precisely what an install wrote (no config needed, so it works even after the
+config is gone) and never a file vmsilo did not create.
+
+Against the live system (root ``/`` with systemd as PID 1) the unit changes are applied too:
+units of removed VMs are stopped first, then ``daemon-reload``, then the command sockets are
+started. With ``--root DIR`` nothing outside DIR is touched and systemd is not called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmsilo.errors import VmsiloError
+from vmsilo.host.units import enable_links, render_host_files
+from vmsilo.plan.model import Plan
+from vmsilo.runcmd import run
+
+MANIFEST = "var/lib/vmsilo/installed.json"
+MANIFEST_VERSION = 1
+SYSTEMD_BOOTED_MARK = "/run/systemd/system"
+
+
+def systemd_running() -> bool:
+    """sd_booted(): systemd is PID 1 of this machine (or container)."""
+    return os.path.isdir(SYSTEMD_BOOTED_MARK)
+
+
+def vmsilo_exe() -> list[str]:
+    """The absolute argv prefix that runs ``vmsilo`` (what the units put in ExecStart=).
+
+    The script beside the running interpreter first (a venv's ``bin/vmsilo``), then ``vmsilo``
+    on PATH, and the module itself as the fallback — never a bare name, since systemd and
+    completion run without the caller's PATH."""
+    beside = Path(sys.executable).parent / "vmsilo"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside.absolute())]
+    found = shutil.which("vmsilo")
+    if found:
+        return [os.path.abspath(found)]
+    return [os.path.abspath(sys.executable), "-m", "vmsilo.cli.vmsilo"]
+
+
+@dataclass
+class Manifest:
+    config: str | None = None
+    files: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)  # created by vmsilo, removed if left empty
+    units: list[str] = field(default_factory=list)  # unit names, for stop/start
+    sockets: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": MANIFEST_VERSION,
+            "config": self.config,
+            "files": self.files,
+            "links": self.links,
+            "dirs": self.dirs,
+            "units": self.units,
+            "sockets": self.sockets,
+        }
+
+
+def read_manifest(root: Path) -> Manifest:
+    path = root / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return Manifest()
+    except (OSError, ValueError) as e:
+        raise VmsiloError(
+            f"cannot read the install manifest {path}: {e}",
+            "remove the vmsilo files by hand, then delete the manifest",
+        ) from None
+    if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
+        raise VmsiloError(f"{path}: unknown manifest format", "reinstall with this vmsilo")
+    return Manifest(
+        config=data.get("config"),
+        files=list(data.get("files", [])),
+        links=list(data.get("links", [])),
+        dirs=list(data.get("dirs", [])),
+        units=list(data.get("units", [])),
+        sockets=list(data.get("sockets", [])),
+    )
+
+
+@dataclass
+class Report:
+    """What an install/uninstall did, for the user and for tests."""
+
+    written: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _safe_rel(rel: str) -> str:
+    """Manifest entries are relative paths below the root; refuse anything else."""
+    parts = Path(rel).parts
+    if Path(rel).is_absolute() or ".." in parts or not parts:
+        raise VmsiloError(f"refusing manifest entry {rel!r}", "the manifest was edited by hand")
+    return rel
+
+
+def _mkdirs(root: Path, rel_dir: str, created: list[str]) -> None:
+    """Create ``root/rel_dir`` and its missing parents, recording each one created."""
+    missing = []
+    d = Path(rel_dir)
+    while d != Path(".") and not (root / d).exists():
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        (root / d).mkdir(mode=0o755)
+        created.append(str(d))
+
+
+def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.vmsilo-tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _systemctl(*args: str) -> None:
+    run(["systemctl", *args], hint="see `journalctl -xe` and `systemctl status vmsilo.slice`")
+
+
+def install(
+    plan: Plan,
+    config: str,
+    root: Path,
+    exe: Sequence[str] | None = None,
+    *,
+    live: bool | None = None,
+) -> Report:
+    """Write the host files for ``plan`` below ``root``; idempotent.
+
+    ``live`` (default: root is ``/`` and systemd runs) also reloads systemd, stops the units of
+    VMs no longer configured and starts the command sockets."""
+    root = root.absolute()
+    if live is None:
+        live = root == Path("/") and systemd_running()
+    if not root.is_dir():
+        raise VmsiloError(f"{root} is not a directory", "create it first, or pass another --root")
+    exe = list(exe) if exe is not None else vmsilo_exe()
+    files = render_host_files(plan, exe, config)
+    links = enable_links(plan)
+    old = read_manifest(root)
+    report = Report()
+    new = Manifest(
+        config=config,
+        files=sorted(files),
+        links=sorted(links),
+        dirs=list(old.dirs),
+        units=[u for vm in plan.vms.values() for u in (vm.socket_unit, vm.service_unit)],
+        sockets=[vm.socket_unit for vm in plan.vms.values()],
+    )
+    owned = set(old.files) | set(old.links)
+    for rel, text in files.items():
+        path = root / rel
+        if path.is_symlink() or (path.exists() and rel not in owned):
+            if path.is_file() and not path.is_symlink() and path.read_text() == text:
+                report.unchanged.append(rel)
+                continue
+            raise VmsiloError(
+                f"{path} exists and was not installed by vmsilo",
+                "move it away (vmsilo will not overwrite files it does not own)",
+            )
+    gone_units = [u for u in old.units if u not in new.units]
+    if live and gone_units:
+        # stop before the unit files disappear, or systemd loses track of the running VM
+        _systemctl("stop", *gone_units)
+    try:
+        for rel, text in files.items():
+            path = root / rel
+            _mkdirs(root, str(Path(rel).parent), new.dirs)
+            if path.is_file() and not path.is_symlink() and path.read_text() == text:
+                if rel not in report.unchanged:
+                    report.unchanged.append(rel)
+                continue
+            _write_atomic(path, text)
+            report.written.append(rel)
+        for rel, target in links.items():
+            path = root / rel
+            _mkdirs(root, str(Path(rel).parent), new.dirs)
+            if path.is_symlink() and os.readlink(path) == target:
+                report.unchanged.append(rel)
+                continue
+            if path.is_symlink() or path.exists():
+                if rel not in owned:
+                    raise VmsiloError(
+                        f"{path} exists and was not installed by vmsilo", "move it away"
+                    )
+                path.unlink()
+            os.symlink(target, path)
+            report.written.append(rel)
+        for rel in sorted(owned - set(files) - set(links)):
+            path = root / _safe_rel(rel)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                report.removed.append(rel)
+        _mkdirs(root, str(Path(MANIFEST).parent), new.dirs)
+        keep = {str(Path(r).parent) for r in [*files, *links, MANIFEST]}
+        new.dirs = _prune_dirs(root, new.dirs, keep)
+        _write_atomic(root / MANIFEST, json.dumps(new.to_json(), indent=2) + "\n")
+    except PermissionError as e:
+        raise VmsiloError(f"cannot write {e.filename}: permission denied", "run as root") from None
+    if live:
+        if report.written or report.removed:
+            _systemctl("daemon-reload")
+        if new.sockets:
+            _systemctl("start", *new.sockets)
+    elif root == Path("/"):
+        report.notes.append("systemd is not running here: units written, not started")
+    return report
+
+
+def _prune_dirs(root: Path, dirs: list[str], keep: set[str]) -> list[str]:
+    """Remove directories vmsilo created that are now empty; return those that remain."""
+    remaining = []
+    for rel in sorted(dirs, key=lambda d: -len(Path(d).parts)):
+        path = root / _safe_rel(rel)
+        if not any(k == rel or k.startswith(rel + "/") for k in keep):
+            with contextlib.suppress(FileNotFoundError, OSError):
+                path.rmdir()
+        if path.is_dir():
+            remaining.append(rel)
+    return sorted(remaining)
+
+
+def uninstall(root: Path, *, live: bool | None = None) -> Report:
+    """Remove everything the manifest lists (and the manifest); the config is not needed."""
+    root = root.absolute()
+    if live is None:
+        live = root == Path("/") and systemd_running()
+    old = read_manifest(root)
+    report = Report()
+    if not (root / MANIFEST).exists():
+        report.notes.append(f"nothing installed below {root}")
+        return report
+    if live and old.units:
+        _systemctl("stop", *old.units)
+    try:
+        for rel in [*old.links, *old.files]:
+            path = root / _safe_rel(rel)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                report.removed.append(rel)
+        (root / MANIFEST).unlink()
+    except PermissionError as e:
+        raise VmsiloError(f"cannot remove {e.filename}: permission denied", "run as root") from None
+    leftover = _prune_dirs(root, old.dirs, keep=set())
+    for rel in leftover:
+        report.notes.append(f"kept {root / rel}: not empty")
+    if live:
+        _systemctl("daemon-reload")
+    return report

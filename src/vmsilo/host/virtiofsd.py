@@ -1,0 +1,284 @@
+"""Which virtiofsd this host has, and the exact argv to run it for one share.
+
+Two daemons exist in the wild with different option syntaxes:
+
+* the **Rust** virtiofsd (``virtiofsd`` in PATH or ``/usr/libexec/virtiofsd``; production
+  hosts): ``--fd=N --shared-dir=DIR --sandbox=namespace --cache=auto [--readonly]``;
+* QEMU's old **C** virtiofsd (``/usr/lib/qemu/virtiofsd``, shipped by qemu-system-common up
+  to QEMU 7.2 — the only one on Debian 12): ``--fd=N -o source=DIR -o sandbox=namespace
+  -o cache=auto``.
+
+The flavor is recognised from the daemon's own ``--help`` rather than from its path, so a
+distribution that installs either one anywhere still gets the right syntax.
+
+Read-only shares: the C daemon has no read-only option (``-o ro`` is rejected as unknown), and
+Rust versions before 1.11 lack ``--readonly``. There the daemon is started through
+:func:`ro_exec` (``python -m vmsilo.host.virtiofsd ro-exec DIR -- ARGV``), which enters a
+private mount namespace, makes ``DIR`` (and every mount below it) a read-only bind mount and
+execs the daemon, so the host kernel refuses every write whatever the guest sends. The
+namespace dies with the daemon: nothing is left mounted on the host, even after a SIGKILL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+from vmsilo.errors import VmsiloError
+from vmsilo.plan.model import SharePlan
+
+Flavor = Literal["rust", "c"]
+
+#: Where a virtiofsd may live when it is not in PATH, in order of preference.
+FALLBACK_PATHS: tuple[str, ...] = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
+
+#: Both flavors log this (at the default info level) right before blocking in accept(): the
+#: daemon has parsed its options, checked the shared dir and is serving the socket.
+READY_MARK = b"Waiting for vhost-user socket connection"
+
+INSTALL_HINT = (
+    "install virtiofsd (Debian 13 / Ubuntu: apt-get install virtiofsd; Debian 12: apt-get install"
+    " qemu-system-common, which ships /usr/lib/qemu/virtiofsd), or set sharedHome = false and"
+    " remove sharedDirectories"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class VirtiofsdBinary:
+    path: str
+    flavor: Flavor
+    has_readonly: bool  # the daemon itself can refuse guest writes (Rust ≥ 1.11)
+
+
+def find_virtiofsd(
+    search_path: str | None = None, fallbacks: tuple[str, ...] = FALLBACK_PATHS
+) -> str:
+    """The virtiofsd to run: ``virtiofsd`` in PATH, else the first executable fallback."""
+    found = shutil.which("virtiofsd", path=search_path)
+    if found is not None:
+        return found
+    for candidate in fallbacks:
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise VmsiloError(
+        "virtiofsd not found (needed for the VM's shares; looked in PATH and "
+        + ", ".join(fallbacks)
+        + ")",
+        INSTALL_HINT,
+    )
+
+
+def flavor_from_help(text: str) -> tuple[Flavor, bool] | None:
+    """(flavor, has --readonly) from a daemon's ``--help`` output; None if unrecognised."""
+    if "--shared-dir" in text:
+        return "rust", "--readonly" in text
+    if "source=PATH" in text or "-o source=" in text:
+        return "c", False
+    return None
+
+
+def detect(path: str) -> VirtiofsdBinary:
+    """Ask the daemon at ``path`` for its ``--help`` and classify it."""
+    try:
+        proc = subprocess.run(
+            [path, "--help"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise VmsiloError(f"{path} --help failed: {e}", INSTALL_HINT) from e
+    text = (proc.stdout + proc.stderr).decode(errors="replace")
+    found = flavor_from_help(text)
+    if found is None:
+        raise VmsiloError(
+            f"{path} does not look like virtiofsd (its --help mentions neither --shared-dir"
+            " nor -o source=)",
+            INSTALL_HINT,
+        )
+    return VirtiofsdBinary(path, found[0], found[1])
+
+
+def locate(search_path: str | None = None) -> VirtiofsdBinary:
+    return detect(find_virtiofsd(search_path))
+
+
+def daemon_argv(binary: VirtiofsdBinary, share: SharePlan, fd: int) -> list[str]:
+    """The daemon's own argv for ``share`` served on the listening socket ``fd``.
+
+    Sandbox ``namespace`` (pivot_root into the shared dir; we run as root) and cache ``auto``
+    (the host may change a share behind the guest's back) are both flavors' defaults, spelled
+    out so a changed default cannot silently change the isolation. No uid translation: the
+    guest user has the host user's ids, so plain passthrough makes its files the user's.
+    """
+    if binary.flavor == "rust":
+        argv = [
+            binary.path,
+            f"--fd={fd}",
+            f"--shared-dir={share.host_path}",
+            "--sandbox=namespace",
+            "--cache=auto",
+            "--announce-submounts",
+            "--log-level=info",
+        ]
+        if share.read_only and binary.has_readonly:
+            argv.append("--readonly")
+        return argv
+    return [
+        binary.path,
+        f"--fd={fd}",
+        "-o",
+        f"source={share.host_path}",
+        "-o",
+        "sandbox=namespace",
+        "-o",
+        "cache=auto",
+        "-o",
+        "announce_submounts",
+        "-o",
+        "log_level=info",
+    ]
+
+
+def needs_ro_wrapper(binary: VirtiofsdBinary, share: SharePlan) -> bool:
+    return share.read_only and not binary.has_readonly
+
+
+def launch_argv(
+    binary: VirtiofsdBinary, share: SharePlan, fd: int, python: str = sys.executable
+) -> list[str]:
+    """What the supervisor executes: the daemon, behind :func:`ro_exec` when it must be."""
+    argv = daemon_argv(binary, share, fd)
+    if needs_ro_wrapper(binary, share):
+        return [python, "-m", "vmsilo.host.virtiofsd", "ro-exec", share.host_path, "--", *argv]
+    return argv
+
+
+# --- ro-exec: a read-only view of the share in a private mount namespace ------------------------
+
+_CLONE_NEWNS = 0x00020000
+_MS_RDONLY = 1
+_MS_NOSUID = 2
+_MS_NODEV = 4
+_MS_NOEXEC = 8
+_MS_REMOUNT = 32
+_MS_NOATIME = 1024
+_MS_NODIRATIME = 2048
+_MS_BIND = 4096
+_MS_REC = 0x4000
+_MS_PRIVATE = 1 << 18
+_MS_RELATIME = 1 << 21
+_PR_SET_PDEATHSIG = 1
+#: statvfs f_flag bits → the mount flags a bind remount must repeat (or the kernel drops them).
+_KEEP_FLAGS = (
+    (os.ST_NOSUID, _MS_NOSUID),
+    (os.ST_NODEV, _MS_NODEV),
+    (os.ST_NOEXEC, _MS_NOEXEC),
+    (os.ST_NOATIME, _MS_NOATIME),
+    (os.ST_NODIRATIME, _MS_NODIRATIME),
+    (os.ST_RELATIME, _MS_RELATIME),
+)
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(libc: ctypes.CDLL, src: str | None, dst: str, flags: int) -> None:
+    rc = libc.mount(
+        src.encode() if src is not None else None, dst.encode(), None, ctypes.c_ulong(flags), None
+    )
+    _check(rc, f"mount {src or 'none'} on {dst} (flags {flags:#x})")
+
+
+def _unescape_mountinfo(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal ``\\NNN``."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and i + 4 <= len(field):
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts_under(root: str, mountinfo: str) -> list[str]:
+    """Mount points at or below ``root`` listed in a mountinfo text, parents first."""
+    root = root.rstrip("/") or "/"
+    found = []
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        point = _unescape_mountinfo(fields[4])
+        if point == root or point.startswith(root.rstrip("/") + "/"):
+            found.append(point)
+    return sorted(set(found), key=lambda p: p.count("/"))
+
+
+def make_readonly_view(source: str) -> None:
+    """In a new private mount namespace, turn ``source`` and its submounts read-only."""
+    libc = _libc()
+    _check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    # nothing done below may propagate back to the host's namespace
+    _mount(libc, None, "/", _MS_REC | _MS_PRIVATE)
+    source = os.path.realpath(source)
+    _mount(libc, source, source, _MS_BIND | _MS_REC)
+    with open("/proc/self/mountinfo") as f:
+        points = mounts_under(source, f.read())
+    for point in points:
+        keep = 0
+        try:
+            st_flags = os.statvfs(point).f_flag
+        except OSError:
+            continue  # an unreachable submount (e.g. a dead FUSE mount): nothing to write to
+        for st_bit, ms_bit in _KEEP_FLAGS:
+            if st_flags & st_bit:
+                keep |= ms_bit
+        _mount(libc, None, point, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | keep)
+
+
+def ro_exec(argv: list[str]) -> int:
+    """``ro-exec DIR -- CMD…``: exec CMD with DIR read-only in a private mount namespace."""
+    if len(argv) < 3 or argv[1] != "--":
+        print("usage: python -m vmsilo.host.virtiofsd ro-exec DIR -- CMD [ARG…]", file=sys.stderr)
+        return 2
+    source, cmd = argv[0], argv[2:]
+    try:
+        # die with the supervisor, like the VMM does; survives the exec below
+        _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        make_readonly_view(source)
+    except OSError as e:
+        print(f"vmsilo ro-exec: cannot make {source} read-only: {e}", file=sys.stderr)
+        return 1
+    try:
+        os.execv(cmd[0], cmd)
+    except OSError as e:
+        print(f"vmsilo ro-exec: cannot run {cmd[0]}: {e}", file=sys.stderr)
+        return 127
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["ro-exec"]:
+        return ro_exec(argv[1:])
+    print("usage: python -m vmsilo.host.virtiofsd ro-exec DIR -- CMD [ARG…]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,210 @@
+"""The everyday runtime on a real guest: vm-run options, console and shells, logs, auto-shutdown."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import select
+import shutil
+import struct
+import subprocess
+import termios
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmenv import VM_DEMO, Install, qemu_install
+from vmsilo.supervisor.state import wait_unlocked
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def inst(image: Any, state_dir: Path) -> Iterator[Install]:
+    with qemu_install(state_dir, "rt", VM_DEMO) as install:
+        p = install.cmd("vmsilo", "start", "demo")
+        assert p.returncode == 0, p.stderr
+        yield install
+
+
+def test_env_cwd_user_options(inst: Install) -> None:
+    p = inst.cmd(
+        "vm-run",
+        "--env",
+        "GREETING=hi there",
+        "--cwd",
+        "/usr",
+        "demo",
+        "sh",
+        "-c",
+        'echo "$GREETING"; pwd; id -un',
+    )
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.decode().splitlines()
+    assert lines[:2] == ["hi there", "/usr"]
+    p = inst.cmd("vm-run", "--user", "nobody", "demo", "id", "-un")
+    assert p.stdout == b"nobody\n", p.stderr
+    p = inst.cmd("vm-run", "--root", "demo", "id", "-u")
+    assert p.stdout == b"0\n"
+    p = inst.cmd("vm-run", "--cwd", "/nonexistent", "demo", "true")
+    assert p.returncode == 126
+
+
+def test_timeout_ends_the_guest_program(inst: Install) -> None:
+    start = time.monotonic()
+    p = inst.cmd("vm-run", "--timeout", "1", "demo", "sleep", "30")
+    assert p.returncode == 255 and b"timed out after 1 s" in p.stderr
+    assert time.monotonic() - start < 10
+    # the guest program was hung up: no sleep 30 left behind
+    p = inst.cmd("vm-run", "demo", "sh", "-c", "sleep 0.5; pgrep -x sleep || true")
+    assert p.stdout == b""
+
+
+def test_detach(inst: Install) -> None:
+    start = time.monotonic()
+    p = inst.cmd("vm-run", "--detach", "demo", "sh", "-c", "sleep 3; echo done > /tmp/detached")
+    assert p.returncode == 0, p.stderr
+    assert time.monotonic() - start < 2.5
+    p = inst.cmd("vm-run", "--detach", "demo", "no-such-program")
+    assert p.returncode == 127
+
+
+def _pty_run(argv: list[str], script: list[tuple[bytes, bytes]], timeout: float = 60) -> bytes:
+    """Run argv on a pty of size 33x101; send each input once the previous output appeared."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvp(argv[0], argv)
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    seen = b""
+    deadline = time.monotonic() + timeout
+    try:
+        for wait_for, send in script:
+            while wait_for not in seen:
+                left = deadline - time.monotonic()
+                assert left > 0, f"timed out waiting for {wait_for!r}; got {seen[-500:]!r}"
+                r, _, _ = select.select([fd], [], [], left)
+                if r:
+                    try:
+                        chunk = os.read(fd, 4096)
+                    except OSError:
+                        chunk = b""
+                    if not chunk:
+                        raise AssertionError(f"EOF waiting for {wait_for!r}: {seen[-500:]!r}")
+                    seen += chunk
+            if send:
+                os.write(fd, send)
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([fd], [], [], deadline - time.monotonic())
+            try:
+                chunk = os.read(fd, 4096) if r else b""
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, seen[-500:]
+    return seen
+
+
+def test_vm_shell_ssh_gives_a_pty(inst: Install) -> None:
+    env_argv = ["env", f"VMSILO_CONFIG={inst.config}", *inst.argv("vm-shell", "--ssh", "demo")]
+    out = _pty_run(
+        env_argv,
+        [
+            (b"", b"tty; stty size; echo MARK-$((6*7))\n"),
+            # the marker comes from the foreground job itself, so ^C cannot reach bash first
+            (b"MARK-42", b"sh -c 'echo SLEEPING-$((2+2)); exec sleep 30'; echo NOT-INTERRUPTED\n"),
+            (b"SLEEPING-4", b"\x03"),
+            (b"^C", b"echo AFTER-$((1+1)); exit\n"),
+            (b"AFTER-2", b""),
+        ],
+    )
+    text = out.decode(errors="replace")
+    assert "/dev/pts/" in text, text
+    assert "33 101" in text
+    assert "NOT-INTERRUPTED" not in text.replace("; echo NOT-INTERRUPTED", "")
+
+
+def test_vm_shell_console_and_ctrl_bracket(inst: Install) -> None:
+    env_argv = ["env", f"VMSILO_CONFIG={inst.config}", *inst.argv("vm-shell", "demo")]
+    out = _pty_run(
+        env_argv,
+        [
+            (b"Escape character is CTRL+]", b"\n"),
+            (b"#", b"echo CONSOLE-$((40+2))\n"),
+            (b"CONSOLE-42", b"\x1d"),
+        ],
+    )
+    assert b"CONSOLE-42" in out
+
+
+def test_vm_shell_with_tmux(inst: Install) -> None:
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux not installed")
+    session = f"vmsilo-{os.getpid()}"
+    cmd = f"env VMSILO_CONFIG={inst.config} {' '.join(inst.argv('vm-shell', 'demo'))}; echo LEFT"
+    subprocess.run(
+        ["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30", cmd], check=True
+    )
+    try:
+
+        def screen_has(text: str, timeout: float = 30) -> bool:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                shot = subprocess.run(
+                    ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True
+                ).stdout
+                if text in shot:
+                    return True
+                time.sleep(0.1)
+            return False
+
+        assert screen_has("Escape character is CTRL+]")
+        subprocess.run(["tmux", "send-keys", "-t", session, "Enter"], check=True)
+        subprocess.run(
+            ["tmux", "send-keys", "-t", session, "echo TMUX-$((2*21))", "Enter"], check=True
+        )
+        assert screen_has("TMUX-42")
+        subprocess.run(["tmux", "send-keys", "-t", session, "C-]"], check=True)
+        assert screen_has("LEFT")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], check=False)
+
+
+def test_logs_show_the_console(inst: Install) -> None:
+    p = inst.cmd("vmsilo", "logs", "demo")
+    assert p.returncode == 0
+    assert b"vmsilo-init" in p.stdout
+
+
+def test_auto_shutdown_after_idle(image: Any, state_dir: Path) -> None:
+    vms = (
+        VM_DEMO.replace("[vms.demo]", "[vms.idle]")
+        + "autoShutdown = { enable = true, after = 5 }\n"
+    )
+    with qemu_install(state_dir, "idle", vms) as inst:
+        assert inst.cmd("vmsilo", "start", "idle").returncode == 0
+        # a session longer than the idle time keeps it up
+        p = inst.cmd("vm-run", "idle", "sleep", "7")
+        assert p.returncode == 0, p.stderr
+        # a detached program counts as a session until it exits
+        p = inst.cmd("vm-run", "--detach", "idle", "sleep", "6")
+        assert p.returncode == 0
+        detached_at = time.monotonic()
+        assert inst.status("idle")["state"] == "running"
+        wait_unlocked(inst.run_dir / "idle.lock")
+        down_after = time.monotonic() - detached_at
+        st = inst.status("idle")
+        assert st["state"] == "stopped" and st["last_exit"]["reason"] == "guest powered off"
+        # about 6 s of detached program + 5 s idle (+ the guest's shutdown)
+        assert 10 <= down_after <= 20, down_after
+        # the next vm-run starts it again
+        p = inst.cmd("vm-run", "idle", "echo", "back")
+        assert (p.returncode, p.stdout) == (0, b"back\n")
