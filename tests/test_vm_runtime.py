@@ -6,6 +6,7 @@ import fcntl
 import os
 import pty
 import select
+import shlex
 import shutil
 import struct
 import subprocess
@@ -149,7 +150,8 @@ def test_vm_shell_with_tmux(inst: Install) -> None:
     if shutil.which("tmux") is None:
         pytest.skip("tmux not installed")
     session = f"vmsilo-{os.getpid()}"
-    cmd = f"env VMSILO_CONFIG={inst.config} {' '.join(inst.argv('vm-shell', 'demo'))}; echo LEFT"
+    shell = shlex.join(["env", f"VMSILO_CONFIG={inst.config}", *inst.argv("vm-shell", "demo")])
+    cmd = f"{shell}; echo LEFT; sleep 60"  # the pane stays to show LEFT
     subprocess.run(
         ["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30", cmd], check=True
     )
@@ -172,7 +174,7 @@ def test_vm_shell_with_tmux(inst: Install) -> None:
             ["tmux", "send-keys", "-t", session, "echo TMUX-$((2*21))", "Enter"], check=True
         )
         assert screen_has("TMUX-42")
-        subprocess.run(["tmux", "send-keys", "-t", session, "C-]"], check=True)
+        subprocess.run(["tmux", "send-keys", "-t", session, "-H", "1d"], check=True)  # Ctrl-]
         assert screen_has("LEFT")
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], check=False)

@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import IO
 
 from vmsilo.channel.mux import StreamLink
-from vmsilo.channel.protocol import FrameType, decode_error, encode_json
+from vmsilo.channel.protocol import (
+    FrameType,
+    ProtocolError,
+    decode_error,
+    decode_json,
+    encode_json,
+)
 from vmsilo.errors import VMInUseError, VMNotRunningError, VmsiloError, VMStartError
 from vmsilo.plan.model import Plan, VmPlan
 from vmsilo.supervisor.state import is_locked, read_state, wait_unlocked
@@ -167,7 +173,11 @@ async def wait_ready_async(vm: VmPlan) -> None:
         raise VMStartError(f"VM {vm.name} stopped while starting", f"see {vm.paths.console_log}")
     if frame.type == FrameType.ERROR:
         err = decode_error(frame.payload)
-        raise VMStartError(f"VM {vm.name}: {err}", getattr(err, "hint", None))
+        try:
+            message = str(decode_json(frame.payload).get("message", err))
+        except ProtocolError:
+            message = str(err)
+        raise VMStartError(f"VM {vm.name}: {message}", getattr(err, "hint", None))
     if frame.type != FrameType.EXIT:
         raise VMStartError(f"VM {vm.name}: unexpected answer from the supervisor")
 
@@ -178,7 +188,8 @@ def start_vm(config_path: str, plan: Plan, vm: VmPlan, wait: bool = True) -> Non
         if wait:
             try:
                 asyncio.run(wait_ready_async(vm))
-            except VMNotRunningError:
+            except (VMNotRunningError, VMStartError):
+                # the supervisor's own last words say best why (the socket may be gone already)
                 reason = watch.failure() if watch is not None else None
                 if reason is None:
                     raise
