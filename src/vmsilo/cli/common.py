@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from vmsilo.config.load import config_path, load_config
+from vmsilo.config.load import load_config
+from vmsilo.config.location import config_path
 from vmsilo.config.model import Config
 from vmsilo.config.problems import ConfigErrors
 from vmsilo.config.users import UserLookup, system_users

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from vmsilo.cli.common import Loaded, load, select_vm
-from vmsilo.config.load import config_path
-from vmsilo.config.users import UserLookup
+from vmsilo.config.load import parse_config
+from vmsilo.config.location import config_path
+from vmsilo.config.users import UserLookup, system_users
 from vmsilo.errors import UsageError, VmsiloError
+from vmsilo.plan.build import build_plan
 from vmsilo.plan.model import Plan, VmPlan
 
 
@@ -225,14 +227,14 @@ def cmd_logs(
 def cmd_service_vm(
     args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
 ) -> int:
-    import asyncio
+    from vmsilo.supervisor.launch import supervise
+    from vmsilo.supervisor.state import read_state
 
-    from vmsilo.supervisor.control import start_vm
-    from vmsilo.supervisor.service import ServiceOptions, Supervisor, cleanup_vm
-
-    path = config_path(args.config)
-    loaded = _load(args, users)
-    vm = select_vm(loaded.plan, args.vm)
+    path = config_path(args.config).resolve()
+    text = path.read_text()
+    lookup = users or system_users
+    plan = build_plan(parse_config(text, lookup, source=str(path)), lookup)
+    vm = select_vm(plan, args.vm)
     listen_fd = None
     if (
         os.environ.get("LISTEN_PID") == str(os.getpid())
@@ -241,26 +243,16 @@ def cmd_service_vm(
         listen_fd = 3
     for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(key, None)
-
-    async def start_netvm(name: str) -> None:
-        netvm = loaded.plan.vms[name]
-        await asyncio.to_thread(start_vm, str(loaded.path), loaded.plan, netvm, True)
-
-    from vmsilo.supervisor.state import is_locked
-
-    if not is_locked(vm.paths.lock):
-        cleanup_vm(loaded.plan, vm, remove_command_socket=listen_fd is None)
-    options = ServiceOptions(
-        config_path=str(path.resolve()),
-        config_text=path.read_text(),
+    status = supervise(
+        str(path),
+        text,
+        plan,
+        vm,
         listen_fd=listen_fd,
         spawner_fd=args.notify_fd,
-        console_on_tty=args.console,
-        start_netvm=None if os.environ.get("INVOCATION_ID") else start_netvm,
+        console=args.console,
+        embedded=not os.environ.get("INVOCATION_ID"),
     )
-    status = asyncio.run(Supervisor(loaded.plan, vm, options).run())
-    from vmsilo.supervisor.state import read_state
-
     st = read_state(vm.paths.state_file)
     if status != 0 and st is not None and st.last_exit:
         print(f"vmsilo: VM {vm.name}: {st.last_exit.get('reason')}", file=err)

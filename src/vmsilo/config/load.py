@@ -9,7 +9,6 @@ rewritten into SPEC §2's ``path: message (hint: …)`` form, with a "did you me
 from __future__ import annotations
 
 import difflib
-import os
 import tomllib
 import types
 import typing
@@ -20,19 +19,11 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from vmsilo.config.location import VM_NAME_RE
 from vmsilo.config.model import Config, GlobalConfig, VmConfig
 from vmsilo.config.problems import ConfigErrors, Problem, join_path
 from vmsilo.config.rules import check_config
-from vmsilo.config.types import VM_NAME_RE
 from vmsilo.config.users import UserLookup, system_users
-
-DEFAULT_CONFIG = "/etc/vmsilo/vmsilo.toml"
-
-
-def config_path(explicit: str | None = None, env: Mapping[str, str] | None = None) -> Path:
-    """``-c FILE``, else ``$VMSILO_CONFIG``, else the system file — for every entry point."""
-    environ = os.environ if env is None else env
-    return Path(explicit or environ.get("VMSILO_CONFIG") or DEFAULT_CONFIG)
 
 
 def load_config(path: Path, users: UserLookup = system_users) -> Config:

@@ -18,9 +18,9 @@ from pydantic import AfterValidator
 from pydantic_core import PydanticCustomError
 
 from vmsilo.config.colors import CSS_COLOR_NAMES
+from vmsilo.config.location import VM_NAME_RE
 
 CROSVM_SPECIAL = ",[]\"'="
-VM_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
 SHARE_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,35}$")
 BDF_RE = re.compile(

@@ -47,14 +47,7 @@ def is_running(vm: VmPlan) -> bool:
 
 def command_socket_live(vm: VmPlan) -> bool:
     """True if something accepts connections on the VM's command socket."""
-    import socket
-
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(vm.paths.command_socket)
-        except OSError:
-            return False
-    return True
+    return socket_live(vm.paths.command_socket)
 
 
 @contextlib.contextmanager
@@ -94,9 +87,53 @@ class StartWatch:
         self.pipe.close()
 
 
-def spawn_supervisor(config_path: str, vm: VmPlan) -> StartWatch:
-    """Start ``vmsilo service vm`` detached; return once its command socket is bound."""
+def socket_live(path: str) -> bool:
+    """True if something accepts connections on the Unix socket ``path``."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def spawn_supervisor(config_path: str, vm: VmPlan, plan: Plan | None = None) -> StartWatch:
+    """Start the supervisor detached; return once its command socket is bound.
+
+    With ``plan`` (the caller already planned this config) the supervisor is forked from this
+    process; otherwise ``vmsilo service vm`` is exec'd."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    if plan is not None:
+        from vmsilo.supervisor.launch import fork_supervisor
+
+        path = os.path.abspath(config_path)
+        with open(path) as f:
+            text = f.read()
+        try:
+            os.set_inheritable(write_fd, True)
+            fork_supervisor(path, text, plan, vm, write_fd, supervisor_log(vm))
+        finally:
+            os.close(write_fd)
+    else:
+        _exec_supervisor(config_path, vm, write_fd)
+    pipe = os.fdopen(read_fd, "rb")
+    for raw in pipe:
+        line = raw.decode(errors="replace").strip()
+        if line == "bound":
+            return StartWatch(pipe, vm)
+        if line.startswith("failed "):
+            pipe.close()
+            raise VMStartError(f"VM {vm.name} failed to start: {line[7:]}")
+    pipe.close()
+    raise VMStartError(
+        f"VM {vm.name}: the supervisor exited before it was ready",
+        f"see {supervisor_log(vm)}",
+    )
+
+
+def _exec_supervisor(config_path: str, vm: VmPlan, write_fd: int) -> None:
     log = open(supervisor_log(vm), "ab")  # noqa: SIM115 - handed to the child
     try:
         subprocess.Popen(
@@ -122,22 +159,9 @@ def spawn_supervisor(config_path: str, vm: VmPlan) -> StartWatch:
     finally:
         os.close(write_fd)
         log.close()
-    pipe = os.fdopen(read_fd, "rb")
-    for raw in pipe:
-        line = raw.decode(errors="replace").strip()
-        if line == "bound":
-            return StartWatch(pipe, vm)
-        if line.startswith("failed "):
-            pipe.close()
-            raise VMStartError(f"VM {vm.name} failed to start: {line[7:]}")
-    pipe.close()
-    raise VMStartError(
-        f"VM {vm.name}: the supervisor exited before it was ready",
-        f"see {supervisor_log(vm)}",
-    )
 
 
-def ensure_supervisor(config_path: str, vm: VmPlan) -> StartWatch | None:
+def ensure_supervisor(config_path: str, vm: VmPlan, plan: Plan | None = None) -> StartWatch | None:
     """Make sure a supervisor serves ``vm``'s command socket (spawning one if needed).
 
     Returns the :class:`StartWatch` when this call spawned it."""
@@ -154,7 +178,7 @@ def ensure_supervisor(config_path: str, vm: VmPlan) -> StartWatch | None:
         if is_running(vm):
             # a supervisor is shutting down (socket closed, lock still held): let it finish
             _wait_unlocked_for(vm.paths.lock, vm.stop_timeout + 15)
-        return spawn_supervisor(config_path, vm)
+        return spawn_supervisor(config_path, vm, plan)
 
 
 async def wait_ready_async(vm: VmPlan) -> None:
@@ -183,7 +207,7 @@ async def wait_ready_async(vm: VmPlan) -> None:
 
 
 def start_vm(config_path: str, plan: Plan, vm: VmPlan, wait: bool = True) -> None:
-    watch = ensure_supervisor(config_path, vm)
+    watch = ensure_supervisor(config_path, vm, plan)
     try:
         if wait:
             try:

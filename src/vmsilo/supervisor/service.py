@@ -212,6 +212,7 @@ class Supervisor:
         argv = self._argv(binary)
         self.vmm = (QemuVmm if vm.hypervisor == "qemu" else CrosvmVmm)(self.plan, vm, argv)
         pid = await self.vmm.start()
+        self.state.extra["vmm_started_at"] = now()
         self.set_state("starting", vmm_pid=pid)
         vmm_exit = self.spawn(self.vmm.wait())
         ready = self.spawn(self.ready.wait())

@@ -1,0 +1,17 @@
+"""Where the config file is, for every entry point (kept import-light for vm-run's fast path)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+DEFAULT_CONFIG = "/etc/vmsilo/vmsilo.toml"
+VM_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+
+def config_path(explicit: str | None = None, env: Mapping[str, str] | None = None) -> Path:
+    """``-c FILE``, else ``$VMSILO_CONFIG``, else the system file — for every entry point."""
+    environ = os.environ if env is None else env
+    return Path(explicit or environ.get("VMSILO_CONFIG") or DEFAULT_CONFIG)
