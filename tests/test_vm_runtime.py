@@ -210,3 +210,27 @@ def test_auto_shutdown_after_idle(image: Any, state_dir: Path) -> None:
         # the next vm-run starts it again
         p = inst.cmd("vm-run", "idle", "echo", "back")
         assert (p.returncode, p.stdout) == (0, b"back\n")
+
+
+def test_netvm_stays_up_while_a_client_runs(image: Any, state_dir: Path) -> None:
+    vms = (
+        VM_DEMO.replace("[vms.demo]", "[vms.gate]")
+        + "autoShutdown = { enable = true, after = 4 }\nnetwork = { isNetvm = true }\n"
+        + VM_DEMO.replace("[vms.demo]", "[vms.client]")
+        + "network = { netvm = 'gate' }\n"
+    )
+    with qemu_install(state_dir, "hold", vms, netns=True) as inst:
+        p = inst.cmd("vmsilo", "start", "client")
+        assert p.returncode == 0, p.stderr
+        assert inst.status("gate")["state"] == "running"
+        # well past the netvm's idle time: its client's supervisor holds a session there
+        p = inst.cmd("vm-run", "client", "sleep", "8")
+        assert p.returncode == 0
+        assert inst.status("gate")["state"] == "running"
+        p = inst.cmd("vmsilo", "stop", "client")
+        assert p.returncode == 0, p.stderr
+        stopped_at = time.monotonic()
+        wait_unlocked(inst.run_dir / "gate.lock")
+        idle = time.monotonic() - stopped_at
+        assert inst.status("gate")["last_exit"]["reason"] == "guest powered off"
+        assert 3 <= idle <= 15, idle

@@ -36,6 +36,7 @@ class Install:
     run_dir: Path
     state_dir: Path
     launches: Path
+    netns: str | None = None  # run every command (and so the VMs' taps) in this namespace
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -47,8 +48,9 @@ class Install:
         self, tool: str, *args: str, input: bytes | None = None, timeout: float = 120
     ) -> subprocess.CompletedProcess[bytes]:
         module = TOOLS[tool]
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         return subprocess.run(
-            [sys.executable, "-m", module, *args],
+            [*prefix, sys.executable, "-m", module, *args],
             capture_output=True,
             input=input,
             timeout=timeout,
@@ -69,8 +71,10 @@ class Install:
 
 
 @contextlib.contextmanager
-def qemu_install(state_dir: Path, tag: str, vms: str) -> Iterator[Install]:
-    """Config + runtime dir; QEMU behind a wrapper that counts launches. Stops VMs after."""
+def qemu_install(state_dir: Path, tag: str, vms: str, netns: bool = False) -> Iterator[Install]:
+    """Config + runtime dir; QEMU behind a wrapper that counts launches. Stops VMs after.
+
+    ``netns``: run everything in a fresh network namespace (VMs with interfaces)."""
     run_dir = Path(f"/tmp/vmsilo-{tag}-{os.getpid()}")
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir()
@@ -93,7 +97,10 @@ accel = "tcg"
 """
         + vms
     )
-    install = Install(config, run_dir, state_dir, launches)
+    ns = f"vmsilo-{tag}-{os.getpid()}" if netns else None
+    if ns:
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+    install = Install(config, run_dir, state_dir, launches, ns)
     try:
         yield install
     finally:
@@ -101,4 +108,6 @@ accel = "tcg"
             "vms", {}
         ):
             install.cmd("vmsilo", "stop", "--force", name)
+        if ns:
+            subprocess.run(["ip", "netns", "del", ns], check=False)
         shutil.rmtree(run_dir, ignore_errors=True)

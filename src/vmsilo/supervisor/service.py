@@ -180,8 +180,12 @@ class Supervisor:
 
     async def _launch_and_wait(self) -> VmmExit | None:
         vm = self.vm
-        if vm.netvm not in (None, "host") and self.opts.start_netvm is not None:
-            await self.opts.start_netvm(str(vm.netvm))
+        if vm.netvm not in (None, "host"):
+            if self.opts.start_netvm is not None:
+                await self.opts.start_netvm(str(vm.netvm))
+            netvm = self.plan.vms.get(str(vm.netvm))
+            if netvm is not None:
+                self.spawn(self._hold_netvm(netvm))
         await self._listen(vm.paths.console_backend, self.console.on_backend)
         await self._listen(vm.paths.ready_socket, self._on_ready_port)
         await self._listen(vm.paths.channel_socket, self._on_channel_port)
@@ -472,6 +476,26 @@ class Supervisor:
             for pi in peer.interfaces:
                 if pi.bridge == i.bridge and pi.injected_for == self.vm.name:
                     attach_to_bridge(pi.tap, i.bridge)
+
+    async def _hold_netvm(self, netvm: VmPlan) -> None:
+        """Keep one session open in our netvm while we run, so its auto-shutdown waits for us.
+
+        The netvm's agent counts sessions; a client VM's supervisor holding ``sleep infinity``
+        there is exactly "a session runs". Closing it (our shutdown cancels this task) hangs
+        the program up, and the netvm's idle timer starts once its last client is gone.
+        """
+        from vmsilo.channel.client import run_session
+        from vmsilo.channel.protocol import ChannelError, ExecRequest
+
+        with contextlib.suppress(ChannelError, OSError):
+            await run_session(
+                netvm.paths.command_socket,
+                ExecRequest(argv=["sleep", "infinity"]),
+                stdin=None,
+                stdout=None,
+                stderr=None,
+                forward_signals=False,
+            )
 
     def _prepare_home(self) -> None:
         for share in self.vm.shares:
