@@ -23,6 +23,9 @@ from vmsilo.plan.model import Plan, VmPlan
 
 
 def register(sub: Any) -> None:
+    from vmsilo.cli import verbs_doctor
+
+    verbs_doctor.register(sub)
     p = sub.add_parser("start", help="start a VM (embedded supervisor) and wait until ready")
     p.add_argument("vm")
     p.add_argument("--no-wait", action="store_true", help="return once the supervisor runs")
