@@ -75,10 +75,67 @@ network.netvm = "host"
             *vm_run, "--root", "netdemo", "busybox", "ping", "-c", "1", "-W", "5", "10.231.0.0"
         )
         assert p.returncode == 0, p.stdout + p.stderr
+        # the host NATs the guest out of its own uplink: a second namespace stands for "the
+        # internet" and has no route back to the guest's link
+        peer = f"{netns}-up"
+        subprocess.run(["ip", "netns", "add", peer], check=True)
+        try:
+            subprocess.run(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    "up0",
+                    "netns",
+                    netns,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "up1",
+                    "netns",
+                    peer,
+                ],
+                check=True,
+            )
+            in_ns("ip", "addr", "add", "10.99.0.2/24", "dev", "up0")
+            in_ns("ip", "link", "set", "up0", "up")
+            in_ns("ip", "route", "add", "default", "via", "10.99.0.1")
+            for argv in (
+                ["addr", "add", "10.99.0.1/24", "dev", "up1"],
+                ["link", "set", "up1", "up"],
+                ["link", "set", "lo", "up"],
+            ):
+                subprocess.run(["ip", "-n", peer, *argv], check=True)
+            ping = ["busybox", "ping", "-c", "1", "-W", "5", "10.99.0.1"]
+            p = in_ns(*vm_run, "--root", "netdemo", *ping, check=False)
+            assert p.returncode == 0, p.stdout + p.stderr
+            rules = in_ns("nft", "list", "table", "ip", "vmsilo_3").stdout.decode()
+            assert "masquerade" in rules and "netdemo-22" in rules
+            # the guest cannot send from another address (anti-spoofing)
+            spoof = ["busybox", "ping", "-c", "1", "-W", "3", "-I", "10.231.0.5", "10.99.0.1"]
+            in_ns(
+                *vm_run,
+                "--root",
+                "netdemo",
+                "busybox",
+                "ip",
+                "addr",
+                "add",
+                "10.231.0.5/32",
+                "dev",
+                "upstream",
+            )
+            p = in_ns(*vm_run, "--root", "netdemo", *spoof, check=False)
+            assert p.returncode != 0
+        finally:
+            subprocess.run(["ip", "netns", "del", peer], check=False)
         p = in_ns(*vmsilo, "stop", "netdemo", check=False)
         assert p.returncode == 0, p.stderr
         gone = in_ns("ip", "link", "show", "netdemo-22", check=False)
         assert gone.returncode != 0  # tap removed on stop
+        tables = in_ns("nft", "list", "tables").stdout.decode()
+        assert "vmsilo_3" not in tables  # NAT rules removed with the VM
     finally:
         in_ns(*vmsilo, "stop", "netdemo", check=False)
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -38,6 +38,7 @@ from vmsilo.channel.protocol import (
 from vmsilo.channel.relay import relay_opened, relay_vsock_opened
 from vmsilo.errors import VmsiloError
 from vmsilo.host.disks import create_ephemeral_disk, remove_file
+from vmsilo.host.nat import setup_host_nat, teardown_host_nat
 from vmsilo.host.network import setup_interfaces, teardown_interfaces
 from vmsilo.host.preflight import preflight
 from vmsilo.plan.model import Plan, VmPlan
@@ -98,6 +99,7 @@ def cleanup_vm(plan: Plan, vm: VmPlan, *, remove_command_socket: bool) -> list[s
     remove_file(vm.paths.plan_snapshot)
     try:
         teardown_interfaces(vm, keep_bridges=peer_bridges_in_use(plan, vm))
+        teardown_host_nat(vm)
     except Exception as e:  # cleanup must go on; report what failed
         problems.append(f"network teardown: {e}")
     return problems
@@ -195,6 +197,7 @@ class Supervisor:
             self.spawn(self._pump_tty_input())
         # pyroute2's synchronous API runs its own event loop: keep it off ours
         await asyncio.to_thread(setup_interfaces, vm)
+        await asyncio.to_thread(setup_host_nat, self.plan, vm)
         await asyncio.to_thread(self._attach_peer_taps)
         self._prepare_home()
         await self.sidecars.start(self.plan, vm)
