@@ -139,3 +139,76 @@ network.netvm = "host"
     finally:
         in_ns(*vmsilo, "stop", "netdemo", check=False)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _internet(ns: str) -> str:
+    """A second namespace behind ns's default route, standing for the outside world."""
+    peer = f"{ns}-up"
+    subprocess.run(["ip", "netns", "add", peer], check=True)
+    subprocess.run(
+        [
+            "ip",
+            "link",
+            "add",
+            "up0",
+            "netns",
+            ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "up1",
+            "netns",
+            peer,
+        ],
+        check=True,
+    )
+    for argv in (
+        ["addr", "add", "10.99.0.2/24", "dev", "up0"],
+        ["link", "set", "up0", "up"],
+        ["link", "set", "lo", "up"],
+        ["route", "add", "default", "via", "10.99.0.1"],
+    ):
+        subprocess.run(["ip", "-n", ns, *argv], check=True)
+    for argv in (["addr", "add", "10.99.0.1/24", "dev", "up1"], ["link", "set", "up1", "up"]):
+        subprocess.run(["ip", "-n", peer, *argv], check=True)
+    return peer
+
+
+def test_netvm_routes_its_clients_and_keeps_them_apart(image: Any, state_dir: Path) -> None:
+    from vmenv import VM_DEMO, qemu_install
+
+    def vm(name: str, extra: str) -> str:
+        return VM_DEMO.replace("[vms.demo]", f"[vms.{name}]") + extra
+
+    vms = (
+        'netvmRange = "10.232.0.0/24"\n'
+        + vm("gate", "network = { isNetvm = true, netvm = 'host' }\n")
+        + vm("client", "network = { netvm = 'gate' }\n")
+        + vm("client2", "network = { netvm = 'gate' }\n")
+    )
+    # netvmRange is a global key: move it before the tables
+    vms_first = vms.split("\n", 1)
+    with qemu_install(state_dir, "route", vms_first[1], netns=True) as inst:
+        text = inst.config.read_text().replace("[qemu]", vms_first[0] + "\n[qemu]", 1)
+        inst.config.write_text(text)
+        assert inst.netns is not None
+        peer = _internet(inst.netns)
+        try:
+            for name in ("client", "client2"):
+                p = inst.cmd("vmsilo", "start", name)
+                assert p.returncode == 0, p.stderr
+            assert inst.status("gate")["detail"] is None  # routing configured in the guest
+            p = inst.cmd("vm-run", "client", "busybox", "ip", "-o", "addr", "show", "upstream")
+            assert b"10.232.0.1/31" in p.stdout, p.stdout + p.stderr
+            ping = ["busybox", "ping", "-c", "1", "-W", "5"]
+            # client -> gate -> host -> the outside: NAT twice, replies find their way back
+            p = inst.cmd("vm-run", "--root", "client", *ping, "10.99.0.1")
+            assert p.returncode == 0, p.stdout + p.stderr
+            # client -> client2 through the netvm is dropped
+            p = inst.cmd("vm-run", "--root", "client", *ping, "-W", "3", "10.232.0.3")
+            assert p.returncode != 0, p.stdout
+            p = inst.cmd("vm-run", "--root", "client2", *ping, "10.99.0.1")
+            assert p.returncode == 0, p.stdout + p.stderr
+        finally:
+            subprocess.run(["ip", "netns", "del", peer], check=False)

@@ -174,6 +174,7 @@ def vm_status(plan: Plan, vm: VmPlan) -> dict[str, Any]:
         "color": vm.color,
         "config_changed": config_changed,
         "last_exit": last_exit,
+        "detail": st.detail if running and st is not None else None,
     }
 
 

@@ -36,6 +36,7 @@ from vmsilo.errors import VmsiloError
 from vmsilo.guest.cpio import write_initramfs
 from vmsilo.guest.kernel import (
     GUEST_MODULES,
+    ON_DEMAND_MODULES,
     KernelRef,
     cached_kernels,
     fetch_kernel,
@@ -48,7 +49,7 @@ from vmsilo.runcmd import run
 FORMAT_VERSION = "1"
 #: Bump when the post-processing of the cached mmdebstrap root changes.
 ROOT_FORMAT = "1"
-BASE_PACKAGES: tuple[str, ...] = ("python3", "busybox", "e2fsprogs")
+BASE_PACKAGES: tuple[str, ...] = ("python3", "busybox", "e2fsprogs", "nftables")
 HOST_BUSYBOX = Path("/bin/busybox")
 IMAGE_FILES: tuple[str, ...] = ("vmlinuz", "initrd.img", "root.erofs")
 GUEST_PYTHON_DIR = "usr/lib/python3/dist-packages/vmsilo"
@@ -176,7 +177,7 @@ def image_version(
         spec.suite.encode(),
         ",".join(all_packages(spec)).encode(),
         f"{kernel.package}={kernel.version}".encode(),
-        ",".join(GUEST_MODULES).encode(),
+        ",".join((*GUEST_MODULES, *ON_DEMAND_MODULES)).encode(),
         hashlib.sha256(busybox.read_bytes()).digest(),
         hashlib.sha256(root_status).digest(),
         _STAGE2_WRAPPER.encode(),
@@ -399,12 +400,14 @@ def build_image(
         try:
             t0 = time.monotonic()
             say(f"collecting kernel modules for {kernel.kver}")
-            mods = work / "mods"
-            names = stage_modules(kernel, mods)
+            boot_mods = work / "boot-mods"  # what stage 1 needs: small initramfs, fast boot
+            names = stage_modules(kernel, boot_mods)
             say(f"{len(names)} modules: {' '.join(names)}")
+            mods = work / "mods"  # the root also carries the on-demand ones (netfilter)
+            stage_modules(kernel, mods, (*GUEST_MODULES, *ON_DEMAND_MODULES))
 
             say("writing the stage-1 initramfs")
-            _build_initramfs(work / "initrd", mods, out / "initrd.img")
+            _build_initramfs(work / "initrd", boot_mods, out / "initrd.img")
 
             say("assembling the root")
             tree = _assemble_root(root, work / "root", mods, spec, version, kernel.kver)

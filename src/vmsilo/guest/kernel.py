@@ -44,6 +44,18 @@ GUEST_MODULES: tuple[str, ...] = (
     "evdev",
 )
 
+#: Shipped in the image but loaded on demand only (a netvm's routing, vmsilo.guest.netvm), so
+#: they cost nothing at boot.
+ON_DEMAND_MODULES: tuple[str, ...] = (
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_ct",
+    "nft_masq",
+    "nf_conntrack",
+    "nf_nat",
+    "nfnetlink",
+)
+
 KERNEL_META_PACKAGE = "linux-image-amd64"
 APT_HINT = "check the Debian mirror in /etc/apt/sources.list* and run apt-get update"
 

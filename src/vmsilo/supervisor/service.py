@@ -113,7 +113,8 @@ class Supervisor:
         self.lock = VmLock(vm.paths.lock)
         self.spawner = SpawnerPipe(options.spawner_fd)
         self.state = VmState(state="starting", supervisor_pid=os.getpid(), hypervisor=vm.hypervisor)
-        self.ready = asyncio.Event()
+        self.ready = asyncio.Event()  # the guest agent said hello: sessions may flow
+        self.operational = asyncio.Event()  # and the start is complete (netvm routing too)
         self.finished = asyncio.Event()
         self.failure: str | None = None
         #: a VMM exit that failed the start (its code is kept for ``status``, e.g. crosvm 33/34)
@@ -245,7 +246,10 @@ class Supervisor:
                 f"VM {vm.name} was not ready within startTimeout ({vm.start_timeout} s)",
                 f"see the console log {vm.paths.console_log}; raise startTimeout if it is slow",
             )
+        if self.vm.is_netvm:
+            await self._configure_netvm()
         self.set_state("running", ready_at=now())
+        self.operational.set()
         sd_notify("READY=1")
         self.spawner.send("ready")
         self.spawner.close()
@@ -432,6 +436,9 @@ class Supervisor:
             )
             return
         if control == CONTROL_WAIT_READY:
+            if not await self._wait_for(self.operational):
+                await _send_error(client, "start", self.failure or f"VM {self.vm.name} stopped")
+                return
             await client.send(FrameType.EXIT, encode_json({"status": 0}))
             return
         if hello.transport == "vsock":
@@ -443,16 +450,20 @@ class Supervisor:
         await relay_opened(client, first, self.mux)
 
     async def _wait_until_ready(self) -> bool:
-        if self.ready.is_set():
+        return await self._wait_for(self.ready)
+
+    async def _wait_for(self, event: asyncio.Event) -> bool:
+        """Wait for ``event`` unless the supervisor finishes first."""
+        if event.is_set():
             return True
-        ready = asyncio.ensure_future(self.ready.wait())
+        ready = asyncio.ensure_future(event.wait())
         done = asyncio.ensure_future(self.finished.wait())
         try:
             await asyncio.wait({ready, done}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             ready.cancel()
             done.cancel()
-        return self.ready.is_set() and not self.finished.is_set()
+        return event.is_set() and not self.finished.is_set()
 
     async def _fail_waiting_clients(self) -> None:
         """Wake clients waiting for readiness and let them send the failure (bounded).
@@ -479,6 +490,38 @@ class Supervisor:
             for pi in peer.interfaces:
                 if pi.bridge == i.bridge and pi.injected_for == self.vm.name:
                     attach_to_bridge(pi.tap, i.bridge)
+
+    async def _configure_netvm(self) -> None:
+        """Turn on routing in a netvm guest (vmsilo.guest.netvm) before we call it ready.
+
+        A failure is kept in the state file's ``detail`` and logged; the VM keeps running so
+        the user can get in and look (`vm-shell`), and `vmsilo status` shows why."""
+        from vmsilo.channel.client import run_session
+        from vmsilo.channel.protocol import ChannelError, ExecRequest
+
+        vm = self.vm
+        argv = ["python3", "-m", "vmsilo.guest.netvm"]
+        if any(i.name == "upstream" for i in vm.interfaces):
+            argv += ["--upstream", "upstream"]
+        for i in vm.interfaces:
+            if i.injected_for not in (None, "host"):
+                argv += ["--client", i.name]
+        try:
+            status = await run_session(
+                vm.paths.command_socket,
+                ExecRequest(argv=argv, user="root"),
+                stdin=None,
+                stdout=sys.stderr.fileno(),
+                stderr=sys.stderr.fileno(),
+                forward_signals=False,
+            )
+            detail = f"exit status {status}"
+        except ChannelError as e:
+            status, detail = 255, str(e)
+        if status != 0:
+            message = f"netvm routing setup failed in the guest ({detail})"
+            print(f"vmsilo supervisor: {message}", file=sys.stderr)
+            self.state.detail = message
 
     async def _hold_netvm(self, netvm: VmPlan) -> None:
         """Keep one session open in our netvm while we run, so its auto-shutdown waits for us.
