@@ -234,3 +234,21 @@ def test_netvm_stays_up_while_a_client_runs(image: Any, state_dir: Path) -> None
         idle = time.monotonic() - stopped_at
         assert inst.status("gate")["last_exit"]["reason"] == "guest powered off"
         assert 3 <= idle <= 15, idle
+
+
+def test_vm_start_debug_runs_in_the_foreground(image: Any, state_dir: Path) -> None:
+    vms = VM_DEMO.replace("[vms.demo]", "[vms.dbg]")
+    with qemu_install(state_dir, "dbg", vms) as inst:
+        argv = ["env", f"VMSILO_CONFIG={inst.config}", *inst.argv("vm-start-debug", "dbg")]
+        out = _pty_run(
+            argv,
+            [
+                (b"vmsilo-init", b""),  # the guest's console, on our terminal
+                (b"# ", b"echo DEBUG-$((3*3))\n"),  # the autologin shell takes our input
+                (b"DEBUG-9", b"\x03"),  # Ctrl-C: the supervisor stops the VM gracefully
+            ],
+            timeout=120,
+        )
+        assert b"DEBUG-9" in out
+        st = inst.status("dbg")
+        assert st["state"] == "stopped" and st["last_exit"]["reason"] == "stopped"

@@ -27,6 +27,7 @@ TOOLS = {
     "vm-start": "vmsilo.cli.vm_start",
     "vm-stop": "vmsilo.cli.vm_stop",
     "vm-shell": "vmsilo.cli.vm_shell",
+    "vm-start-debug": "vmsilo.cli.vm_start_debug",
 }
 
 
