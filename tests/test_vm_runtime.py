@@ -107,6 +107,9 @@ def _pty_run(argv: list[str], script: list[tuple[bytes, bytes]], timeout: float 
             if not chunk:
                 break
             seen += chunk
+    except BaseException:
+        os.kill(pid, 9)  # never leave the tool running (or this test blocked in waitpid)
+        raise
     finally:
         _, status = os.waitpid(pid, 0)
         os.close(fd)
@@ -135,7 +138,16 @@ def test_vm_shell_ssh_gives_a_pty(inst: Install) -> None:
 
 def test_vm_shell_console_and_ctrl_bracket(inst: Install) -> None:
     env_argv = ["env", f"VMSILO_CONFIG={inst.config}", *inst.argv("vm-shell", "demo")]
-    out = _pty_run(
+    try:
+        out = _console_script(env_argv)
+    except AssertionError:
+        print(inst.cmd("vmsilo", "logs", "demo").stdout.decode(errors="replace")[-3000:])
+        raise
+    assert b"CONSOLE-42" in out
+
+
+def _console_script(env_argv: list[str]) -> bytes:
+    return _pty_run(
         env_argv,
         [
             (b"Escape character is CTRL+]", b"\n"),
@@ -143,7 +155,6 @@ def test_vm_shell_console_and_ctrl_bracket(inst: Install) -> None:
             (b"CONSOLE-42", b"\x1d"),
         ],
     )
-    assert b"CONSOLE-42" in out
 
 
 def test_vm_shell_with_tmux(inst: Install) -> None:

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from vmsilo.config.load import load_config
+from vmsilo.config.load import load_config, parse_config
 from vmsilo.config.location import config_path
 from vmsilo.config.model import Config
 from vmsilo.config.problems import ConfigErrors
 from vmsilo.config.users import UserLookup, system_users
 from vmsilo.errors import UnknownVMError, VmsiloError
 from vmsilo.plan.build import build_plan
+from vmsilo.plan.cache import save_plan
 from vmsilo.plan.model import Plan, VmPlan
 
 
@@ -32,10 +33,19 @@ class Loaded:
 
 
 def load(explicit: str | None, users: UserLookup | None = None) -> Loaded:
+    """Read, validate and plan the config; as root, also refresh the plan cache."""
     path = config_path(explicit)
     lookup = users or system_users
-    config = load_config(path, lookup)
-    return Loaded(path, config, build_plan(config, lookup))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        load_config(path, lookup)  # raises the standard report for this failure
+        raise
+    config = parse_config(text, lookup, source=str(path))
+    plan = build_plan(config, lookup)
+    if users is None:
+        save_plan(plan, text, config.user)
+    return Loaded(path, config, plan)
 
 
 def select_vm(plan: Plan, name: str) -> VmPlan:

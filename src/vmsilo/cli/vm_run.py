@@ -117,25 +117,37 @@ def main(
         return 130
 
 
-def running_socket(config: str | None, name: str) -> str | None:
-    """The command socket of a *running* VM, found without validating the whole config.
+@dataclass
+class QuickLook:
+    """What vm-run can learn from the config without the typed model (see _run)."""
 
-    vm-run to a running VM only needs ``runtimeDir`` and the VM's name; skipping the typed
-    model saves most of vm-run's start-up time. Anything unusual (no such file, TOML error, an
-    odd runtimeDir, a VM that is not running) returns None and the full, validated path runs,
-    which reports problems properly.
+    path: str
+    text: str
+    runtime_dir: str
+    user: str | None
+
+
+def quick_look(config: str | None, name: str) -> QuickLook | None:
+    """The raw config, if it plainly names VM ``name``; None sends vm-run the full way.
+
+    vm-run to a running VM only needs ``runtimeDir`` and the VM's name, and a cold start can
+    reuse the cached plan: skipping the typed model saves most of vm-run's start-up time.
+    Anything unusual (no such file, TOML error, an odd runtimeDir) returns None and the full,
+    validated path runs, which reports problems properly.
     """
     import tomllib
 
     from vmsilo.config.location import VM_NAME_RE, config_path
-    from vmsilo.supervisor.control import socket_live
 
+    path = config_path(config)
     try:
-        data = tomllib.loads(config_path(config).read_text())
+        text = path.read_bytes().decode("utf-8")
+        data = tomllib.loads(text)
     except (OSError, ValueError):
         return None
     runtime_dir = data.get("runtimeDir", "/run/vmsilo")
     vms = data.get("vms")
+    user = data.get("user")
     if (
         not isinstance(runtime_dir, str)
         or not runtime_dir.startswith("/")
@@ -144,19 +156,33 @@ def running_socket(config: str | None, name: str) -> str | None:
         or not VM_NAME_RE.match(name)
     ):
         return None
-    path = f"{runtime_dir.rstrip('/')}/{name}-command.socket"
-    return path if socket_live(path) else None
+    return QuickLook(
+        str(path), text, runtime_dir.rstrip("/"), user if isinstance(user, str) else None
+    )
 
 
 def _run(args: RunArgs, users: UserLookup | None, err: TextIO) -> int:
     from vmsilo.channel.client import run_session, terminal_size
     from vmsilo.channel.protocol import ChannelError, ExecRequest
+    from vmsilo.supervisor.control import ensure_supervisor, socket_live
 
     watch = None
-    socket_path = running_socket(args.config, args.vm) if users is None else None
+    socket_path: str | None = None
+    look = quick_look(args.config, args.vm) if users is None else None
+    if look is not None:
+        candidate = f"{look.runtime_dir}/{args.vm}-command.socket"
+        if socket_live(candidate):
+            socket_path = candidate
+        elif args.autostart and os.geteuid() == 0:
+            from vmsilo.plan.cache import load_plan
+
+            cached = load_plan(look.runtime_dir, look.text, look.user)
+            if cached is not None and args.vm in cached.vms:
+                socket_path = cached.vms[args.vm].paths.command_socket
+                watch = ensure_supervisor(look.path, cached.vms[args.vm], cached)
     if socket_path is None:
         from vmsilo.cli.common import load, select_vm
-        from vmsilo.supervisor.control import command_socket_live, ensure_supervisor
+        from vmsilo.supervisor.control import command_socket_live
 
         loaded = load(args.config, users)
         vm = select_vm(loaded.plan, args.vm)

@@ -67,20 +67,24 @@ def main(
             print(f"Console not found: {vm.paths.console}", file=stream)
             print(f"Is the VM running? Use: vm-start {vm.name}", file=stream)
             return EXIT_USAGE
-        print("Escape character is CTRL+]", file=sys.stdout, flush=True)
-        return attach_console(vm.paths.console)
+        return attach_console(vm.paths.console, banner=b"Escape character is CTRL+]\r\n")
 
     return run_tool("vm-shell", body, stream)
 
 
-def attach_console(path: str, stdin: int = 0, stdout: int = 1) -> int:
-    """Relay the terminal to the console socket until Ctrl-] or the VM goes away."""
+def attach_console(path: str, stdin: int = 0, stdout: int = 1, banner: bytes = b"") -> int:
+    """Relay the terminal to the console socket until Ctrl-] or the VM goes away.
+
+    Raw mode is set before the banner and without flushing (TCSANOW), so keys typed as soon
+    as the banner shows are delivered, not dropped.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
     saved = None
     if os.isatty(stdin):
         saved = termios.tcgetattr(stdin)
-        tty.setraw(stdin)
+        tty.setraw(stdin, termios.TCSANOW)
+    os.write(stdout, banner)
     try:
         while True:
             ready, _, _ = select.select([stdin, sock.fileno()], [], [])

@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmsilo.config.load import parse_config
 from vmsilo.config.users import UserLookup, system_users
-from vmsilo.plan.build import build_plan
 from vmsilo.plan.model import Plan, VmPlan
 from vmsilo.plan.serialize import vm_to_json
 
@@ -59,6 +57,9 @@ def read_snapshot(path: str) -> Snapshot | None:
 def plan_from_snapshot(
     snap: Snapshot, vm: str, users: UserLookup = system_users
 ) -> tuple[Plan, VmPlan]:
+    from vmsilo.config.load import parse_config  # the typed config: only when re-planning
+    from vmsilo.plan.build import build_plan
+
     plan = build_plan(parse_config(snap.config_text, users, source=snap.config_path), users)
     return plan, plan.vms[vm]
 
