@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -71,18 +72,26 @@ def main() -> int:
         )
         ok &= median_ms(procs) <= 300
 
-        vm.stop()
-        t = time.perf_counter()
-        p = vm.cmd("vm-run", "bench", "true")
-        cold = time.perf_counter() - t
-        assert p.returncode == 0, p.stderr
-        state = json.loads((vm.run_dir / "bench.state.json").read_text())
-        boot = state["ready_at"] - state["extra"]["vmm_started_at"]
-        print(
-            f"cold `vm-run bench true`: {cold:6.2f} s; VMM start to guest ready: {boot:6.2f} s;"
-            f" vmsilo's share: {cold - boot:+.2f} s (target <= +0.3 s)"
-        )
-        ok &= cold - boot <= 0.3
+        shares, parts = [], []
+        for _ in range(3):
+            vm.stop()
+            t0 = time.time()
+            p = vm.cmd("vm-run", "bench", "true")
+            t1 = time.time()
+            assert p.returncode == 0, p.stderr
+            st = json.loads((vm.run_dir / "bench.state.json").read_text())
+            vmm_at, ready_at = st["extra"]["vmm_started_at"], st["ready_at"]
+            shares.append((t1 - t0) - (ready_at - vmm_at))
+            parts.append((st["started_at"] - t0, vmm_at - st["started_at"], t1 - ready_at))
+            print(
+                f"cold `vm-run bench true`: {t1 - t0:5.2f} s, VMM start to guest ready"
+                f" {ready_at - vmm_at:5.2f} s; vmsilo's share {shares[-1]:+.3f} s = until the"
+                f" supervisor runs {parts[-1][0]:.3f} + until the VMM runs {parts[-1][1]:.3f}"
+                f" + after ready {parts[-1][2]:.3f}"
+            )
+        share = statistics.median(shares)
+        print(f"median share of a cold vm-run: {share:+.3f} s (target <= +0.3 s)")
+        ok &= share <= 0.3
     print("targets met" if ok else "TARGETS MISSED")
     return 0 if ok else 1
 
