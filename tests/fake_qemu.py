@@ -9,7 +9,9 @@ supervisor, relay, autostart and stop logic be tested in a second, with no VM; t
 prove the same paths against real QEMU.
 
 Environment: ``FAKE_QEMU_LOG`` — a file that gets one line per launch (to count starts);
-``FAKE_QEMU_FAIL`` — exit with this status right away (a VMM that crashes at start).
+``FAKE_QEMU_FAIL`` — exit with this status right away (a VMM that crashes at start);
+``FAKE_AGENT_VERSION`` — announce this protocol version instead of running the agent (an
+image built by another vmsilo).
 """
 
 from __future__ import annotations
@@ -71,6 +73,18 @@ async def main() -> int:
     console.sendall(b"fake-qemu: booting\r\n")
     powerdown = asyncio.Event()
     await qmp_server(devs["qmp"], powerdown)
+    if os.environ.get("FAKE_AGENT_VERSION"):
+        hello = {
+            "hello": "vmsilo-agent",
+            "version": int(os.environ["FAKE_AGENT_VERSION"]),
+            "transport": "channel",
+            "pid": 1,
+        }
+        ready = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ready.connect(devs["ready"])
+        ready.sendall(json.dumps(hello).encode() + b"\n")
+        await powerdown.wait()
+        return 0
     libc = ctypes.CDLL(None, use_errno=True)
     agent = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -166,3 +166,22 @@ def test_escape_sequences_filtered_only_on_a_terminal(fake: FakeInstall) -> None
         os.close(slave)
     assert b"\x1b" not in shown and b"\x07" not in shown
     assert shown.replace(b"\r\n", b"\n") == b"_]0;pwned_ok"
+
+
+def test_guest_agent_of_another_protocol_version(fake: FakeInstall) -> None:
+    env = fake.env(FAKE_AGENT_VERSION="99")
+    p = fake.cmd("vm-run", "fake", "true", env=env)
+    assert p.returncode == 255
+    assert b"rebuild the image" in p.stderr
+    assert b"99" in p.stderr
+
+
+def test_status_flags_a_config_changed_since_start(fake: FakeInstall) -> None:
+    assert fake.cmd("vmsilo", "start", "fake").returncode == 0
+    assert fake.status("fake")["config_changed"] is False
+    fake.config.write_text(fake.config.read_text().replace("memory = 64", "memory = 96"))
+    st = fake.status("fake")
+    assert st["config_changed"] is True and st["memory"] == 96  # the config's new value
+    # runtime actions still use what runs: stop finds the VM through its snapshot
+    assert fake.cmd("vmsilo", "stop", "fake").returncode == 0
+    assert fake.status("fake")["state"] == "stopped"
