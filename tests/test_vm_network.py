@@ -77,36 +77,8 @@ network.netvm = "host"
         assert p.returncode == 0, p.stdout + p.stderr
         # the host NATs the guest out of its own uplink: a second namespace stands for "the
         # internet" and has no route back to the guest's link
-        peer = f"{netns}-up"
-        subprocess.run(["ip", "netns", "add", peer], check=True)
+        peer = _internet(netns)
         try:
-            subprocess.run(
-                [
-                    "ip",
-                    "link",
-                    "add",
-                    "up0",
-                    "netns",
-                    netns,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "up1",
-                    "netns",
-                    peer,
-                ],
-                check=True,
-            )
-            in_ns("ip", "addr", "add", "10.99.0.2/24", "dev", "up0")
-            in_ns("ip", "link", "set", "up0", "up")
-            in_ns("ip", "route", "add", "default", "via", "10.99.0.1")
-            for argv in (
-                ["addr", "add", "10.99.0.1/24", "dev", "up1"],
-                ["link", "set", "up1", "up"],
-                ["link", "set", "lo", "up"],
-            ):
-                subprocess.run(["ip", "-n", peer, *argv], check=True)
             ping = ["busybox", "ping", "-c", "1", "-W", "5", "10.99.0.1"]
             p = in_ns(*vm_run, "--root", "netdemo", *ping, check=False)
             assert p.returncode == 0, p.stdout + p.stderr
