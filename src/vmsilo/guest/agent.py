@@ -42,6 +42,7 @@ import signal
 import socket
 import stat
 import sys
+import warnings
 from pathlib import Path
 
 from vmsilo.channel.mux import ChannelMux, Link, MuxSession, StreamLink
@@ -347,7 +348,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _use_pidfd_child_watcher() -> None:
+    """Reap children through pidfds instead of a waiter thread per child (Python 3.11's
+    default): one thread fewer to create for every command, which shows under emulation."""
+    watcher_cls = getattr(asyncio, "PidfdChildWatcher", None)
+    if watcher_cls is None or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        watcher = watcher_cls()
+        watcher.attach_loop(asyncio.get_running_loop())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            asyncio.get_event_loop_policy().set_child_watcher(watcher)
+    except (OSError, NotImplementedError, RuntimeError):
+        pass
+
+
 async def serve(args: argparse.Namespace) -> int:
+    _use_pidfd_child_watcher()
     uid, gid = args.user if args.user is not None else (os.getuid(), os.getgid())
     agent = Agent(uid, gid, args.auto_shutdown_after)
     agent.start()
