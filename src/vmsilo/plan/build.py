@@ -189,6 +189,8 @@ def _plan_vm(
         plan_snapshot=f"{R}/{name}.plan.json",
         state_file=f"{R}/{name}.state.json",
         lock=f"{R}/{name}.lock",
+        spawn_lock=f"{R}/{name}.spawn.lock",
+        supervisor_log=f"{R}/{name}.supervisor.log",
         ephemeral_disk=f"{S}/{name}-ephemeral.raw",
         console_log=f"{S}/{name}-console.log",
     )

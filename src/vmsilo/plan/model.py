@@ -149,6 +149,8 @@ class RuntimePaths:
     plan_snapshot: str
     state_file: str
     lock: str
+    spawn_lock: str
+    supervisor_log: str
     ephemeral_disk: str
     console_log: str
 

@@ -18,8 +18,6 @@ import contextlib
 import fcntl
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -35,10 +33,6 @@ from vmsilo.channel.protocol import (
 from vmsilo.errors import VMInUseError, VMNotRunningError, VmsiloError, VMStartError
 from vmsilo.plan.model import Plan, VmPlan
 from vmsilo.supervisor.state import is_locked, read_state, wait_unlocked
-
-
-def supervisor_log(vm: VmPlan) -> str:
-    return vm.paths.state_file.replace(".state.json", ".supervisor.log")
 
 
 def is_running(vm: VmPlan) -> bool:
@@ -99,25 +93,20 @@ def socket_live(path: str) -> bool:
     return True
 
 
-def spawn_supervisor(config_path: str, vm: VmPlan, plan: Plan | None = None) -> StartWatch:
-    """Start the supervisor detached; return once its command socket is bound.
+def spawn_supervisor(config_path: str, vm: VmPlan, plan: Plan) -> StartWatch:
+    """Fork the supervisor from this process (which already planned the config); return
+    once its command socket is bound."""
+    from vmsilo.supervisor.launch import fork_supervisor
 
-    With ``plan`` (the caller already planned this config) the supervisor is forked from this
-    process; otherwise ``vmsilo service vm`` is exec'd."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    if plan is not None:
-        from vmsilo.supervisor.launch import fork_supervisor
-
-        path = os.path.abspath(config_path)
-        with open(path) as f:
-            text = f.read()
-        try:
-            os.set_inheritable(write_fd, True)
-            fork_supervisor(path, text, plan, vm, write_fd, supervisor_log(vm))
-        finally:
-            os.close(write_fd)
-    else:
-        _exec_supervisor(config_path, vm, write_fd)
+    path = os.path.abspath(config_path)
+    with open(path) as f:
+        text = f.read()
+    try:
+        os.set_inheritable(write_fd, True)
+        fork_supervisor(path, text, plan, vm, write_fd, vm.paths.supervisor_log)
+    finally:
+        os.close(write_fd)
     pipe = os.fdopen(read_fd, "rb")
     for raw in pipe:
         line = raw.decode(errors="replace").strip()
@@ -129,39 +118,11 @@ def spawn_supervisor(config_path: str, vm: VmPlan, plan: Plan | None = None) -> 
     pipe.close()
     raise VMStartError(
         f"VM {vm.name}: the supervisor exited before it was ready",
-        f"see {supervisor_log(vm)}",
+        f"see {vm.paths.supervisor_log}",
     )
 
 
-def _exec_supervisor(config_path: str, vm: VmPlan, write_fd: int) -> None:
-    log = open(supervisor_log(vm), "ab")  # noqa: SIM115 - handed to the child
-    try:
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vmsilo.cli.vmsilo",
-                "-c",
-                os.path.abspath(config_path),
-                "service",
-                "vm",
-                vm.name,
-                "--notify-fd",
-                str(write_fd),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            pass_fds=(write_fd,),
-            start_new_session=True,
-            close_fds=True,
-        )
-    finally:
-        os.close(write_fd)
-        log.close()
-
-
-def ensure_supervisor(config_path: str, vm: VmPlan, plan: Plan | None = None) -> StartWatch | None:
+def ensure_supervisor(config_path: str, vm: VmPlan, plan: Plan) -> StartWatch | None:
     """Make sure a supervisor serves ``vm``'s command socket (spawning one if needed).
 
     Returns the :class:`StartWatch` when this call spawned it."""
@@ -172,7 +133,7 @@ def ensure_supervisor(config_path: str, vm: VmPlan, plan: Plan | None = None) ->
             f"VM {vm.name} is not running and only root can start it here",
             f"run `sudo vm-start {vm.name}`, or install the systemd units with `vmsilo install`",
         )
-    with _flock(vm.paths.lock.replace(".lock", ".spawn.lock")):
+    with _flock(vm.paths.spawn_lock):
         if command_socket_live(vm):
             return None
         if is_running(vm):
@@ -270,6 +231,6 @@ def stop_vm(plan: Plan, vm: VmPlan, force: bool = False) -> bool:
     if not _wait_unlocked_for(vm.paths.lock, vm.stop_timeout + 15):
         raise VmsiloError(
             f"VM {vm.name} did not stop within {vm.stop_timeout + 15} s",
-            f"see {supervisor_log(vm)}",
+            f"see {vm.paths.supervisor_log}",
         )
     return True
