@@ -81,7 +81,7 @@ def _load(args: argparse.Namespace, users: UserLookup | None) -> Loaded:
     return load(args.config, users)
 
 
-def _running_plan(loaded: Loaded, name: str, users: UserLookup | None) -> tuple[Plan, VmPlan]:
+def running_plan(loaded: Loaded, name: str, users: UserLookup | None) -> tuple[Plan, VmPlan]:
     """The plan a running VM was started with (its snapshot), else the current one."""
     from vmsilo.supervisor.snapshot import plan_from_snapshot, read_snapshot
     from vmsilo.supervisor.state import is_locked
@@ -126,7 +126,7 @@ def cmd_stop(
     from vmsilo.supervisor.control import stop_vm
 
     loaded = _load(args, users)
-    plan, vm = _running_plan(loaded, args.vm, users)
+    plan, vm = running_plan(loaded, args.vm, users)
     if systemd_control.units_installed(vm, loaded.path):
         stopped = systemd_control.stop_vm(plan, vm, force=args.force)
     else:
@@ -270,7 +270,7 @@ def cmd_service_cleanup(
     from vmsilo.supervisor.state import is_locked, now, read_state, write_state
 
     loaded = _load(args, users)
-    plan, vm = _running_plan(loaded, args.vm, users)
+    plan, vm = running_plan(loaded, args.vm, users)
     if is_locked(vm.paths.lock):
         print(f"{vm.name}: supervisor still running; nothing to clean", file=out)
         return 0

@@ -21,13 +21,13 @@ def main(
         return EXIT_USAGE
 
     def body() -> int:
-        from vmsilo.cli.verbs import _running_plan
+        from vmsilo.cli.verbs import running_plan
         from vmsilo.supervisor.control import stop_vm
 
         loaded = load_for_tool(config, users)
         if resolve(loaded, rest[0], stream) is None:
             return EXIT_USAGE
-        plan, vm = _running_plan(loaded, rest[0], users)
+        plan, vm = running_plan(loaded, rest[0], users)
         from vmsilo.supervisor import systemd_control
 
         if systemd_control.units_installed(vm, loaded.path):
