@@ -20,6 +20,7 @@ import pytest
 from fleet import plan_of
 from vmsilo.errors import VmsiloError
 from vmsilo.host import virtiofsd
+from vmsilo.host.sockets import bind_listening
 from vmsilo.host.virtiofsd import VirtiofsdBinary
 from vmsilo.plan.model import Plan, SharePlan, VmPlan
 from vmsilo.supervisor import sidecars as sidecars_mod
@@ -379,4 +380,4 @@ def test_no_shares_no_lookup() -> None:
 
 def test_socket_path_too_long(short_dir: Path) -> None:
     with pytest.raises(VmsiloError, match="longer than 107 bytes"):
-        sidecars_mod.bind_listening(str(short_dir / ("x" * 120)))
+        bind_listening(str(short_dir / ("x" * 120)))

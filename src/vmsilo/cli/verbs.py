@@ -266,7 +266,7 @@ def cmd_service_vm(
 def cmd_service_cleanup(
     args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
 ) -> int:
-    from vmsilo.supervisor.service import cleanup_vm
+    from vmsilo.supervisor.cleanup import cleanup_vm
     from vmsilo.supervisor.state import is_locked, now, read_state, write_state
 
     loaded = _load(args, users)

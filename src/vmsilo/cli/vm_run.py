@@ -7,15 +7,20 @@ signal N); every failure of vm-run itself exits 255 with a message.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
-from vmsilo.cli.escapes import EscapeFilter
-from vmsilo.config.users import UserLookup
 from vmsilo.errors import UsageError, VmsiloError
+
+if TYPE_CHECKING:
+    from vmsilo.config.users import UserLookup
+
+# Imports are deliberately late in this module: on a cold start vm-run forks the VM's
+# supervisor, whose path to the VMM is vmsilo's share of the start-up; asyncio and the client
+# library load in vm-run after the fork, on the other CPU, while the supervisor works.
 
 EXIT_FAILURE = 255
 USAGE = """usage: vm-run [-t] [--detach] [--user NAME | --root] [--env K=V]... [--cwd DIR]
@@ -162,8 +167,6 @@ def quick_look(config: str | None, name: str) -> QuickLook | None:
 
 
 def _run(args: RunArgs, users: UserLookup | None, err: TextIO) -> int:
-    from vmsilo.channel.client import run_session, terminal_size
-    from vmsilo.channel.protocol import ChannelError, ExecRequest
     from vmsilo.supervisor.control import ensure_supervisor, socket_live
 
     watch = None
@@ -192,6 +195,11 @@ def _run(args: RunArgs, users: UserLookup | None, err: TextIO) -> int:
                 raise VmsiloError(f"VM {vm.name} is not running", f"start it: vm-start {vm.name}")
             watch = ensure_supervisor(str(loaded.path), vm, loaded.plan)
 
+    import asyncio
+
+    from vmsilo.channel.client import run_session, terminal_size
+    from vmsilo.channel.protocol import ChannelError, ExecRequest
+
     tty_fd = None
     rows = cols = 0
     term = None
@@ -214,6 +222,8 @@ def _run(args: RunArgs, users: UserLookup | None, err: TextIO) -> int:
     )
     out_filter = None
     if not args.tty and (os.isatty(1) or os.isatty(2)):
+        from vmsilo.cli.escapes import EscapeFilter
+
         out_filter = EscapeFilter()
 
     async def go() -> int:
@@ -247,5 +257,19 @@ def _run(args: RunArgs, users: UserLookup | None, err: TextIO) -> int:
             watch.close()
 
 
+def entry() -> NoReturn:
+    """The ``vm-run`` command: :func:`main`, then exit without tearing the interpreter down.
+
+    vm-run's own output goes straight to file descriptors and everything it opened is closed
+    by then, so the finalisation (module teardown, garbage collection) would only add to the
+    latency of every call; the standard streams are flushed first.
+    """
+    status = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

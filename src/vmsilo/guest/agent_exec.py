@@ -128,6 +128,27 @@ def build_env(ident: Identity, request: ExecRequest) -> dict[bytes, bytes]:
     return env
 
 
+def credential_changes(ident: Identity) -> dict[str, Any]:
+    """The ``subprocess`` arguments that give a program ``ident``'s credentials.
+
+    Python starts a program with ``vfork`` only when it changes no credentials, and a full
+    ``fork`` of the agent costs several times more (page tables copied, every page the agent
+    writes afterwards faulted in again), which shows under emulation. So when the agent (root)
+    runs a root program it first takes root's supplementary groups itself, once, and then
+    passes nothing; other users get the full change.
+    """
+    if os.geteuid() != 0:
+        return {}  # tests on the host: no switching
+    groups = list(ident.groups)
+    if ident.uid == 0 and ident.gid == os.getgid():
+        if sorted(os.getgroups()) != sorted(set(groups)):
+            os.setgroups(groups)
+        return {}
+    if ident.uid == 0:
+        return {"group": ident.gid, "extra_groups": groups}
+    return {"user": ident.uid, "group": ident.gid, "extra_groups": groups}
+
+
 def _set_controlling_tty() -> None:
     """preexec_fn for pty sessions: runs after setsid(); make stdin (the slave) our ctty."""
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
@@ -227,11 +248,7 @@ class ExecSession:
         if cwd is None:
             cwd = os.fsencode(ident.home) if os.path.isdir(ident.home) else b"/"
         argv = req.argv_bytes()
-        kwargs: dict[str, Any] = {}
-        if os.geteuid() == 0 and ident.uid != 0:
-            kwargs.update(user=ident.uid, group=ident.gid, extra_groups=list(ident.groups))
-        elif os.geteuid() == 0 and ident.uid == 0:
-            kwargs.update(group=0, extra_groups=list(ident.groups))
+        kwargs = credential_changes(ident)
         child_fds: list[int] = []
         parent: list[int] = []
         try:

@@ -13,7 +13,6 @@ does not manage the VMs. Concurrency is settled by locks, never by sleeping and 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import os
@@ -22,14 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from vmsilo.channel.mux import StreamLink
-from vmsilo.channel.protocol import (
-    FrameType,
-    ProtocolError,
-    decode_error,
-    decode_json,
-    encode_json,
-)
 from vmsilo.errors import VMInUseError, VMNotRunningError, VmsiloError, VMStartError
 from vmsilo.plan.model import Plan, VmPlan
 from vmsilo.supervisor.state import is_locked, read_state, wait_unlocked
@@ -144,6 +135,18 @@ def ensure_supervisor(config_path: str, vm: VmPlan, plan: Plan) -> StartWatch | 
 
 async def wait_ready_async(vm: VmPlan) -> None:
     """Ask the supervisor to answer once the guest is ready (or tell us why it failed)."""
+    # imported here: vm-run's autostart path through this module must stay light
+    import asyncio
+
+    from vmsilo.channel.mux import StreamLink
+    from vmsilo.channel.protocol import (
+        FrameType,
+        ProtocolError,
+        decode_error,
+        decode_json,
+        encode_json,
+    )
+
     try:
         reader, writer = await asyncio.open_unix_connection(vm.paths.command_socket)
     except OSError as e:
@@ -171,6 +174,8 @@ def start_vm(config_path: str, plan: Plan, vm: VmPlan, wait: bool = True) -> Non
     watch = ensure_supervisor(config_path, vm, plan)
     try:
         if wait:
+            import asyncio
+
             try:
                 asyncio.run(wait_ready_async(vm))
             except (VMNotRunningError, VMStartError):

@@ -10,7 +10,7 @@ pipes reach EOF when the caller exits.
 
 from __future__ import annotations
 
-import asyncio
+import io
 import os
 import sys
 import traceback
@@ -29,13 +29,19 @@ def supervise(
     console: bool = False,
     embedded: bool = True,
 ) -> int:
-    """Run ``vm``'s supervisor to the end; its exit status."""
-    from vmsilo.supervisor.control import start_vm
-    from vmsilo.supervisor.service import ServiceOptions, Supervisor, cleanup_vm
+    """Run ``vm``'s supervisor to the end; its exit status.
+
+    The launch up to the VMM runs first, synchronously; asyncio and the rest of the supervisor
+    are imported only then, while the guest boots (see :mod:`vmsilo.supervisor.prelaunch`).
+    """
+    from vmsilo.supervisor.cleanup import cleanup_vm
+    from vmsilo.supervisor.prelaunch import Prelaunch, ServiceOptions
     from vmsilo.supervisor.state import is_locked
 
-    async def start_netvm(name: str) -> None:
-        await asyncio.to_thread(start_vm, config_path, plan, plan.vms[name], True)
+    def start_netvm(name: str) -> None:
+        from vmsilo.supervisor.control import start_vm
+
+        start_vm(config_path, plan, plan.vms[name], True)
 
     if not is_locked(vm.paths.lock):
         cleanup_vm(plan, vm, remove_command_socket=listen_fd is None)  # leftovers of a crash
@@ -47,7 +53,14 @@ def supervise(
         console_on_tty=console,
         start_netvm=start_netvm if embedded else None,
     )
-    return asyncio.run(Supervisor(plan, vm, options).run())
+    launch = Prelaunch(plan, vm, options)
+    launch.run()
+
+    import asyncio
+
+    from vmsilo.supervisor.service import Supervisor
+
+    return asyncio.run(Supervisor(launch).run())
 
 
 def fork_supervisor(
@@ -62,6 +75,8 @@ def fork_supervisor(
         os.setsid()
         if os.fork() != 0:
             os._exit(0)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
         log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
@@ -70,8 +85,12 @@ def fork_supervisor(
         top = max(write_fd + 1, os.sysconf("SC_OPEN_MAX"))
         os.closerange(3, write_fd)  # keep 0-2 and the milestone pipe, nothing else
         os.closerange(write_fd + 1, top)
-        sys.stdout = os.fdopen(1, "w", buffering=1)
-        sys.stderr = os.fdopen(2, "w", buffering=1)
+        # The same stream objects, now on the log, a line at a time. (Replacing them would let
+        # the garbage collector close fd 1 and 2 behind the new ones' backs when a supervisor
+        # forks another one, e.g. for its netvm.)
+        for stream in (sys.stdout, sys.stderr):
+            if isinstance(stream, io.TextIOWrapper):
+                stream.reconfigure(line_buffering=True)
         status = supervise(config_path, config_text, plan, vm, spawner_fd=write_fd)
         os._exit(status)
     except BaseException:

@@ -1,12 +1,14 @@
 """The per-VM supervisor (``vmsilo service vm VM``): one process owns one running VM.
 
-It does, in order and under the VM's lock: bind the command socket (or take it from systemd),
-run the preflight checks, start the netvm, create taps, a fresh ephemeral disk and the shared
-home, bind every socket the VMM connects to, start the VMM as its child, wait for the guest's
-``hello`` on ``org.vmsilo.ready`` (READY=1 for systemd), relay every ``vm-run`` connection to
-the guest agent, and on SIGTERM stop the guest with the power button, then the VMM after
-``stopTimeout``. Whatever way it ends — guest poweroff, stop, VMM crash, start failure — the
-same cleanup runs and the exit reason is kept in the state file for ``vmsilo status``.
+Under the VM's lock, :mod:`vmsilo.supervisor.prelaunch` first does everything up to a running
+VMM without an event loop (command socket, preflight, netvm, the VMM's sockets, taps, shared
+home, ephemeral disk, the VMM). :class:`Supervisor` then takes the bound sockets over, starts
+the shares' virtiofsd daemons (the VMM is already waiting on their sockets), waits for the
+guest's ``hello`` on ``org.vmsilo.ready`` (READY=1 for systemd), relays every ``vm-run``
+connection to the guest agent, and on SIGTERM stops the guest with the power button, then the
+VMM after ``stopTimeout``. Whatever way it ends — guest poweroff, stop, VMM crash, start
+failure — the same cleanup runs and the exit reason is kept in the state file for
+``vmsilo status``.
 
 Everything is event-driven: sockets, child exit and signals wake the loop; nothing polls.
 """
@@ -17,12 +19,9 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import socket
 import sys
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
+import traceback
+from collections.abc import Awaitable
 from typing import Any
 
 from vmsilo.channel.mux import ChannelMux, StreamLink
@@ -32,87 +31,37 @@ from vmsilo.channel.protocol import (
     FrameType,
     ProtocolError,
     ReadyHello,
+    encode_frame,
     encode_json,
     parse_ready,
 )
 from vmsilo.channel.relay import relay_opened, relay_vsock_opened
 from vmsilo.errors import VmsiloError
-from vmsilo.host.disks import create_ephemeral_disk, remove_file
-from vmsilo.host.nat import setup_host_nat, teardown_host_nat
-from vmsilo.host.network import setup_interfaces, teardown_interfaces
-from vmsilo.host.preflight import preflight
-from vmsilo.plan.model import Plan, VmPlan
+from vmsilo.plan.model import VmPlan
+from vmsilo.supervisor.cleanup import cleanup_vm
 from vmsilo.supervisor.console import ConsoleLog, ConsoleRelay
-from vmsilo.supervisor.notify import SpawnerPipe, sd_notify
+from vmsilo.supervisor.notify import sd_notify
+from vmsilo.supervisor.prelaunch import STOP_SIGNALS, Prelaunch
 from vmsilo.supervisor.sidecars import Sidecars
-from vmsilo.supervisor.snapshot import write_snapshot
-from vmsilo.supervisor.state import VmLock, VmState, is_locked, now, read_state, write_state
-from vmsilo.supervisor.vmm import CrosvmVmm, QemuVmm, Vmm, VmmExit
+from vmsilo.supervisor.state import now
+from vmsilo.supervisor.vmm import Vmm, VmmExit, wait_process
 
 CONTROL_WAIT_READY = "wait-ready"
 
 
-@dataclass
-class ServiceOptions:
-    config_path: str
-    config_text: str
-    listen_fd: int | None = None  # the command socket, from systemd (LISTEN_FDS)
-    spawner_fd: int | None = None  # milestone pipe of an embedded spawner
-    console_on_tty: bool = False  # vm-start-debug: console on our terminal
-    start_netvm: Callable[[str], Awaitable[None]] | None = None
-
-
-def runtime_sockets(vm: VmPlan) -> list[str]:
-    p = vm.paths
-    return [
-        p.console,
-        p.console_backend,
-        p.ready_socket,
-        p.channel_socket,
-        p.crosvm_control,
-        p.qmp,
-        p.sound_socket,
-        *(s.socket for s in vm.shares),
-    ]
-
-
-def peer_bridges_in_use(plan: Plan, vm: VmPlan) -> list[str]:
-    """Link bridges this VM shares with a peer that is still running (keep those)."""
-    keep = []
-    for i in vm.interfaces:
-        if i.bridge is None or i.injected_for is None or i.injected_for == "host":
-            continue
-        peer = plan.vms.get(i.injected_for)
-        if peer is not None and is_locked(peer.paths.lock):
-            keep.append(i.bridge)
-    return keep
-
-
-def cleanup_vm(plan: Plan, vm: VmPlan, *, remove_command_socket: bool) -> list[str]:
-    """Undo everything a launch created; safe to run twice and after any kind of exit.
-
-    Returns the problems met (cleanup carries on past each one)."""
-    problems: list[str] = []
-    remove_file(vm.paths.ephemeral_disk)
-    for path in runtime_sockets(vm) + ([vm.paths.command_socket] if remove_command_socket else []):
-        remove_file(path)
-    remove_file(vm.paths.plan_snapshot)
-    try:
-        teardown_interfaces(vm, keep_bridges=peer_bridges_in_use(plan, vm))
-        teardown_host_nat(vm)
-    except Exception as e:  # cleanup must go on; report what failed
-        problems.append(f"network teardown: {e}")
-    return problems
-
-
 class Supervisor:
-    def __init__(self, plan: Plan, vm: VmPlan, options: ServiceOptions) -> None:
-        self.plan = plan
-        self.vm = vm
-        self.opts = options
-        self.lock = VmLock(vm.paths.lock)
-        self.spawner = SpawnerPipe(options.spawner_fd)
-        self.state = VmState(state="starting", supervisor_pid=os.getpid(), hypervisor=vm.hypervisor)
+    """Runs a launched VM (see :class:`Prelaunch`) to its end, then cleans up after it."""
+
+    def __init__(self, launch: Prelaunch) -> None:
+        self.launch = launch
+        self.plan = launch.plan
+        self.vm = launch.vm
+        self.opts = launch.opts
+        self.lock = launch.lock
+        self.spawner = launch.spawner
+        self.state = launch.state
+        self.set_state = launch.set_state
+        self.owns_command_socket = launch.owns_command_socket
         self.ready = asyncio.Event()  # the guest agent said hello: sessions may flow
         self.operational = asyncio.Event()  # and the start is complete (netvm routing too)
         self.finished = asyncio.Event()
@@ -122,25 +71,17 @@ class Supervisor:
         self.stop_requested = asyncio.Event()
         self.hello: ReadyHello | None = None
         self.mux: ChannelMux | None = None
-        self.vmm: Vmm | None = None
         self.servers: list[asyncio.Server] = []
         self.tasks: set[asyncio.Task[Any]] = set()
         self.clients: set[asyncio.Task[Any]] = set()
         #: clients still waiting for readiness: on a failed start each gets the reason first
         self.waiting_clients: set[asyncio.Task[Any]] = set()
-        self.console = ConsoleRelay(ConsoleLog(vm.paths.console_log))
-        self.owns_command_socket = options.listen_fd is None
-        self.binary = ""
+        self.console = ConsoleRelay(ConsoleLog(self.vm.paths.console_log))
         self.sidecars = Sidecars()
 
-    # ------------------------------------------------------------------ state
-
-    def set_state(self, state: str, **changes: Any) -> None:
-        self.state.state = state  # type: ignore[assignment]
-        for key, value in changes.items():
-            setattr(self.state, key, value)
-        write_state(self.vm.paths.state_file, self.state)
-        sd_notify(f"STATUS={state}")
+    @property
+    def vmm(self) -> Vmm | None:
+        return self.launch.vmm
 
     def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -151,78 +92,104 @@ class Supervisor:
     # ------------------------------------------------------------------ main
 
     async def run(self) -> int:
-        self.lock.acquire(self.vm.name)
-        previous = read_state(self.vm.paths.state_file)
-        if previous is not None:
-            self.state.last_exit = previous.last_exit
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self.stop_requested.set)
+        if self.launch.stop_requested:  # signalled before the loop ran
+            self.stop_requested.set()
         exit_info: VmmExit | None = None
         try:
-            self.set_state("starting", started_at=now(), ready_at=None, vmm_pid=None, detail=None)
-            snap = write_snapshot(
-                self.vm.paths.plan_snapshot, self.opts.config_path, self.opts.config_text, self.vm
-            )
-            self.state.config_hash = snap.config_hash
-            self.binary = preflight(self.plan, self.vm)
-            await self._serve_command_socket()
-            self.spawner.send("bound")
-            exit_info = await self._launch_and_wait()
+            if self.launch.failure is not None:
+                self.failure = self.launch.failure
+                self._refuse_queued_clients()
+                self.launch.close_unserved()
+            else:
+                exit_info = await self._run_launched()
         except VmsiloError as e:
             self.failure = str(e)
         except Exception as e:  # an unexpected bug: still clean up and report it
             self.failure = f"internal error: {type(e).__name__}: {e}"
             print(f"vmsilo supervisor: {self.failure}", file=sys.stderr)
+            traceback.print_exc()
         finally:
             await self._shutdown(exit_info)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
             self.lock.release()
         return 0 if self.failure is None else 1
 
-    async def _launch_and_wait(self) -> VmmExit | None:
-        vm = self.vm
+    async def _run_launched(self) -> VmmExit | None:
+        vm, launch = self.vm, self.launch
+        await self._take_over_sockets()
         if vm.netvm not in (None, "host"):
-            if self.opts.start_netvm is not None:
-                await self.opts.start_netvm(str(vm.netvm))
             netvm = self.plan.vms.get(str(vm.netvm))
             if netvm is not None:
                 self.spawn(self._hold_netvm(netvm))
-        await self._listen(vm.paths.console_backend, self.console.on_backend)
-        await self._listen(vm.paths.ready_socket, self._on_ready_port)
-        await self._listen(vm.paths.channel_socket, self._on_channel_port)
-        await self._listen(vm.paths.console, self.console.on_attach, mode=0o600, owner=True)
         if self.opts.console_on_tty:
             self.console.tty_out = sys.stdout.fileno()
             self.spawn(self._pump_tty_input())
-        # pyroute2's synchronous API runs its own event loop: keep it off ours
-        await asyncio.to_thread(setup_interfaces, vm)
-        await asyncio.to_thread(setup_host_nat, self.plan, vm)
-        await asyncio.to_thread(self._attach_peer_taps)
-        self._prepare_home()
-        await self.sidecars.start(self.plan, vm)
+        if launch.vmm is None:  # stopped before the VMM started
+            return None
+        # the VMM is already waiting on the shares' sockets
+        await self.sidecars.start(self.plan, vm, launch.share_sockets)
         while True:
-            exit_info = await self._boot_once(self.binary)
+            exit_info = await self._boot()
             if exit_info is None or not exit_info.restart or self.stop_requested.is_set():
                 return exit_info
             # crosvm reset: a fresh ephemeral disk, then boot again
             self.ready.clear()
             self.hello = None
             self.set_state("starting", last_exit=_exit_dict(exit_info), ready_at=None)
+            launch.start_vmm()
 
-    async def _boot_once(self, binary: str) -> VmmExit | None:
-        vm = self.vm
-        if vm.root_overlay == "raw":
-            create_ephemeral_disk(vm.paths.ephemeral_disk, vm.root_overlay_size)
-        for path in (vm.paths.qmp, vm.paths.crosvm_control):
-            remove_file(path)
-        argv = self._argv(binary)
-        self.vmm = (QemuVmm if vm.hypervisor == "qemu" else CrosvmVmm)(self.plan, vm, argv)
-        pid = await self.vmm.start()
-        self.state.extra["vmm_started_at"] = now()
-        self.set_state("starting", vmm_pid=pid)
-        vmm_exit = self.spawn(self.vmm.wait())
+    async def _take_over_sockets(self) -> None:
+        """Serve the sockets the prelaunch bound (connections queued on them meanwhile wait)."""
+        launch, p = self.launch, self.vm.paths
+        handlers = {
+            p.console_backend: self.console.on_backend,
+            p.ready_socket: self._on_ready_port,
+            p.channel_socket: self._on_channel_port,
+            p.console: self.console.on_attach,
+        }
+        assert launch.command_sock is not None
+        self.servers.append(
+            await asyncio.start_unix_server(self._on_client, sock=launch.command_sock)
+        )
+        for path, sock in launch.listeners.items():
+            self.servers.append(
+                await asyncio.start_unix_server(handlers[path], sock=sock, limit=1 << 20)
+            )
+        launch.listeners.clear()
+
+    def _refuse_queued_clients(self) -> None:
+        """Answer the connections queued on a command socket whose launch failed before the
+        loop ran: each gets the reason (as the clients served later do)."""
+        sock = self.launch.command_sock
+        if sock is None:
+            return
+        error = encode_frame(
+            FrameType.ERROR,
+            0,  # a command-socket connection is one session
+            encode_json({"code": "start", "message": self.failure, "version": PROTOCOL_VERSION}),
+        )
+        sock.setblocking(False)
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:  # none queued any more
+                break
+            with conn:
+                conn.settimeout(1)
+                with contextlib.suppress(OSError):
+                    conn.sendall(error)
+        if self.owns_command_socket:
+            sock.close()
+
+    async def _boot(self) -> VmmExit | None:
+        """Wait for the launched VMM's guest to say hello, then until the VM ends."""
+        vm, vmm = self.vm, self.launch.vmm
+        assert vmm is not None
+        vmm_exit = self.spawn(vmm.wait())
         ready = self.spawn(self.ready.wait())
         stop = self.spawn(self.stop_requested.wait())
         await asyncio.wait(
@@ -258,20 +225,6 @@ class Supervisor:
             return vmm_exit.result()  # type: ignore[no-any-return]
         return await self._stop_vmm(vmm_exit, graceful=True)
 
-    def _argv(self, binary: str) -> list[str]:
-        vm, plan = self.vm, self.plan
-        if vm.hypervisor == "qemu":
-            from vmsilo.backends.accel import resolve_accel
-            from vmsilo.backends.qemu import qemu_argv, vsock_available
-
-            argv = qemu_argv(plan, vm, resolve_accel(plan, vm), vsock=vsock_available())
-        else:
-            from vmsilo.backends.crosvm import crosvm_argv
-
-            argv = crosvm_argv(plan, vm)
-        argv[0] = binary
-        return argv
-
     async def _stop_vmm(self, vmm_exit: asyncio.Task[Any], graceful: bool) -> VmmExit:
         """Power button, then wait ``stopTimeout``, then kill (SPEC §4 "Stop")."""
         assert self.vmm is not None
@@ -301,7 +254,7 @@ class Supervisor:
             self.vmm.kill()
             if self.vmm.proc is not None:
                 with contextlib.suppress(Exception):
-                    await self.vmm.proc.wait()
+                    await wait_process(self.vmm.proc)
         if self.failure is None and exit_info is not None and not exit_info.clean:
             self.failure = exit_info.reason
         await self._fail_waiting_clients()
@@ -338,29 +291,6 @@ class Supervisor:
         self.finished.set()
 
     # ------------------------------------------------------------------ sockets
-
-    async def _listen(
-        self,
-        path: str,
-        handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-        mode: int = 0o600,
-        owner: bool = False,
-    ) -> None:
-        remove_file(path)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        server = await asyncio.start_unix_server(handler, path=path, limit=1 << 20)
-        os.chmod(path, mode)
-        if owner:
-            os.chown(path, self.plan.user.uid, self.plan.user.gid)
-        self.servers.append(server)
-
-    async def _serve_command_socket(self) -> None:
-        if self.opts.listen_fd is not None:
-            sock = socket.socket(fileno=self.opts.listen_fd)
-            server = await asyncio.start_unix_server(self._on_client, sock=sock)
-            self.servers.append(server)
-            return
-        await self._listen(self.vm.paths.command_socket, self._on_client, owner=True)
 
     async def _on_ready_port(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -477,20 +407,6 @@ class Supervisor:
 
     # ------------------------------------------------------------------ host bits
 
-    def _attach_peer_taps(self) -> None:
-        """Re-join a running peer's tap to a link bridge we just (re)created."""
-        from vmsilo.host.network import attach_to_bridge
-
-        for i in self.vm.interfaces:
-            if i.bridge is None or i.injected_for in (None, "host"):
-                continue
-            peer = self.plan.vms.get(str(i.injected_for))
-            if peer is None:
-                continue
-            for pi in peer.interfaces:
-                if pi.bridge == i.bridge and pi.injected_for == self.vm.name:
-                    attach_to_bridge(pi.tap, i.bridge)
-
     async def _configure_netvm(self) -> None:
         """Turn on routing in a netvm guest (vmsilo.guest.netvm) before we call it ready.
 
@@ -542,15 +458,6 @@ class Supervisor:
                 stderr=None,
                 forward_signals=False,
             )
-
-    def _prepare_home(self) -> None:
-        for share in self.vm.shares:
-            if share.tag != "home":
-                continue
-            home = Path(share.host_path)
-            if not home.exists():
-                home.mkdir(parents=True, mode=0o700)
-                os.chown(home, self.plan.user.uid, self.plan.user.gid)
 
     async def _pump_tty_input(self) -> None:
         loop = asyncio.get_running_loop()

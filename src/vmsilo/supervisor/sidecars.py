@@ -26,11 +26,12 @@ import contextlib
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from vmsilo.errors import VmsiloError
 from vmsilo.host import virtiofsd
+from vmsilo.host.sockets import bind_listening
 from vmsilo.host.virtiofsd import VirtiofsdBinary
 from vmsilo.plan.model import Plan, SharePlan, VmPlan
 from vmsilo.runcmd import describe_status
@@ -39,40 +40,24 @@ from vmsilo.runcmd import describe_status
 #: announcement (a future virtiofsd that logs differently must not block VMs for ever; the
 #: socket is listening either way, so going on is safe).
 ANNOUNCE_TIMEOUT = 10.0
-#: Unix socket paths are limited to 108 bytes including the terminating NUL.
-MAX_SOCKET_PATH = 107
 STOP_TIMEOUT = 5.0
-
-
-def bind_listening(path: str) -> socket.socket:
-    """A blocking, listening Unix stream socket at ``path`` (stale file replaced), mode 0600."""
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise VmsiloError(
-            f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes",
-            "use a shorter runtimeDir",
-        )
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        os.chmod(path, 0o600)
-        sock.listen(16)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class ShareDaemon:
     """One share's virtiofsd: its listening socket, the current process and its stderr."""
 
-    def __init__(self, vm: str, share: SharePlan, binary: VirtiofsdBinary) -> None:
+    def __init__(
+        self,
+        vm: str,
+        share: SharePlan,
+        binary: VirtiofsdBinary,
+        sock: socket.socket | None = None,
+    ) -> None:
         self.vm = vm
         self.share = share
         self.binary = binary
-        self.sock: socket.socket | None = None
+        #: the listening socket: bound by the supervisor before the VMM started, or by start()
+        self.sock = sock
         self.proc: asyncio.subprocess.Process | None = None
         self.announced: asyncio.Event = asyncio.Event()
         self.drained: asyncio.Event = asyncio.Event()  # the current daemon's stderr hit EOF
@@ -92,7 +77,8 @@ class ShareDaemon:
         return virtiofsd.launch_argv(self.binary, self.share, self.sock.fileno())
 
     async def start(self) -> None:
-        self.sock = bind_listening(self.share.socket)
+        if self.sock is None:
+            self.sock = bind_listening(self.share.socket)
         await self._spawn()
         self.watcher = asyncio.ensure_future(self._watch())
 
@@ -228,8 +214,14 @@ class Sidecars:
     def procs(self) -> list[asyncio.subprocess.Process]:
         return [d.proc for d in self.daemons if d.proc is not None]
 
-    async def start(self, plan: Plan, vm: VmPlan) -> None:
-        """Bind every share's socket, start its virtiofsd and wait until each one serves."""
+    async def start(
+        self, plan: Plan, vm: VmPlan, sockets: Mapping[str, socket.socket] | None = None
+    ) -> None:
+        """Start every share's virtiofsd and wait until each one serves.
+
+        ``sockets``: the shares' listening sockets by tag, already bound (the supervisor binds
+        them before the VMM starts, so the VMM may already be waiting on them); a share
+        missing there gets its socket bound here."""
         if not vm.shares:
             return
         for share in vm.shares:
@@ -246,7 +238,7 @@ class Sidecars:
                 )
         binary = await asyncio.to_thread(self.locate)
         for share in vm.shares:
-            daemon = ShareDaemon(vm.name, share, binary)
+            daemon = ShareDaemon(vm.name, share, binary, (sockets or {}).get(share.tag))
             self.daemons.append(daemon)
             await daemon.start()
         # all daemons are already starting in parallel; waiting in order keeps errors stable

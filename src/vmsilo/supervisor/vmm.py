@@ -2,14 +2,20 @@
 
 Two implementations behind one interface: QEMU (QMP ``system_powerdown``) and crosvm (control
 socket ``powerbtn``, and its distinct exit codes for reset, crash, guest panic and watchdog).
+
+The VMM is started synchronously, before the supervisor's event loop exists (see
+:mod:`vmsilo.supervisor.prelaunch`); the loop later waits for it through a pidfd. That is why
+asyncio is imported inside the coroutines here and not at the top: starting a VMM must not
+pay for loading it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
+import os
 import signal
+import subprocess
 from dataclasses import dataclass
 
 from vmsilo.plan.model import Plan, VmPlan
@@ -33,6 +39,36 @@ class VmmExit:
     restart: bool = False  # crosvm reset: boot again with a fresh ephemeral disk
 
 
+async def wait_process(proc: subprocess.Popen[bytes]) -> int:
+    """Wait on the running loop for a child started with ``subprocess.Popen``; its status.
+
+    The kernel signals the child's exit on a pidfd, which the loop watches like any other
+    descriptor: no thread, no polling. Safe to call from several tasks at once.
+    """
+    import asyncio
+
+    if proc.poll() is not None:
+        return proc.returncode
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:  # reaped in between by another waiter
+        return proc.wait()
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, on_exit)
+    try:
+        await exited
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    return proc.wait()
+
+
 class Vmm:
     """A running VMM child; subclasses know how to ask it to power off."""
 
@@ -42,20 +78,16 @@ class Vmm:
         self.plan = plan
         self.vm = vm
         self.argv = argv
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
-    async def start(self) -> int:
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    def start(self) -> int:
+        """Start the VMM in its own session (no shell, stdin on /dev/null); its pid."""
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, start_new_session=True)
         return self.proc.pid
 
     async def wait(self) -> VmmExit:
         assert self.proc is not None
-        code = await self.proc.wait()
-        return self.classify(code)
+        return self.classify(await wait_process(self.proc))
 
     def classify(self, code: int) -> VmmExit:
         if code == 0:
@@ -66,9 +98,9 @@ class Vmm:
         raise NotImplementedError
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
+        if self.proc is not None:
             with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGKILL)
+                self.proc.send_signal(signal.SIGKILL)  # a no-op once it is reaped
 
 
 class QemuVmm(Vmm):
@@ -76,6 +108,8 @@ class QemuVmm(Vmm):
 
     async def request_poweroff(self) -> None:
         """QMP ``system_powerdown``: the ACPI power button, handled by the guest init."""
+        import asyncio
+
         reader, writer = await asyncio.open_unix_connection(self.vm.paths.qmp)
         try:
             await reader.readline()  # greeting
@@ -104,6 +138,8 @@ class CrosvmVmm(Vmm):
         return VmmExit(code, f"crosvm {describe_status(code)}", clean=False)
 
     async def control(self, command: str) -> int:
+        import asyncio
+
         proc = await asyncio.create_subprocess_exec(
             self.plan.crosvm.binary,
             command,

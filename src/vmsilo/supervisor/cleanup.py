@@ -1,0 +1,56 @@
+"""Undoing a VM's launch: what a supervisor removes after any kind of exit (and what
+``vmsilo service cleanup`` removes after a supervisor that could not)."""
+
+from __future__ import annotations
+
+from vmsilo.host.disks import remove_file
+from vmsilo.plan.model import Plan, VmPlan
+from vmsilo.supervisor.state import is_locked
+
+
+def runtime_sockets(vm: VmPlan) -> list[str]:
+    p = vm.paths
+    return [
+        p.console,
+        p.console_backend,
+        p.ready_socket,
+        p.channel_socket,
+        p.crosvm_control,
+        p.qmp,
+        p.sound_socket,
+        *(s.socket for s in vm.shares),
+    ]
+
+
+def peer_bridges_in_use(plan: Plan, vm: VmPlan) -> list[str]:
+    """Link bridges this VM shares with a peer that is still running (keep those)."""
+    keep = []
+    for i in vm.interfaces:
+        if i.bridge is None or i.injected_for is None or i.injected_for == "host":
+            continue
+        peer = plan.vms.get(i.injected_for)
+        if peer is not None and is_locked(peer.paths.lock):
+            keep.append(i.bridge)
+    return keep
+
+
+def cleanup_vm(plan: Plan, vm: VmPlan, *, remove_command_socket: bool) -> list[str]:
+    """Undo everything a launch created; safe to run twice and after any kind of exit.
+
+    Returns the problems met (cleanup carries on past each one)."""
+    problems: list[str] = []
+    remove_file(vm.paths.ephemeral_disk)
+    for path in runtime_sockets(vm) + ([vm.paths.command_socket] if remove_command_socket else []):
+        remove_file(path)
+    remove_file(vm.paths.plan_snapshot)
+    if not vm.interfaces:
+        return problems
+    from vmsilo.host.nat import teardown_host_nat
+    from vmsilo.host.network import teardown_interfaces
+
+    try:
+        teardown_interfaces(vm, keep_bridges=peer_bridges_in_use(plan, vm))
+        teardown_host_nat(vm)
+    except Exception as e:  # cleanup must go on; report what failed
+        problems.append(f"network teardown: {e}")
+    return problems

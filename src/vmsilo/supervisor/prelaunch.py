@@ -1,0 +1,209 @@
+"""A VM's launch up to its running VMM, done before the supervisor's event loop exists.
+
+A cold ``vm-run`` waits for exactly this path, so it is synchronous and imports neither asyncio
+nor the channel code; those load afterwards, in :mod:`vmsilo.supervisor.service`, while the
+guest boots. Under the VM's lock it writes the state file and the plan snapshot, runs the
+preflight checks, binds the command socket (``bound`` to the spawner), starts the netvm, binds
+every socket the VMM connects to, creates taps, host NAT and the shared home, binds the share
+sockets, creates a fresh ephemeral disk and starts the VMM.
+
+Every socket is listening before the VMM starts, so the VMM's connections (and vm-run's) wait
+in their backlog until the supervisor's loop accepts them; the virtiofsd daemons the supervisor
+starts next find the VMM already waiting on their sockets. Nobody races a server that is not
+up yet, and nobody retries.
+
+A failure is recorded in ``failure``, never raised: the supervisor's single cleanup path then
+undoes whatever was done. SIGTERM, SIGINT and SIGHUP are remembered meanwhile (the supervisor
+stops the VM as soon as its loop runs) and keep the VMM from being started at all.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from vmsilo.errors import VmsiloError
+from vmsilo.host.disks import create_ephemeral_disk, remove_file
+from vmsilo.host.preflight import preflight
+from vmsilo.host.sockets import bind_listening
+from vmsilo.plan.model import Plan, VmPlan
+from vmsilo.supervisor.notify import SpawnerPipe, sd_notify
+from vmsilo.supervisor.snapshot import write_snapshot
+from vmsilo.supervisor.state import VmLock, VmState, now, read_state, write_state
+from vmsilo.supervisor.vmm import CrosvmVmm, QemuVmm, Vmm
+
+#: Signals that stop a VM (the supervisor's loop takes them over from the prelaunch).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@dataclass
+class ServiceOptions:
+    config_path: str
+    config_text: str
+    listen_fd: int | None = None  # the command socket, from systemd (LISTEN_FDS)
+    spawner_fd: int | None = None  # milestone pipe of an embedded spawner
+    console_on_tty: bool = False  # vm-start-debug: console on our terminal
+    #: start the VM's netvm and wait until it is ready (embedded mode; systemd orders units)
+    start_netvm: Callable[[str], None] | None = None
+
+
+class Prelaunch:
+    """One VM's launch state up to the VMM; the supervisor takes it over afterwards."""
+
+    def __init__(self, plan: Plan, vm: VmPlan, options: ServiceOptions) -> None:
+        self.plan = plan
+        self.vm = vm
+        self.opts = options
+        self.lock = VmLock(vm.paths.lock)
+        self.spawner = SpawnerPipe(options.spawner_fd)
+        self.state = VmState(state="starting", supervisor_pid=os.getpid(), hypervisor=vm.hypervisor)
+        self.binary = ""
+        self.failure: str | None = None
+        self.stop_requested = False
+        self.owns_command_socket = options.listen_fd is None
+        self.command_sock: socket.socket | None = None
+        #: listening sockets the VMM connects to, by path
+        self.listeners: dict[str, socket.socket] = {}
+        #: the shares' listening sockets, by tag (their virtiofsd starts after the VMM)
+        self.share_sockets: dict[str, socket.socket] = {}
+        self.vmm: Vmm | None = None
+
+    def set_state(self, state: str, **changes: Any) -> None:
+        self.state.state = state  # type: ignore[assignment]
+        for key, value in changes.items():
+            setattr(self.state, key, value)
+        write_state(self.vm.paths.state_file, self.state)
+        sd_notify(f"STATUS={state}")
+
+    # ------------------------------------------------------------------ the launch
+
+    def run(self) -> None:
+        """Take the VM's lock (raises if another supervisor has it), then launch."""
+        self.lock.acquire(self.vm.name)
+        previous = read_state(self.vm.paths.state_file)
+        if previous is not None:
+            self.state.last_exit = previous.last_exit
+        self._remember_stop_signals()
+        try:
+            self._launch()
+        except VmsiloError as e:
+            self.failure = str(e)
+        except Exception as e:  # an unexpected bug: still clean up and report it
+            self.failure = f"internal error: {type(e).__name__}: {e}"
+            print(f"vmsilo supervisor: {self.failure}", file=sys.stderr)
+            traceback.print_exc()
+
+    def _launch(self) -> None:
+        vm = self.vm
+        self.set_state("starting", started_at=now(), ready_at=None, vmm_pid=None, detail=None)
+        snap = write_snapshot(
+            vm.paths.plan_snapshot, self.opts.config_path, self.opts.config_text, vm
+        )
+        self.state.config_hash = snap.config_hash
+        self.binary = preflight(self.plan, vm)
+        self._bind_command_socket()
+        self.spawner.send("bound")
+        if vm.netvm not in (None, "host") and self.opts.start_netvm is not None:
+            self.opts.start_netvm(str(vm.netvm))
+        p = vm.paths
+        for path in (p.console_backend, p.ready_socket, p.channel_socket):
+            self.listeners[path] = bind_listening(path)
+        self.listeners[p.console] = bind_listening(p.console, owner=self._user_ids())
+        self._prepare_network()
+        self._prepare_home()
+        for share in vm.shares:
+            self.share_sockets[share.tag] = bind_listening(share.socket)
+        if not self.stop_requested:
+            self.start_vmm()
+
+    def start_vmm(self) -> Vmm:
+        """A fresh ephemeral disk and a new VMM process (also for a crosvm reset's reboot)."""
+        vm = self.vm
+        if vm.root_overlay == "raw":
+            create_ephemeral_disk(vm.paths.ephemeral_disk, vm.root_overlay_size)
+        for path in (vm.paths.qmp, vm.paths.crosvm_control):
+            remove_file(path)
+        argv = self._argv()
+        self.vmm = (QemuVmm if vm.hypervisor == "qemu" else CrosvmVmm)(self.plan, vm, argv)
+        pid = self.vmm.start()
+        self.state.extra["vmm_started_at"] = now()
+        self.set_state("starting", vmm_pid=pid)
+        return self.vmm
+
+    # ------------------------------------------------------------------ steps
+
+    def _user_ids(self) -> tuple[int, int]:
+        return self.plan.user.uid, self.plan.user.gid
+
+    def _bind_command_socket(self) -> None:
+        if self.opts.listen_fd is not None:
+            self.command_sock = socket.socket(fileno=self.opts.listen_fd)
+        else:
+            self.command_sock = bind_listening(self.vm.paths.command_socket, owner=self._user_ids())
+
+    def _prepare_network(self) -> None:
+        vm = self.vm
+        if not vm.interfaces:
+            return
+        from vmsilo.host.nat import setup_host_nat
+        from vmsilo.host.network import attach_to_bridge, setup_interfaces
+
+        setup_interfaces(vm)
+        setup_host_nat(self.plan, vm)
+        # re-join a running peer's tap to a link bridge we just (re)created
+        for i in vm.interfaces:
+            if i.bridge is None or i.injected_for in (None, "host"):
+                continue
+            peer = self.plan.vms.get(str(i.injected_for))
+            if peer is None:
+                continue
+            for pi in peer.interfaces:
+                if pi.bridge == i.bridge and pi.injected_for == vm.name:
+                    attach_to_bridge(pi.tap, i.bridge)
+
+    def _prepare_home(self) -> None:
+        for share in self.vm.shares:
+            if share.tag != "home":
+                continue
+            home = Path(share.host_path)
+            if not home.exists():
+                home.mkdir(parents=True, mode=0o700)
+                os.chown(home, *self._user_ids())
+
+    def _argv(self) -> list[str]:
+        vm, plan = self.vm, self.plan
+        if vm.hypervisor == "qemu":
+            from vmsilo.backends.accel import resolve_accel
+            from vmsilo.backends.qemu import qemu_argv, vsock_available
+
+            argv = qemu_argv(plan, vm, resolve_accel(plan, vm), vsock=vsock_available())
+        else:
+            from vmsilo.backends.crosvm import crosvm_argv
+
+            argv = crosvm_argv(plan, vm)
+        argv[0] = self.binary
+        return argv
+
+    def _remember_stop_signals(self) -> None:
+        """Until the supervisor's loop takes the stop signals over, only remember them."""
+
+        def remember(_signum: int, _frame: FrameType | None) -> None:
+            self.stop_requested = True
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, remember)
+
+    def close_unserved(self) -> None:
+        """Close the sockets nobody took over (after a failed launch)."""
+        for sock in (*self.listeners.values(), *self.share_sockets.values()):
+            sock.close()
+        self.listeners.clear()
+        self.share_sockets.clear()
