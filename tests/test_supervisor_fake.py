@@ -7,6 +7,7 @@ tests/test_vm_e2e.py.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -185,3 +186,52 @@ def test_status_flags_a_config_changed_since_start(fake: FakeInstall) -> None:
     # runtime actions still use what runs: stop finds the VM through its snapshot
     assert fake.cmd("vmsilo", "stop", "fake").returncode == 0
     assert fake.status("fake")["state"] == "stopped"
+
+
+FAILING_VIRTIOFSD = """#!/bin/sh
+case "$*" in *--help*) echo "--shared-dir --fd --readonly"; exit 0;; esac
+echo "fuse: unknown option(s): -o bogus" >&2
+exit 1
+"""
+
+
+def test_a_share_daemon_that_dies_fails_the_start_with_its_message(tmp_path: Path) -> None:
+    """virtiofsd starts after the VMM (which waits on the share's pre-bound socket): if it dies,
+    the start fails with the daemon's own words and the waiting VMM is not left behind."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    daemon = bin_dir / "virtiofsd"
+    daemon.write_text(FAILING_VIRTIOFSD)
+    daemon.chmod(0o755)
+    data = tmp_path / "data"
+    data.mkdir()
+    inst = make_fake_install(
+        tmp_path / "inst",
+        f"[vms.sharing]\n@VM@\n[vms.sharing.sharedDirectories.data]\npath = '{data}'\n"
+        "mountPoint = '/mnt/data'\n",
+    )
+    env = inst.env(PATH=f"{bin_dir}:{os.environ['PATH']}")
+    run = inst.cmd("vm-run", "sharing", "true", env=env)
+    assert run.returncode == 255, run.stderr
+    assert b"virtiofsd for share data of VM sharing" in run.stderr
+    assert b"unknown option" in run.stderr and b"Traceback" not in run.stderr
+    st = inst.status("sharing")
+    assert st["state"] == "failed" and "unknown option" in st["last_exit"]["reason"]
+    # the VMM had started (and waited on the share's socket); it is gone with the supervisor
+    raw = json.loads((inst.run_dir / "sharing.state.json").read_text())
+    assert "vmm_started_at" in raw["extra"] and raw["vmm_pid"] is None
+    assert not processes_mentioning(str(inst.run_dir))
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in cmdline:
+            found.append(int(entry.name))
+    return found

@@ -1,15 +1,17 @@
 """Sidecar daemons a VM needs next to its VMM: one virtiofsd per share.
 
-The supervisor binds every sidecar's listening socket itself and hands the fd to the daemon
-(``--fd=N``), so the VMM can never race a sidecar that is not listening yet (the classic
-virtiofsd start race): the socket accepts connections from the moment :meth:`Sidecars.start`
-bound it, whatever the daemon is doing.
+The supervisor binds every sidecar's listening socket itself, before the VMM starts, and hands
+the fd to the daemon (``--fd=N``), so the VMM can never race a sidecar that is not listening
+yet (the classic virtiofsd start race): the socket accepts connections from the moment it is
+bound, whatever the daemon is doing. The daemons are started right after the VMM, which
+meanwhile waits in its vhost-user handshake; starting them first would only put their start-up
+on the path to the VMM.
 
-:meth:`Sidecars.start` still waits for each daemon to say it is serving (its "Waiting for
-vhost-user socket connection" log line, which both flavors print before blocking in accept) or
-to exit. That wait is not for the socket — it is so that a daemon that dies on a bad option,
-a missing directory or a sandbox failure fails the start with its own error message instead
-of surfacing later as an opaque VMM connection error.
+:meth:`Sidecars.start` waits for each daemon to say it is serving (its "Waiting for vhost-user
+socket connection" log line, which both flavors print before blocking in accept) or to exit.
+That wait is not for the socket — it is so that a daemon that dies on a bad option, a missing
+directory or a sandbox failure fails the start with its own error message instead of
+surfacing as an opaque VMM connection error.
 
 virtiofsd serves exactly one VMM connection and exits when it closes. A VMM restart under the
 same supervisor (crosvm's reset → reboot) therefore needs a fresh daemon: a daemon that exits
