@@ -321,8 +321,10 @@ def test_death_after_start_closes_the_socket(short_dir: Path) -> None:
     binary, _ = fake_daemon(short_dir, "die-after")
     plan, vm = share_plan(short_dir)
 
+    told: list[str] = []
+
     async def scenario() -> None:
-        cars = Sidecars(locate=lambda: binary)
+        cars = Sidecars(locate=lambda: binary, on_failure=told.append)
         await cars.start(plan, vm)
         try:
             data = vm.shares[0]
@@ -331,6 +333,7 @@ def test_death_after_start_closes_the_socket(short_dir: Path) -> None:
             assert watcher is not None
             await asyncio.wait_for(watcher, timeout=10)
             assert cars.failure is not None and "exit status 3" in cars.failure
+            assert told == [cars.failure]
             # a VMM connecting now is refused at once instead of waiting for ever
             with pytest.raises(ConnectionRefusedError):
                 await asyncio.to_thread(connect, data.socket)

@@ -77,7 +77,7 @@ class Supervisor:
         #: clients still waiting for readiness: on a failed start each gets the reason first
         self.waiting_clients: set[asyncio.Task[Any]] = set()
         self.console = ConsoleRelay(ConsoleLog(self.vm.paths.console_log))
-        self.sidecars = Sidecars()
+        self.sidecars = Sidecars(on_failure=self._share_failed)
 
     @property
     def vmm(self) -> Vmm | None:
@@ -321,8 +321,11 @@ class Supervisor:
         client = StreamLink(reader, writer)
         try:
             await self._serve_client(client)
-        except (ConnectionError, OSError, asyncio.CancelledError):
+        except asyncio.CancelledError:
             pass  # a cancelled client task must end normally: asyncio logs cancelled callbacks
+        except (ConnectionError, OSError) as e:
+            # usually the client went away; logged, since the client sees only a closed socket
+            print(f"vmsilo supervisor: a command-socket session ended: {e!r}", file=sys.stderr)
         finally:
             if task is not None:
                 self.clients.discard(task)
@@ -406,6 +409,14 @@ class Supervisor:
             await asyncio.wait(waiting, timeout=2)
 
     # ------------------------------------------------------------------ host bits
+
+    def _share_failed(self, reason: str) -> None:
+        """A share's daemon died while the VM runs: its mount in the guest is broken now.
+
+        The VM keeps running (the user's programs and other shares are fine); `vmsilo status`
+        shows why in ``detail`` until the VM is restarted."""
+        self.state.detail = reason
+        self.set_state(self.state.state)
 
     async def _configure_netvm(self) -> None:
         """Turn on routing in a netvm guest (vmsilo.guest.netvm) before we call it ready.

@@ -54,8 +54,11 @@ class ShareDaemon:
         share: SharePlan,
         binary: VirtiofsdBinary,
         sock: socket.socket | None = None,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.vm = vm
+        #: told why the daemon died once the VM was running (the guest's mount is broken now)
+        self.on_failure = on_failure
         self.share = share
         self.binary = binary
         #: the listening socket: bound by the supervisor before the VMM started, or by start()
@@ -176,6 +179,8 @@ class ShareDaemon:
             )
             if self.serving:  # before that, wait_serving() reports it as the start's error
                 print(f"vmsilo supervisor: {self.failure}", file=sys.stderr)
+                if self.on_failure is not None:
+                    self.on_failure(self.failure)
             self.close_socket()  # a VMM connecting now fails at once instead of hanging
             return
 
@@ -208,8 +213,14 @@ class ShareDaemon:
 class Sidecars:
     """The running sidecars of one VM, stopped in reverse order of start."""
 
-    def __init__(self, locate: Callable[[], VirtiofsdBinary] | None = None) -> None:
+    def __init__(
+        self,
+        locate: Callable[[], VirtiofsdBinary] | None = None,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
         self.locate = locate or virtiofsd.locate
+        #: called with the reason when a daemon dies after the start
+        self.on_failure = on_failure
         self.daemons: list[ShareDaemon] = []
 
     @property
@@ -240,7 +251,9 @@ class Sidecars:
                 )
         binary = await asyncio.to_thread(self.locate)
         for share in vm.shares:
-            daemon = ShareDaemon(vm.name, share, binary, (sockets or {}).get(share.tag))
+            daemon = ShareDaemon(
+                vm.name, share, binary, (sockets or {}).get(share.tag), self.on_failure
+            )
             self.daemons.append(daemon)
             await daemon.start()
         # all daemons are already starting in parallel; waiting in order keeps errors stable
