@@ -11,7 +11,8 @@ prove the same paths against real QEMU.
 Environment: ``FAKE_QEMU_LOG`` — a file that gets one line per launch (to count starts);
 ``FAKE_QEMU_FAIL`` — exit with this status right away (a VMM that crashes at start);
 ``FAKE_AGENT_VERSION`` — announce this protocol version instead of running the agent (an
-image built by another vmsilo).
+image built by another vmsilo); ``FAKE_HELLO_FIRST`` — send the hello itself before the agent
+has connected the channel (the supervisor must still wait for the channel).
 """
 
 from __future__ import annotations
@@ -85,13 +86,19 @@ async def main() -> int:
         ready.sendall(json.dumps(hello).encode() + b"\n")
         await powerdown.wait()
         return 0
+    ready_args = ["--ready-path", devs["ready"]]
+    if os.environ.get("FAKE_HELLO_FIRST"):
+        hello = {"hello": "vmsilo-agent", "version": 1, "transport": "channel", "pid": 1}
+        early = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        early.connect(devs["ready"])
+        early.sendall(json.dumps(hello).encode() + b"\n")
+        ready_args = ["--ready-port", ""]  # the agent announces nothing itself
     libc = ctypes.CDLL(None, use_errno=True)
     agent = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "vmsilo.guest.agent",
-        "--ready-path",
-        devs["ready"],
+        *ready_args,
         "--channel-path",
         devs["channel"],
         "--user",

@@ -235,3 +235,16 @@ def processes_mentioning(text: str) -> list[int]:
         if text.encode() in cmdline:
             found.append(int(entry.name))
     return found
+
+
+def test_a_hello_before_the_channel_is_connected_waits_for_the_channel(tmp_path: Path) -> None:
+    """The VMM connects the ready and the channel socket separately; the supervisor may accept
+    them in either order. A hello seen first must not let sessions through to a channel that
+    is not there yet."""
+    inst = make_fake_install(tmp_path / "inst", "[vms.early]\n@VM@")
+    try:
+        run = inst.cmd("vm-run", "early", "echo", "hi", env=inst.env(FAKE_HELLO_FIRST="1"))
+        assert run.returncode == 0, run.stderr
+        assert run.stdout == b"hi\n"
+    finally:
+        inst.cmd("vmsilo", "stop", "early", timeout=60)

@@ -63,6 +63,10 @@ class Supervisor:
         self.set_state = launch.set_state
         self.owns_command_socket = launch.owns_command_socket
         self.ready = asyncio.Event()  # the guest agent said hello: sessions may flow
+        #: the VMM's end of the channel port is accepted (the VMM connects to both the ready
+        #: and the channel socket; their accepts may run in either order, and a hello on a
+        #: channel transport means "ready" only once the channel is there to carry sessions)
+        self.channel_up = asyncio.Event()
         self.operational = asyncio.Event()  # and the start is complete (netvm routing too)
         self.finished = asyncio.Event()
         self.failure: str | None = None
@@ -138,6 +142,7 @@ class Supervisor:
                 return exit_info
             # crosvm reset: a fresh ephemeral disk, then boot again
             self.ready.clear()
+            self.channel_up.clear()  # the new VMM connects anew (after start_vmm below)
             self.hello = None
             self.set_state("starting", last_exit=_exit_dict(exit_info), ready_at=None)
             launch.start_vmm()
@@ -153,7 +158,9 @@ class Supervisor:
         }
         assert launch.command_sock is not None
         self.servers.append(
-            await asyncio.start_unix_server(self._on_client, sock=launch.command_sock)
+            await asyncio.start_unix_server(
+                self._on_client, sock=launch.command_sock, limit=1 << 20
+            )
         )
         for path, sock in launch.listeners.items():
             self.servers.append(
@@ -301,6 +308,10 @@ class Supervisor:
                     hello = parse_ready(line)
                 except ValueError:
                     continue
+                # (an agent of another protocol version is "ready" at once: clients are told)
+                channel = hello.compatible() and hello.transport == "channel"
+                if channel and not await self._wait_for(self.channel_up):
+                    return
                 self.hello = hello
                 self.ready.set()
         finally:
@@ -312,6 +323,7 @@ class Supervisor:
         if self.mux is not None:
             await self.mux.aclose()
         self.mux = ChannelMux(reader, writer, name=f"{self.vm.name}-channel")
+        self.channel_up.set()
         await self.mux.run()
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
