@@ -31,6 +31,11 @@ plan, text = loaded.plan, loaded.path.read_text()
 """
 
 
+NETVM_AND_CLIENT = (
+    "[vms.gw]\n@VM@\nnetwork = { isNetvm = true }\n[vms.client]\n@VM@\nnetwork = { netvm = 'gw' }\n"
+)
+
+
 def scenario(inst: FakeInstall, body: str) -> dict[str, Any]:
     code = PRELUDE + textwrap.dedent(body)
     p = subprocess.run(
@@ -62,11 +67,7 @@ def test_the_vmm_starts_before_asyncio_or_the_channel_code_is_loaded(tmp_path: P
 
 
 def test_a_stop_signal_during_the_launch_keeps_the_vmm_from_starting(tmp_path: Path) -> None:
-    inst = make_fake_install(
-        tmp_path / "inst",
-        "[vms.gw]\n@VM@\nnetwork = { isNetvm = true }\n"
-        "[vms.client]\n@VM@\nnetwork = { netvm = 'gw' }\n",
-    )
+    inst = make_fake_install(tmp_path / "inst", NETVM_AND_CLIENT)
     seen = scenario(
         inst,
         """
@@ -98,11 +99,7 @@ def test_a_stop_signal_during_the_launch_keeps_the_vmm_from_starting(tmp_path: P
 
 
 def test_clients_queued_on_a_launch_that_fails_get_the_reason(tmp_path: Path) -> None:
-    inst = make_fake_install(
-        tmp_path / "inst",
-        "[vms.gw]\n@VM@\nnetwork = { isNetvm = true }\n"
-        "[vms.client]\n@VM@\nnetwork = { netvm = 'gw' }\n",
-    )
+    inst = make_fake_install(tmp_path / "inst", NETVM_AND_CLIENT)
     seen = scenario(
         inst,
         """

@@ -55,6 +55,17 @@ class ServiceOptions:
     start_netvm: Callable[[str], None] | None = None
 
 
+def failure_of(exc: Exception) -> str:
+    """What a failed start or run reports: a VmsiloError's own words; anything else is a bug,
+    reported as an internal error and logged with its traceback (cleanup still runs)."""
+    if isinstance(exc, VmsiloError):
+        return str(exc)
+    message = f"internal error: {type(exc).__name__}: {exc}"
+    print(f"vmsilo supervisor: {message}", file=sys.stderr)
+    traceback.print_exc()
+    return message
+
+
 class Prelaunch:
     """One VM's launch state up to the VMM; the supervisor takes it over afterwards."""
 
@@ -94,12 +105,8 @@ class Prelaunch:
         self._remember_stop_signals()
         try:
             self._launch()
-        except VmsiloError as e:
-            self.failure = str(e)
-        except Exception as e:  # an unexpected bug: still clean up and report it
-            self.failure = f"internal error: {type(e).__name__}: {e}"
-            print(f"vmsilo supervisor: {self.failure}", file=sys.stderr)
-            traceback.print_exc()
+        except Exception as e:
+            self.failure = failure_of(e)
 
     def _launch(self) -> None:
         vm = self.vm

@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import sys
-import traceback
 from collections.abc import Awaitable
 from typing import Any
 
@@ -41,7 +40,7 @@ from vmsilo.plan.model import VmPlan
 from vmsilo.supervisor.cleanup import cleanup_vm
 from vmsilo.supervisor.console import ConsoleLog, ConsoleRelay
 from vmsilo.supervisor.notify import sd_notify
-from vmsilo.supervisor.prelaunch import STOP_SIGNALS, Prelaunch
+from vmsilo.supervisor.prelaunch import STOP_SIGNALS, Prelaunch, failure_of
 from vmsilo.supervisor.sidecars import Sidecars
 from vmsilo.supervisor.state import now
 from vmsilo.supervisor.vmm import Vmm, VmmExit, wait_process
@@ -109,12 +108,8 @@ class Supervisor:
                 self.launch.close_unserved()
             else:
                 exit_info = await self._run_launched()
-        except VmsiloError as e:
-            self.failure = str(e)
-        except Exception as e:  # an unexpected bug: still clean up and report it
-            self.failure = f"internal error: {type(e).__name__}: {e}"
-            print(f"vmsilo supervisor: {self.failure}", file=sys.stderr)
-            traceback.print_exc()
+        except Exception as e:
+            self.failure = failure_of(e)
         finally:
             await self._shutdown(exit_info)
             for sig in STOP_SIGNALS:
