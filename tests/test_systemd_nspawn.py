@@ -219,6 +219,25 @@ def test_vm_start_and_stop_go_through_systemd_with_polkit(box: Container) -> Non
     assert state_of(box, "solo")["last_exit"]["reason"] == "stopped"
 
 
+def test_vm_run_with_the_socket_unit_stopped_starts_through_systemd(box: Container) -> None:
+    """No socket to activate (the socket unit was stopped): vm-run asks systemd, as vm-start
+    does, instead of starting a supervisor of its own beside systemd's."""
+    box.check("systemctl", "stop", "vmsilo-solo-command.socket", timeout=120)
+    assert active(box, "vmsilo-solo-command.socket", "vmsilo-solo-vm.service") == [
+        "inactive",
+        "inactive",
+    ]
+    p = box.run(str(BIN / "vm-run"), "solo", "echo", "via systemd", user=USER, timeout=180)
+    assert (p.returncode, p.stdout) == (0, b"via systemd\n"), p.stderr.decode()
+    assert active(box, "vmsilo-solo-command.socket", "vmsilo-solo-vm.service") == [
+        "active",
+        "active",
+    ]
+    main_pid = box.check("systemctl", "show", "-p", "MainPID", "--value", "vmsilo-solo-vm.service")
+    assert state_of(box, "solo")["supervisor_pid"] == int(main_pid)
+    box.check("systemctl", "stop", "vmsilo-solo-vm.service", timeout=120)
+
+
 def test_client_pulls_up_its_netvm_and_the_netvm_is_protected(box: Container) -> None:
     requires = box.check(
         "systemctl", "show", "-p", "Requires", "-p", "After", "vmsilo-client-vm.service"

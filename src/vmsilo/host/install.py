@@ -24,18 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from vmsilo.errors import VmsiloError
+from vmsilo.host.systemd import systemd_running
 from vmsilo.host.units import enable_links, render_host_files
 from vmsilo.plan.model import Plan
 from vmsilo.runcmd import run
 
 MANIFEST = "var/lib/vmsilo/installed.json"
 MANIFEST_VERSION = 1
-SYSTEMD_BOOTED_MARK = "/run/systemd/system"
-
-
-def systemd_running() -> bool:
-    """sd_booted(): systemd is PID 1 of this machine (or container)."""
-    return os.path.isdir(SYSTEMD_BOOTED_MARK)
 
 
 def vmsilo_exe() -> list[str]:

@@ -17,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from vmsilo.errors import VMInUseError, VmsiloError, VMStartError
-from vmsilo.host.install import read_manifest, systemd_running
+from vmsilo.host.install import read_manifest
+from vmsilo.host.systemd import systemd_running
 from vmsilo.plan.model import Plan, VmPlan
 from vmsilo.runcmd import run
 from vmsilo.supervisor.control import is_running, running_clients
