@@ -238,6 +238,40 @@ def test_vm_run_with_the_socket_unit_stopped_starts_through_systemd(box: Contain
     box.check("systemctl", "stop", "vmsilo-solo-vm.service", timeout=120)
 
 
+def test_reinstall_restarts_a_changed_socket_of_a_stopped_vm(box: Container) -> None:
+    """A socket unit keeps its old owner until restarted: reinstalling a config whose user
+    changed must hand the stopped VM's command socket to the new user."""
+
+    def owner() -> str:
+        return box.check("stat", "-c", "%U", "/run/vmsilo/solo-command.socket").strip()
+
+    assert active(box, "vmsilo-solo-vm.service") == ["inactive"]
+    assert owner() == USER
+    other = box.workdir / "etc-vmsilo" / "other.toml"
+    other.write_text(CONFIG.replace(f'user = "{USER}"', f'user = "{OTHER}"'))
+    os.chmod(other, 0o644)
+    try:
+        # a running VM keeps the socket it was handed; the report says how to finish
+        p = box.run(str(BIN / "vm-start"), "solo", user=USER, timeout=180)
+        assert p.returncode == 0, p.stderr.decode()
+        p = box.run(str(BIN / "vmsilo"), "-c", "/etc/vmsilo/other.toml", "install", timeout=120)
+        assert p.returncode == 0, p.stderr.decode()
+        assert b"systemctl restart vmsilo-solo-command.socket" in p.stdout + p.stderr, p
+        assert owner() == USER
+        assert active(box, "vmsilo-solo-vm.service") == ["active"]
+        box.check("systemctl", "stop", "vmsilo-solo-vm.service", timeout=120)
+        # stopped: the next install restarts it at once
+        p = box.run(str(BIN / "vmsilo"), "install", timeout=120)
+        assert p.returncode == 0, p.stderr.decode()
+        p = box.run(str(BIN / "vmsilo"), "-c", "/etc/vmsilo/other.toml", "install", timeout=120)
+        assert p.returncode == 0, p.stderr.decode()
+        assert owner() == OTHER
+    finally:
+        p = box.run(str(BIN / "vmsilo"), "install", timeout=120)
+        assert p.returncode == 0, p.stderr.decode()
+    assert owner() == USER
+
+
 def test_client_pulls_up_its_netvm_and_the_netvm_is_protected(box: Container) -> None:
     requires = box.check(
         "systemctl", "show", "-p", "Requires", "-p", "After", "vmsilo-client-vm.service"

@@ -216,11 +216,38 @@ def install(
     if live:
         if report.written or report.removed:
             _systemctl("daemon-reload")
+        _restart_changed_sockets(plan, old, report)
         if new.sockets:
             _systemctl("start", *new.sockets)
     elif root == Path("/"):
         report.notes.append("systemd is not running here: units written, not started")
     return report
+
+
+def _restart_changed_sockets(plan: Plan, old: Manifest, report: Report) -> None:
+    """A listening socket keeps its old path, owner and mode until it is restarted.
+
+    A changed socket unit whose VM is stopped is restarted now. One whose VM runs is left to
+    the running supervisor (it serves the socket it was handed; restarting it would strand
+    the VM) and the report says how to finish once the VM is stopped."""
+    by_socket = {vm.socket_unit: vm for vm in plan.vms.values()}
+    changed = [
+        Path(rel).name
+        for rel in report.written
+        if rel.endswith(".socket") and Path(rel).name in old.sockets
+    ]
+    for unit in changed:
+        vm = by_socket.get(unit)
+        if vm is None:
+            continue
+        running = run(["systemctl", "is-active", "--quiet", vm.service_unit], check=False)
+        if running.returncode == 0:
+            report.notes.append(
+                f"VM {vm.name} runs with its old command socket: after `vm-stop {vm.name}`,"
+                f" run `systemctl restart {unit}`"
+            )
+        else:
+            _systemctl("restart", unit)
 
 
 def _prune_dirs(root: Path, dirs: list[str], keep: set[str]) -> list[str]:
