@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -248,3 +249,44 @@ def test_a_hello_before_the_channel_is_connected_waits_for_the_channel(tmp_path:
         assert run.stdout == b"hi\n"
     finally:
         inst.cmd("vmsilo", "stop", "early", timeout=60)
+
+
+def test_a_share_daemon_that_dies_while_the_vm_runs_is_shown_in_status(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fifo = tmp_path / "die"
+    os.mkfifo(fifo)
+    daemon = bin_dir / "virtiofsd"
+    daemon.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *--help*) echo "--shared-dir --fd --readonly"; exit 0;; esac\n'
+        'echo "[INFO virtiofsd] Waiting for vhost-user socket connection..." >&2\n'
+        f"read _ < {fifo}\n"
+        'echo "lost the shared directory" >&2\n'
+        "exit 3\n"
+    )
+    daemon.chmod(0o755)
+    data = tmp_path / "data"
+    data.mkdir()
+    inst = make_fake_install(
+        tmp_path / "inst",
+        f"[vms.sharing]\n@VM@\n[vms.sharing.sharedDirectories.data]\npath = '{data}'\n"
+        "mountPoint = '/mnt/data'\n",
+    )
+    env = inst.env(PATH=f"{bin_dir}:{os.environ['PATH']}")
+    try:
+        run = inst.cmd("vm-run", "sharing", "true", env=env)
+        assert run.returncode == 0, run.stderr
+        assert inst.status("sharing")["detail"] is None
+        with open(fifo, "w") as f:  # the daemon dies now
+            f.write("go\n")
+        for _ in range(100):  # the supervisor notices at once; give a loaded machine 10 s
+            st = inst.status("sharing")
+            if st["detail"] is not None:
+                break
+            time.sleep(0.1)
+        assert st["state"] == "running"  # the VM goes on; its share is what broke
+        assert "virtiofsd for share data of VM sharing" in st["detail"]
+        assert "exit status 3" in st["detail"] and "lost the shared directory" in st["detail"]
+    finally:
+        inst.cmd("vmsilo", "stop", "sharing", timeout=60)
