@@ -121,6 +121,7 @@ class GuestVM:
         overlay: str = "raw",
         memory: int = 512,
         extra_args: list[str] | None = None,
+        ports: str = "multiport",
     ) -> None:
         self.image_dir = image_dir
         self.work = workdir
@@ -129,6 +130,11 @@ class GuestVM:
         self.overlay = overlay
         self.memory = memory
         self.extra_args = extra_args or []
+        #: "multiport": console and org.vmsilo.ready on one virtio-serial device (what vmsilo's
+        #: QEMU argv does); "single": each on a device of its own without the multiport
+        #: feature, as upstream crosvm makes every --serial hardware=virtio-console (the guest
+        #: then sees two unnamed hvc consoles)
+        self.ports = ports
         self.proc: subprocess.Popen[bytes] | None = None
         self.t0 = 0.0
 
@@ -172,17 +178,41 @@ class GuestVM:
                 "-device",
                 "virtio-blk-pci,drive=ephemeral,serial=ephemeral",
             ]
-        argv += [
-            "-device",
-            "virtio-serial-pci,id=vser",
+        chardevs = [
             "-chardev",
             f"socket,id=con,path={w / 'console.sock'}",
-            "-device",
-            "virtconsole,chardev=con",
             "-chardev",
             f"socket,id=ready,path={w / 'ready.sock'}",
-            "-device",
-            "virtserialport,chardev=ready,name=org.vmsilo.ready",
+        ]
+        argv += chardevs
+        if self.ports == "single":
+            argv += [
+                "-device",
+                "virtio-serial-pci,id=vser0,max_ports=1",
+                "-device",
+                "virtconsole,bus=vser0.0,chardev=con",
+                "-device",
+                "virtio-serial-pci,id=vser1,max_ports=1",
+                "-device",
+                "virtconsole,bus=vser1.0,chardev=ready,name=org.vmsilo.ready",
+                # the agent's transport (crosvm's would be vsock, which this host lacks)
+                "-chardev",
+                f"socket,id=channel,path={w / 'channel.sock'}",
+                "-device",
+                "virtio-serial-pci,id=vser2",
+                "-device",
+                "virtserialport,bus=vser2.0,nr=1,chardev=channel,name=org.vmsilo.channel",
+            ]
+        else:
+            argv += [
+                "-device",
+                "virtio-serial-pci,id=vser",
+                "-device",
+                "virtconsole,chardev=con",
+                "-device",
+                "virtserialport,chardev=ready,name=org.vmsilo.ready",
+            ]
+        argv += [
             "-chardev",
             f"socket,id=qmp,path={w / 'qmp.sock'}",
             "-mon",
@@ -197,10 +227,11 @@ class GuestVM:
             disk.unlink(missing_ok=True)
             with open(disk, "wb") as f:
                 f.truncate(10 * 1024**3)  # fresh sparse disk, as the supervisor makes it
-        for name in ("console.sock", "ready.sock", "qmp.sock"):
+        for name in ("console.sock", "ready.sock", "channel.sock", "qmp.sock"):
             (self.work / name).unlink(missing_ok=True)
         self.console = Stream(self.work / "console.sock")
         self.ready = Stream(self.work / "ready.sock")
+        self.channel = Stream(self.work / "channel.sock") if self.ports == "single" else None
         self.qmp_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.qmp_listener.bind(str(self.work / "qmp.sock"))
         self.qmp_listener.listen(1)
@@ -260,7 +291,7 @@ class GuestVM:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
-        for s in (getattr(self, "console", None), getattr(self, "ready", None)):
+        for s in (getattr(self, n, None) for n in ("console", "ready", "channel")):
             if s is not None:
                 s.close()
         if getattr(self, "qmp_conn", None) is not None:

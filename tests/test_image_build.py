@@ -18,6 +18,7 @@ import pytest
 
 from conftest import IMAGE_CACHE
 from guestvm import GuestVM
+from vmsilo.channel.protocol import parse_ready
 from vmsilo.guest.image import BuiltImage, ImageSpec, build_image, list_images
 
 pytestmark = pytest.mark.vm
@@ -135,5 +136,20 @@ def test_tmpfs_overlay(image: BuiltImage, vmdir: Path) -> None:
         vm.console.send("exit\n")
         vm.console.expect(r"logout.*user@.*\$ $", timeout=30, start=start)
         assert "uid=1000(user)" in vm.run_console("id", timeout=30)
+        assert vm.qmp("system_powerdown")
+        assert vm.wait_exit(timeout=20) == 0
+
+
+def test_ready_hello_on_a_console_device_of_its_own(image: BuiltImage, vmdir: Path) -> None:
+    """Upstream crosvm makes org.vmsilo.ready a single-port virtio-console device: the guest
+    sees an unnamed hvc console there, not a named port. The agent still finds it (the backed
+    hvc that is not the kernel's console) and says hello on it, not on the console."""
+    with GuestVM(image.path, vmdir, ["vmsilo.user=1000:1000"], ports="single") as vm:
+        m = vm.ready.expect(r'\{"hello":"vmsilo-agent"[^\n]*\}', timeout=120)
+        hello = parse_ready(m.group(0).encode())
+        assert hello.compatible() and hello.transport == "channel"
+        vm.wait_shell(timeout=60)
+        assert '"hello"' not in vm.console.text()
+        assert "readiness port org.vmsilo.ready is /dev/hvc1" in vm.console.text()
         assert vm.qmp("system_powerdown")
         assert vm.wait_exit(timeout=20) == 0

@@ -97,6 +97,39 @@ def _find_virtio_port(name: str) -> Path | None:
     return None
 
 
+#: The hvc driver's device nodes (/dev/hvc0 … hvc7 exist whether or not a console backs them).
+HVC_DEVICES = 8
+
+
+def _find_ready_console() -> Path | None:
+    """/dev/hvcN carrying the readiness port when the VMM gave it a device of its own.
+
+    Upstream crosvm makes every ``--serial hardware=virtio-console`` a separate virtio-console
+    device without the multiport feature. The guest then sees each one's only port as an hvc
+    console with no name (and its /dev/vportNp0 refuses to open), so the port cannot be found
+    by name. vmsilo gives such a VMM exactly two of them: the kernel's console
+    (``console=hvc0``) and ``org.vmsilo.ready``. So: the one hvc console that a device backs
+    (an unbacked one fails to open) and that is not the kernel's console. None when that is
+    not exactly one, rather than guess.
+    """
+    try:
+        active = set(Path("/sys/class/tty/console/active").read_text().split())
+    except OSError:
+        active = set()
+    backed = []
+    for n in range(HVC_DEVICES):
+        name = f"hvc{n}"
+        if name in active:
+            continue
+        try:
+            fd = os.open(f"/dev/{name}", os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        os.close(fd)
+        backed.append(name)
+    return Path("/dev") / backed[0] if len(backed) == 1 else None
+
+
 def parse_user(text: str) -> tuple[int, int]:
     """``UID:GID`` → (uid, gid)."""
     uid_s, sep, gid_s = text.partition(":")
@@ -213,8 +246,8 @@ async def send_ready(path: Path, transport: str) -> None:
         if rest:
             await asyncio.to_thread(_write_ready_blocking, path, rest)
     except OSError as e:
-        # ENXIO: the port is a *console* port, which virtio_console only serves as /dev/hvcN;
-        # the VMM must expose org.vmsilo.ready as a plain port, or pass --ready-path /dev/hvcN.
+        # ENXIO: a *console* port opened as /dev/vportNpM (virtio_console serves those only as
+        # /dev/hvcN; see _find_ready_console), or pass --ready-path /dev/hvcN.
         log.error("cannot send the readiness hello on %s: %s", path, e)
         return
     log.info("ready (%s) sent on %s", transport, path)
@@ -392,9 +425,11 @@ async def serve(args: argparse.Namespace) -> int:
     agent.start()
     ready: Path | None = args.ready_path
     if ready is None and args.ready_port:
-        ready = _find_virtio_port(args.ready_port)
+        ready = _find_virtio_port(args.ready_port) or _find_ready_console()
         if ready is None:
             log.error("virtio port %s not found: readiness cannot be announced", args.ready_port)
+        else:
+            log.info("readiness port %s is %s", args.ready_port, ready)
 
     # The host gives the guest a channel port only when it has no vsock: if the port exists,
     # it is the transport (the vsock driver may be loaded with no device behind it).
