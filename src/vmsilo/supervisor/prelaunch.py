@@ -209,7 +209,7 @@ class Prelaunch:
             signal.signal(sig, remember)
 
     def close_unserved(self) -> None:
-        """Close the sockets nobody took over (after a failed launch)."""
+        """Close the sockets nobody took over (a launch that failed or was stopped early)."""
         for sock in (*self.listeners.values(), *self.share_sockets.values()):
             sock.close()
         self.listeners.clear()

@@ -128,6 +128,7 @@ class Supervisor:
             self.console.tty_out = sys.stdout.fileno()
             self.spawn(self._pump_tty_input())
         if launch.vmm is None:  # stopped before the VMM started
+            launch.close_unserved()
             return None
         # the VMM is already waiting on the shares' sockets
         await self.sidecars.start(self.plan, vm, launch.share_sockets)
