@@ -188,7 +188,7 @@ def autostart(config_path: str, vm: VmPlan, plan: Plan) -> StartWatch | None:
 
 
 def _run(args: RunArgs, users: UserLookup | None, err: TextIO) -> int:
-    from vmsilo.supervisor.control import socket_live
+    from vmsilo.host.sockets import socket_live
 
     watch = None
     socket_path: str | None = None

@@ -46,3 +46,15 @@ def bind_listening(
         sock.close()
         raise
     return sock
+
+
+def socket_live(path: str) -> bool:
+    """True if something accepts connections on the Unix socket ``path``.
+
+    Cheap on purpose (no plan, no asyncio): a warm ``vm-run`` asks this first."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True

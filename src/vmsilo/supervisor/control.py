@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from vmsilo.errors import VMInUseError, VMNotRunningError, VmsiloError, VMStartError
+from vmsilo.host.sockets import socket_live
 from vmsilo.plan.model import Plan, VmPlan
 from vmsilo.supervisor.state import is_locked, read_state, wait_unlocked
 
@@ -70,18 +71,6 @@ class StartWatch:
 
     def close(self) -> None:
         self.pipe.close()
-
-
-def socket_live(path: str) -> bool:
-    """True if something accepts connections on the Unix socket ``path``."""
-    import socket
-
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 def spawn_supervisor(config_path: str, vm: VmPlan, plan: Plan) -> StartWatch:
