@@ -255,6 +255,7 @@ def test_vm_start_debug_runs_in_the_foreground(image: Any, state_dir: Path) -> N
             argv,
             [
                 (b"vmsilo-init", b""),  # the guest's console, on our terminal
+                (b"press Enter for a shell", b"\n"),  # the console shell starts on demand
                 (b"# ", b"echo DEBUG-$((3*3))\n"),  # the autologin shell takes our input
                 (b"DEBUG-9", b"\x03"),  # Ctrl-C: the supervisor stops the VM gracefully
             ],

@@ -6,7 +6,11 @@ part parses ``/proc/cmdline`` into :class:`GuestParams` and turns it into lists 
 
 * the agent — ``vmsilo.guest.agent.main(argv)`` called in a forked child (no re-exec: saves a
   Python start); exit status 0 = "power off" (auto-shutdown), anything else = restart;
-* an autologin shell as ``user`` on the console (``/dev/hvc0``), respawned when it exits;
+* an autologin shell as ``user`` on the console (``/dev/hvc0``), started when a line is typed
+  there (``vm-shell``: press Enter) and again after it exits. A shell nobody uses costs
+  nothing, and one started at boot would compete with the agent's first command for the
+  guest's CPU (measured: ~60 ms of a cold ``vm-run`` under emulation). The typed line is
+  not consumed: the shell reads it;
 * orphans (``waitpid(-1)``), the ACPI power button (``KEY_POWER`` on the "Power Button" input
   device) and SIGTERM/SIGINT/SIGUSR1/SIGUSR2/SIGPWR, all of which shut the VM down cleanly.
 """
@@ -754,6 +758,8 @@ class Init:
     wakeup_w: int = -1
     buttons: dict[int, str] = field(default_factory=dict)
     shutting_down: bool = False
+    #: the console, watched for a typed line while no shell runs there (-1: not watched)
+    console_watch: int = -1
 
     # -- setup --
     def install_signals(self) -> None:
@@ -790,9 +796,10 @@ class Init:
         signal.set_wakeup_fd(-1)
         for sig in (*SHUTDOWN_SIGNALS, signal.SIGCHLD, signal.SIGHUP, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
-        for fd in (self.wakeup_r, self.wakeup_w, *self.buttons):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        for fd in (self.wakeup_r, self.wakeup_w, self.console_watch, *self.buttons):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         with contextlib.suppress(OSError):
             self.selector.close()
 
@@ -866,10 +873,33 @@ class Init:
             os._exit(127)
         self.children[pid] = Child("getty", time.monotonic())
 
+    def watch_console(self) -> None:
+        """Start the console shell once a line is typed on the console (read by the shell)."""
+        if self.console_watch >= 0:
+            return
+        tty = self.console_path()
+        try:
+            fd = os.open(tty, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            log(f"cannot watch {tty} ({e}); starting the console shell now")
+            self.start("getty")
+            return
+        self.console_watch = fd
+        self.selector.register(fd, selectors.EVENT_READ, "console")
+        log(f"console: press Enter for a shell on {tty}")
+
+    def console_typed(self) -> None:
+        self.selector.unregister(self.console_watch)
+        os.close(self.console_watch)
+        self.console_watch = -1
+        self.start("getty")
+
     def start(self, role: str) -> None:
         try:
             if role == "agent":
                 self.start_agent()
+            elif role == "console":
+                self.watch_console()
             elif role == "getty":
                 self.start_getty()
         except OSError as e:
@@ -897,10 +927,11 @@ class Init:
             log(f"agent exited ({_describe(code)}); restarting")
             self.schedule("agent")
         elif child.role == "getty":
-            if ran < 2:
-                self.schedule("getty")
+            if ran < 2:  # a shell that dies at once: back off instead of spinning on input
+                self.schedule("console")
             else:
-                self.timers["getty"] = time.monotonic() + 0.2
+                self.failures["console"] = 0
+                self.watch_console()
 
     def reap(self) -> None:
         while True:
@@ -950,6 +981,8 @@ class Init:
                             self.shutdown(f"signal {signal.Signals(sig).name}")
                 elif key.data == "button" and self.read_button(int(key.fd)):
                     self.shutdown("power button")
+                elif key.data == "console":
+                    self.console_typed()
             self.reap()
             now = time.monotonic()
             for role, when in list(self.timers.items()):
@@ -1070,8 +1103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         init.install_signals()
         boot(params, init)
         init.agent_main = _import_agent()
-        init.start("getty")
         init.start("agent")
+        init.watch_console()
         log("ready: console on " + init.console_path())
         init.loop()
     except BaseException:
