@@ -40,10 +40,13 @@ class BenchVM:
         self.socket = str(run_dir / "bench-command.socket")
 
     def cmd(self, tool: str, *args: str, **kw: object) -> subprocess.CompletedProcess[bytes]:
+        """Run a vmsilo tool on the bench config; its stdout and stderr are captured unless
+        ``stdout=``/``stderr=`` say otherwise."""
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
         return subprocess.run(
             [sys.executable, "-m", TOOLS[tool], *args],
             env=self.env,
-            capture_output=True,
             **kw,  # type: ignore[arg-type]
         )
 

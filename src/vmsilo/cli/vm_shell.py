@@ -1,7 +1,8 @@
 """``vm-shell [--ssh [--root]] VM`` — the VM's console, or a pty shell through the channel.
 
 Without ``--ssh`` it attaches to the console relay (``R/<vm>-console``) in raw mode; Ctrl-]
-leaves. With ``--ssh`` it opens a login shell on a guest pty over the command channel (no sshd
+leaves. The guest starts its console shell when a line is typed there, so Enter gives a
+prompt. With ``--ssh`` it opens a login shell on a guest pty over the command channel (no sshd
 in the guest), as ``user`` or, with ``--root``, as root.
 """
 
