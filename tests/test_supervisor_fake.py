@@ -189,6 +189,24 @@ def test_status_flags_a_config_changed_since_start(fake: FakeInstall) -> None:
     assert fake.status("fake")["state"] == "stopped"
 
 
+def sharing_install(tmp_path: Path, virtiofsd_script: str) -> tuple[FakeInstall, dict[str, str]]:
+    """A fake install with VM ``sharing`` (one share) whose virtiofsd is ``virtiofsd_script``;
+    the environment that puts that daemon first in PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    daemon = bin_dir / "virtiofsd"
+    daemon.write_text(virtiofsd_script)
+    daemon.chmod(0o755)
+    data = tmp_path / "data"
+    data.mkdir()
+    inst = make_fake_install(
+        tmp_path / "inst",
+        f"[vms.sharing]\n@VM@\n[vms.sharing.sharedDirectories.data]\npath = '{data}'\n"
+        "mountPoint = '/mnt/data'\n",
+    )
+    return inst, inst.env(PATH=f"{bin_dir}:{os.environ['PATH']}")
+
+
 FAILING_VIRTIOFSD = """#!/bin/sh
 case "$*" in *--help*) echo "--shared-dir --fd --readonly"; exit 0;; esac
 echo "fuse: unknown option(s): -o bogus" >&2
@@ -199,19 +217,7 @@ exit 1
 def test_a_share_daemon_that_dies_fails_the_start_with_its_message(tmp_path: Path) -> None:
     """virtiofsd starts after the VMM (which waits on the share's pre-bound socket): if it dies,
     the start fails with the daemon's own words and the waiting VMM is not left behind."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    daemon = bin_dir / "virtiofsd"
-    daemon.write_text(FAILING_VIRTIOFSD)
-    daemon.chmod(0o755)
-    data = tmp_path / "data"
-    data.mkdir()
-    inst = make_fake_install(
-        tmp_path / "inst",
-        f"[vms.sharing]\n@VM@\n[vms.sharing.sharedDirectories.data]\npath = '{data}'\n"
-        "mountPoint = '/mnt/data'\n",
-    )
-    env = inst.env(PATH=f"{bin_dir}:{os.environ['PATH']}")
+    inst, env = sharing_install(tmp_path, FAILING_VIRTIOFSD)
     run = inst.cmd("vm-run", "sharing", "true", env=env)
     assert run.returncode == 255, run.stderr
     assert b"virtiofsd for share data of VM sharing" in run.stderr
@@ -252,28 +258,17 @@ def test_a_hello_before_the_channel_is_connected_waits_for_the_channel(tmp_path:
 
 
 def test_a_share_daemon_that_dies_while_the_vm_runs_is_shown_in_status(tmp_path: Path) -> None:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     fifo = tmp_path / "die"
     os.mkfifo(fifo)
-    daemon = bin_dir / "virtiofsd"
-    daemon.write_text(
+    inst, env = sharing_install(
+        tmp_path,
         "#!/bin/sh\n"
         'case "$*" in *--help*) echo "--shared-dir --fd --readonly"; exit 0;; esac\n'
         'echo "[INFO virtiofsd] Waiting for vhost-user socket connection..." >&2\n'
         f"read _ < {fifo}\n"
         'echo "lost the shared directory" >&2\n'
-        "exit 3\n"
+        "exit 3\n",
     )
-    daemon.chmod(0o755)
-    data = tmp_path / "data"
-    data.mkdir()
-    inst = make_fake_install(
-        tmp_path / "inst",
-        f"[vms.sharing]\n@VM@\n[vms.sharing.sharedDirectories.data]\npath = '{data}'\n"
-        "mountPoint = '/mnt/data'\n",
-    )
-    env = inst.env(PATH=f"{bin_dir}:{os.environ['PATH']}")
     try:
         run = inst.cmd("vm-run", "sharing", "true", env=env)
         assert run.returncode == 0, run.stderr
