@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import Annotated
 
 from pydantic import AfterValidator
@@ -147,67 +148,41 @@ def _mac(value: str) -> str:
     return value
 
 
-def _ipv4_interface(value: str) -> str:
-    try:
-        iface = ipaddress.IPv4Interface(value)
-    except ValueError:
-        raise fail(f"invalid IPv4 address/prefix {value!r}", "write e.g. 10.0.0.2/24") from None
-    if "/" not in value:
-        raise fail(f"{value!r} has no prefix length", "write e.g. 10.0.0.2/24")
-    return str(iface)
+def _ip_validator(
+    parse: Callable[[str], object], what: str, hint: str, *, prefix: bool = False
+) -> Callable[[str], str]:
+    """A validator that normalises through ``parse`` (an :mod:`ipaddress` constructor) and
+    refuses what it rejects as an invalid ``what``; ``prefix``: the prefix length must be
+    written out (``10.0.0.2`` alone would silently mean a /32)."""
+
+    def check(value: str) -> str:
+        try:
+            parsed = parse(value)
+        except ValueError:
+            raise fail(f"invalid {what} {value!r}", hint) from None
+        if prefix and "/" not in value:
+            raise fail(f"{value!r} has no prefix length", hint)
+        return str(parsed)
+
+    return check
 
 
-def _ipv6_interface(value: str) -> str:
-    try:
-        iface = ipaddress.IPv6Interface(value)
-    except ValueError:
-        raise fail(f"invalid IPv6 address/prefix {value!r}", "write e.g. fd00::2/64") from None
-    if "/" not in value:
-        raise fail(f"{value!r} has no prefix length", "write e.g. fd00::2/64")
-    return str(iface)
-
-
-def _ipv4_network(value: str) -> str:
-    try:
-        return str(ipaddress.IPv4Network(value))
-    except ValueError:
-        raise fail(
-            f"invalid IPv4 network {value!r}",
-            "write a network address with its prefix, e.g. 10.200.0.0/16 (host bits zero)",
-        ) from None
-
-
-def _ipv6_network(value: str) -> str:
-    try:
-        return str(ipaddress.IPv6Network(value))
-    except ValueError:
-        raise fail(
-            f"invalid IPv6 network {value!r}",
-            "write a network address with its prefix, e.g. fd00::/64 (host bits zero)",
-        ) from None
-
-
-def _ipv4(value: str) -> str:
-    try:
-        return str(ipaddress.IPv4Address(value))
-    except ValueError:
-        raise fail(f"invalid IPv4 address {value!r}", "write e.g. 10.0.0.1") from None
-
-
-def _ipv6(value: str) -> str:
-    try:
-        return str(ipaddress.IPv6Address(value))
-    except ValueError:
-        raise fail(f"invalid IPv6 address {value!r}", "write e.g. fd00::1") from None
-
-
-def _ip(value: str) -> str:
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise fail(
-            f"invalid IP address {value!r}", "write e.g. 1.1.1.1 or 2606:4700::1111"
-        ) from None
+_NETWORK_HINT = "write a network address with its prefix, e.g. {} (host bits zero)"
+_ipv4_interface = _ip_validator(
+    ipaddress.IPv4Interface, "IPv4 address/prefix", "write e.g. 10.0.0.2/24", prefix=True
+)
+_ipv6_interface = _ip_validator(
+    ipaddress.IPv6Interface, "IPv6 address/prefix", "write e.g. fd00::2/64", prefix=True
+)
+_ipv4_network = _ip_validator(
+    ipaddress.IPv4Network, "IPv4 network", _NETWORK_HINT.format("10.200.0.0/16")
+)
+_ipv6_network = _ip_validator(
+    ipaddress.IPv6Network, "IPv6 network", _NETWORK_HINT.format("fd00::/64")
+)
+_ipv4 = _ip_validator(ipaddress.IPv4Address, "IPv4 address", "write e.g. 10.0.0.1")
+_ipv6 = _ip_validator(ipaddress.IPv6Address, "IPv6 address", "write e.g. fd00::1")
+_ip = _ip_validator(ipaddress.ip_address, "IP address", "write e.g. 1.1.1.1 or 2606:4700::1111")
 
 
 def _color(value: str) -> str:
