@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from vmsilo.cli.common import load
 from vmsilo.config.users import UserLookup
+
+if TYPE_CHECKING:
+    from vmsilo.host.install import Report
 
 
 def register(sub: Any) -> None:
@@ -35,12 +38,7 @@ def cmd_install(
 
     loaded = load(args.config, users)
     report = install(loaded.plan, str(loaded.path.resolve()), Path(args.root))
-    for rel in report.written:
-        print(f"wrote {rel}", file=out)
-    for rel in report.removed:
-        print(f"removed {rel}", file=out)
-    for note in report.notes:
-        print(f"note: {note}", file=err)
+    _print_report(report, out, err)
     print(
         f"installed {len(loaded.plan.vms)} VMs below {args.root}"
         f" ({len(report.written)} written, {len(report.unchanged)} unchanged,"
@@ -55,12 +53,18 @@ def cmd_uninstall(
 ) -> int:
     from vmsilo.host.install import uninstall
 
-    report = uninstall(Path(args.root))
+    _print_report(uninstall(Path(args.root)), out, err)
+    return 0
+
+
+def _print_report(report: Report, out: TextIO, err: TextIO) -> None:
+    """What an install or uninstall did: files on ``out``, notes on ``err``."""
+    for rel in report.written:
+        print(f"wrote {rel}", file=out)
     for rel in report.removed:
         print(f"removed {rel}", file=out)
     for note in report.notes:
         print(f"note: {note}", file=err)
-    return 0
 
 
 def cmd_complete(
