@@ -105,16 +105,11 @@ def running_plan(loaded: Loaded, name: str, users: UserLookup | None) -> tuple[P
 def cmd_start(
     args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
 ) -> int:
-    from vmsilo.supervisor import systemd_control
-    from vmsilo.supervisor.control import start_vm
+    from vmsilo.supervisor import manage
 
     loaded = _load(args, users)
     vm = select_vm(loaded.plan, args.vm)
-    if systemd_control.units_installed(vm, loaded.path):
-        systemd_control.start_vm(vm, wait=not args.no_wait)  # systemctl waits for READY=1
-        print(f"{vm.name}: running" if not args.no_wait else f"{vm.name}: starting", file=out)
-        return 0
-    start_vm(str(loaded.path), loaded.plan, vm, wait=not args.no_wait)
+    manage.start(loaded.path, loaded.plan, vm, wait=not args.no_wait)
     print(f"{vm.name}: running" if not args.no_wait else f"{vm.name}: starting", file=out)
     return 0
 
@@ -122,15 +117,11 @@ def cmd_start(
 def cmd_stop(
     args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
 ) -> int:
-    from vmsilo.supervisor import systemd_control
-    from vmsilo.supervisor.control import stop_vm
+    from vmsilo.supervisor import manage
 
     loaded = _load(args, users)
     plan, vm = running_plan(loaded, args.vm, users)
-    if systemd_control.units_installed(vm, loaded.path):
-        stopped = systemd_control.stop_vm(plan, vm, force=args.force)
-    else:
-        stopped = stop_vm(plan, vm, force=args.force)
+    stopped = manage.stop(loaded.path, plan, vm, force=args.force)
     print(f"{vm.name}: stopped" if stopped else f"{vm.name}: not running", file=out)
     return 0
 

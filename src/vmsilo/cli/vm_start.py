@@ -19,18 +19,13 @@ def main(
         return EXIT_USAGE
 
     def body() -> int:
-        from vmsilo.supervisor.control import start_vm
+        from vmsilo.supervisor import manage
 
         loaded = load_for_tool(config, users)
         vm = resolve(loaded, rest[0], stream)
         if vm is None:
             return EXIT_USAGE
-        from vmsilo.supervisor import systemd_control
-
-        if systemd_control.units_installed(vm, loaded.path):
-            systemd_control.start_vm(vm)
-        else:
-            start_vm(str(loaded.path), loaded.plan, vm, wait=True)
+        manage.start(loaded.path, loaded.plan, vm, wait=True)
         return 0
 
     return run_tool("vm-start", body, stream)

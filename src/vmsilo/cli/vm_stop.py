@@ -22,18 +22,13 @@ def main(
 
     def body() -> int:
         from vmsilo.cli.verbs import running_plan
-        from vmsilo.supervisor.control import stop_vm
+        from vmsilo.supervisor import manage
 
         loaded = load_for_tool(config, users)
         if resolve(loaded, rest[0], stream) is None:
             return EXIT_USAGE
         plan, vm = running_plan(loaded, rest[0], users)
-        from vmsilo.supervisor import systemd_control
-
-        if systemd_control.units_installed(vm, loaded.path):
-            systemd_control.stop_vm(plan, vm, force=force)
-        else:
-            stop_vm(plan, vm, force=force)
+        manage.stop(loaded.path, plan, vm, force=force)
         return 0
 
     return run_tool("vm-stop", body, stream)
