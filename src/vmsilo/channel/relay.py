@@ -1,9 +1,10 @@
 """The supervisor's side of a session: bridge a command-socket client to the guest agent.
 
-``vm-run`` speaks frames to the VM's command socket; the supervisor accepts the connection and
-calls :func:`relay_client` (virtio-serial mux) or :func:`relay_client_vsock` (one vsock
-connection per session). The relay looks at frame *types* only — payloads pass through
-untouched — and enforces just what keeps the host safe from a misbehaving peer:
+``vm-run`` speaks frames to the VM's command socket; the supervisor accepts the connection, reads
+its OPEN and calls :func:`relay_opened` (virtio-serial mux) or :func:`relay_vsock_opened` (one
+vsock connection per session); :func:`relay_client` does both steps for a mux. The relay looks
+at frame *types* only — payloads pass through untouched — and enforces just what keeps the
+host safe from a misbehaving peer:
 
 * frames toward the client sit in the mux session's queue, which is bounded by the credit
   window (flow control is end to end between vm-run and the agent, and the mux fails a session
@@ -19,6 +20,8 @@ import asyncio
 import contextlib
 import os
 import socket
+from collections.abc import Coroutine
+from typing import Any
 
 from vmsilo.channel.mux import ChannelMux, MuxSession, StreamLink, error_code
 from vmsilo.channel.protocol import (
@@ -141,19 +144,23 @@ async def relay_opened(client: StreamLink, first: Frame, mux: ChannelMux) -> Non
         session.close()
 
 
-async def bridge_session(client: StreamLink, session: MuxSession) -> None:
-    """Relay frames both ways between a client stream and an open mux session, to the end."""
-    up = asyncio.create_task(_agent_to_client(session, client))
-    down = asyncio.create_task(_client_to_agent(client, session))
+async def _until_either(*directions: Coroutine[Any, Any, None]) -> None:
+    """Run both directions of a relay until either ends; then cancel the other and wait for
+    it (an exception in either is raised here)."""
+    tasks = [asyncio.create_task(d) for d in directions]
     try:
-        await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (up, down):
-            if not task.done():
-                task.cancel()
-        for task in (up, down):
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def bridge_session(client: StreamLink, session: MuxSession) -> None:
+    """Relay frames both ways between a client stream and an open mux session, to the end."""
+    await _until_either(_agent_to_client(session, client), _client_to_agent(client, session))
 
 
 # --------------------------------------------------------------------------- vsock
@@ -214,15 +221,9 @@ async def relay_streams(
     connection; a client that goes away closes its side, and closing the vsock connection is
     what tells the agent to hang up the program. Either way the first EOF ends the relay.
     """
-    t1 = asyncio.create_task(pipe_stream(a_reader, b_writer))
-    t2 = asyncio.create_task(pipe_stream(b_reader, a_writer))
     try:
-        await asyncio.wait({t1, t2}, return_when=asyncio.FIRST_COMPLETED)
+        await _until_either(pipe_stream(a_reader, b_writer), pipe_stream(b_reader, a_writer))
     finally:
-        for t in (t1, t2):
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
         for w in (a_writer, b_writer):
             with contextlib.suppress(Exception):
                 w.close()
@@ -244,23 +245,3 @@ async def relay_vsock_opened(
     up_writer.write(encode_frame(FrameType.OPEN, 0, first.payload))
     await up_writer.drain()
     await relay_streams(client.reader, client.writer, up_reader, up_writer)
-
-
-async def relay_client_vsock(
-    client_reader: asyncio.StreamReader,
-    client_writer: asyncio.StreamWriter,
-    cid: int,
-    port: int = VSOCK_PORT,
-) -> None:
-    """Serve one command-socket connection over a fresh vsock connection to the guest."""
-    try:
-        up_reader, up_writer = await connect_vsock(cid, port)
-    except OSError as e:
-        client = StreamLink(client_reader, client_writer)
-        await _fail_client(client, f"cannot reach the guest agent over vsock: {e}")
-        await client.aclose()
-        return
-    await relay_streams(client_reader, client_writer, up_reader, up_writer)
-
-
-#: Kept for callers written against the first version of this module.
