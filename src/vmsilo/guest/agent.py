@@ -54,6 +54,7 @@ from vmsilo.channel.protocol import (
     encode_ready,
 )
 from vmsilo.guest.agent_exec import ExecSession
+from vmsilo.guest.ports import find_ready_console, find_virtio_port
 
 log = logging.getLogger("vmsilo.agent")
 
@@ -73,61 +74,8 @@ GUEST_FILES: tuple[str, ...] = (
     "vmsilo/guest/__init__.py",
     "vmsilo/guest/agent.py",
     "vmsilo/guest/agent_exec.py",
+    "vmsilo/guest/ports.py",
 )
-
-
-def _find_virtio_port(name: str) -> Path | None:
-    """/dev/vportNpM of the virtio port called ``name``.
-
-    The guest has no udev, so there is no /dev/virtio-ports/NAME link: read the names from
-    sysfs. (Private twin of vmsilo.guest.ports.find_virtio_port, so the agent does not depend on
-    the image builder's module.)
-    """
-    base = Path("/sys/class/virtio-ports")
-    try:
-        entries = sorted(base.iterdir())
-    except OSError:
-        return None
-    for entry in entries:
-        try:
-            if (entry / "name").read_text().strip() == name:
-                return Path("/dev") / entry.name
-        except OSError:
-            continue
-    return None
-
-
-#: The hvc driver's device nodes (/dev/hvc0 … hvc7 exist whether or not a console backs them).
-HVC_DEVICES = 8
-
-
-def _find_ready_console() -> Path | None:
-    """/dev/hvcN carrying the readiness port when the VMM gave it a device of its own.
-
-    Upstream crosvm makes every ``--serial hardware=virtio-console`` a separate virtio-console
-    device without the multiport feature. The guest then sees each one's only port as an hvc
-    console with no name (and its /dev/vportNp0 refuses to open), so the port cannot be found
-    by name. vmsilo gives such a VMM exactly two of them: the kernel's console
-    (``console=hvc0``) and ``org.vmsilo.ready``. So: the one hvc console that a device backs
-    (an unbacked one fails to open) and that is not the kernel's console. None when that is
-    not exactly one, rather than guess.
-    """
-    try:
-        active = set(Path("/sys/class/tty/console/active").read_text().split())
-    except OSError:
-        active = set()
-    backed = []
-    for n in range(HVC_DEVICES):
-        name = f"hvc{n}"
-        if name in active:
-            continue
-        try:
-            fd = os.open(f"/dev/{name}", os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            continue
-        os.close(fd)
-        backed.append(name)
-    return Path("/dev") / backed[0] if len(backed) == 1 else None
 
 
 def parse_user(text: str) -> tuple[int, int]:
@@ -425,7 +373,7 @@ async def serve(args: argparse.Namespace) -> int:
     agent.start()
     ready: Path | None = args.ready_path
     if ready is None and args.ready_port:
-        ready = _find_virtio_port(args.ready_port) or _find_ready_console()
+        ready = find_virtio_port(args.ready_port) or find_ready_console()
         if ready is None:
             log.error("virtio port %s not found: readiness cannot be announced", args.ready_port)
         else:
@@ -435,7 +383,7 @@ async def serve(args: argparse.Namespace) -> int:
     # it is the transport (the vsock driver may be loaded with no device behind it).
     channel: Path | None = args.channel_path
     if channel is None and args.channel_port and args.vsock_path is None:
-        channel = _find_virtio_port(args.channel_port)
+        channel = find_virtio_port(args.channel_port)
     server: asyncio.Server | None = None
     if args.vsock_path is not None:
         server = await serve_vsock_emulated(agent, args.vsock_path)

@@ -1,13 +1,14 @@
-"""Find virtio-serial ports by name in the guest (stdlib only; runs inside the VM).
+"""Find the VMM's ports in the guest (stdlib only; the agent uses it inside the VM).
 
 The guest has no udev, so there are no ``/dev/virtio-ports/<name>`` links: each port is
 ``/sys/class/virtio-ports/vportNpM`` with a ``name`` file, and its device node is
-``/dev/vportNpM`` (created by devtmpfs).
+``/dev/vportNpM`` (created by devtmpfs). A VMM that gives a port a virtio-console device of its
+own (upstream crosvm) makes it an unnamed hvc console instead: see :func:`find_ready_console`.
 """
 
 from __future__ import annotations
 
-import time
+import os
 from pathlib import Path
 
 SYSFS_PORTS = Path("/sys/class/virtio-ports")
@@ -40,14 +41,34 @@ def find_virtio_port(name: str, sysfs: Path = SYSFS_PORTS, dev: Path = DEV) -> P
     return None
 
 
-def wait_virtio_port(
-    name: str, timeout: float = 10.0, sysfs: Path = SYSFS_PORTS, dev: Path = DEV
-) -> Path | None:
-    """Like :func:`find_virtio_port`, waiting up to ``timeout`` s for the port to appear
-    (the virtio_console driver may still be probing right after boot)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        path = find_virtio_port(name, sysfs, dev)
-        if path is not None or time.monotonic() >= deadline:
-            return path
-        time.sleep(0.02)  # sleep-ok: no udev in the guest; ports appear during probe (bounded)
+#: The hvc driver's device nodes (/dev/hvc0 … hvc7 exist whether or not a console backs them).
+HVC_DEVICES = 8
+
+
+def find_ready_console() -> Path | None:
+    """/dev/hvcN carrying the readiness port when the VMM gave it a device of its own.
+
+    Upstream crosvm makes every ``--serial hardware=virtio-console`` a separate virtio-console
+    device without the multiport feature. The guest then sees each one's only port as an hvc
+    console with no name (and its /dev/vportNp0 refuses to open), so the port cannot be found
+    by name. vmsilo gives such a VMM exactly two of them: the kernel's console
+    (``console=hvc0``) and ``org.vmsilo.ready``. So: the one hvc console that a device backs
+    (an unbacked one fails to open) and that is not the kernel's console. None when that is
+    not exactly one, rather than guess.
+    """
+    try:
+        active = set(Path("/sys/class/tty/console/active").read_text().split())
+    except OSError:
+        active = set()
+    backed = []
+    for n in range(HVC_DEVICES):
+        name = f"hvc{n}"
+        if name in active:
+            continue
+        try:
+            fd = os.open(f"/dev/{name}", os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        os.close(fd)
+        backed.append(name)
+    return Path("/dev") / backed[0] if len(backed) == 1 else None
