@@ -17,8 +17,6 @@ from vmsilo.errors import UsageError, VmsiloError
 
 if TYPE_CHECKING:
     from vmsilo.config.users import UserLookup
-    from vmsilo.plan.model import Plan, VmPlan
-    from vmsilo.supervisor.control import StartWatch
 
 # Imports are deliberately late in this module: on a cold start vm-run forks the VM's
 # supervisor, whose path to the VMM is vmsilo's share of the start-up; asyncio and the client
@@ -168,27 +166,9 @@ def quick_look(config: str | None, name: str) -> QuickLook | None:
     )
 
 
-def autostart(config_path: str, vm: VmPlan, plan: Plan) -> StartWatch | None:
-    """Start ``vm`` the way this host runs it; the embedded supervisor's start watch, if any.
-
-    When systemd manages the VM for this config (``vmsilo install``) but its command socket is
-    not listening (someone stopped the socket unit), the VM is started through systemd, as
-    ``vm-start`` would (polkit lets the configured user): never an embedded supervisor beside
-    the one systemd would start. Returns once the guest is ready in that case."""
-    from vmsilo.host.systemd import systemd_running
-    from vmsilo.supervisor.control import ensure_supervisor
-
-    if systemd_running():
-        from vmsilo.supervisor import systemd_control
-
-        if systemd_control.units_installed(vm, config_path):
-            systemd_control.start_vm(vm)
-            return None
-    return ensure_supervisor(config_path, vm, plan)
-
-
 def _run(args: RunArgs, users: UserLookup | None, err: TextIO) -> int:
     from vmsilo.host.sockets import socket_live
+    from vmsilo.supervisor.manage import start_for_client
 
     watch = None
     socket_path: str | None = None
@@ -203,7 +183,7 @@ def _run(args: RunArgs, users: UserLookup | None, err: TextIO) -> int:
             cached = load_plan(look.runtime_dir, look.text, look.user)
             if cached is not None and args.vm in cached.vms:
                 socket_path = cached.vms[args.vm].paths.command_socket
-                watch = autostart(look.path, cached.vms[args.vm], cached)
+                watch = start_for_client(look.path, cached, cached.vms[args.vm])
     if socket_path is None:
         from vmsilo.cli.common import load, select_vm
         from vmsilo.supervisor.control import command_socket_live
@@ -214,7 +194,7 @@ def _run(args: RunArgs, users: UserLookup | None, err: TextIO) -> int:
         if not command_socket_live(vm):
             if not args.autostart:
                 raise VmsiloError(f"VM {vm.name} is not running", f"start it: vm-start {vm.name}")
-            watch = autostart(str(loaded.path), vm, loaded.plan)
+            watch = start_for_client(loaded.path, loaded.plan, vm)
 
     import asyncio
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from vmsilo.errors import VMInUseError, VmsiloError, VMStartError
-from vmsilo.host.install import read_manifest
 from vmsilo.host.systemd import systemd_running
 from vmsilo.plan.model import Plan, VmPlan
 from vmsilo.runcmd import run
@@ -31,6 +30,8 @@ def units_installed(vm: VmPlan, config: str | Path, root: Path = Path("/")) -> b
     """True when systemd runs here and manages ``vm`` for this config."""
     if not systemd_running():
         return False
+    from vmsilo.host.install import read_manifest  # only where systemd runs: vm-run's path
+
     try:
         manifest = read_manifest(root)
     except VmsiloError:
