@@ -81,7 +81,7 @@ PARAMS = [
     "vmsilo.rootOverlay=raw,ephemeral",
     "vmsilo.share=docs,/mnt/docs,ro",
     "vmsilo.share=home,/home/user",
-    "vmsilo.share=src,/home/user/src",
+    "vmsilo.share=src,/mnt/src",
     "quiet",
     "loglevel=3",
 ]

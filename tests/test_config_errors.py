@@ -434,6 +434,60 @@ BAD: list[tuple[str, str, str, str]] = [
     ("bad-package", U + "[images.x]\npackages = ['Foo Bar']\n", "images.x.packages[0]", "Debian"),
     ("netvm-range-bad", U + "netvmRange = '10.0.0.1/16'\n", "netvmRange", "invalid IPv4 network"),
     ("timeout-negative", U + "startTimeout = -1\n", "startTimeout", "greater than or equal"),
+    (
+        "share-same-mountpoint",
+        U + "[vms.a.sharedDirectories]\n"
+        "docs = { path = '/d', mountPoint = '/mnt/docs', readOnly = true }\n"
+        "more = { path = '/m', mountPoint = '/mnt/docs/' }\n",
+        "vms.a.sharedDirectories.more.mountPoint",
+        "also the mount point of vms.a.sharedDirectories.docs.mountPoint",
+    ),
+    (
+        "share-nested-mountpoint",
+        U + "[vms.a.sharedDirectories]\n"
+        "docs = { path = '/d', mountPoint = '/mnt/docs/inner' }\n"
+        "more = { path = '/m', mountPoint = '/mnt/docs' }\n",
+        "vms.a.sharedDirectories.more.mountPoint",
+        "/mnt/docs/inner lies inside /mnt/docs",
+    ),
+    (
+        "share-inside-shared-home",
+        U + "[vms.a.sharedDirectories]\nsrc = { path = '/s', mountPoint = '/home/user/src' }\n",
+        "vms.a.sharedDirectories.src.mountPoint",
+        "vms.a.sharedHome (/home/user) nest",
+    ),
+    (
+        "share-over-home-when-not-shared",
+        U + "[vms.a]\nsharedHome = false\n[vms.a.sharedDirectories]\n"
+        "h = { path = '/h', mountPoint = '/home/user' }\n"
+        "x = { path = '/x', mountPoint = '/home/user' }\n",
+        "vms.a.sharedDirectories.x.mountPoint",
+        "also the mount point of vms.a.sharedDirectories.h.mountPoint",
+    ),
+    (
+        "share-over-etc",
+        U + "[vms.a.sharedDirectories.e]\npath = '/e'\nmountPoint = '/etc'\n",
+        "vms.a.sharedDirectories.e.mountPoint",
+        "system directory /etc",
+    ),
+    (
+        "share-over-root",
+        U + "[vms.a.sharedDirectories.r]\npath = '/r'\nmountPoint = '/'\n",
+        "vms.a.sharedDirectories.r.mountPoint",
+        "system directory /",
+    ),
+    (
+        "share-in-proc",
+        U + "[vms.a.sharedDirectories.p]\npath = '/p'\nmountPoint = '/proc/x'\n",
+        "vms.a.sharedDirectories.p.mountPoint",
+        "system directory /proc",
+    ),
+    (
+        "share-over-usr",
+        U + "[vms.a.sharedDirectories.usr]\npath = '/u'\nmountPoint = '/usr'\n",
+        "vms.a.sharedDirectories.usr.mountPoint",
+        "system directory /usr",
+    ),
 ]
 
 
@@ -505,3 +559,25 @@ def test_unknown_vm_lists_available(tmp_path: Path) -> None:
     status, _, err = run_vmsilo(["-c", str(cfg), "argv", "zz"])
     assert status == 2
     assert "unknown VM: zz" in err and "Available VMs: a, b" in err
+
+
+def test_mount_point_clash_names_both_paths_and_side_by_side_is_fine(tmp_path: Path) -> None:
+    """Issue 15.1: two shares on /mnt/docs — check used to say ok and the guest mounted one."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        U + "[vms.a.sharedDirectories]\n"
+        "docs = { path = '/d', mountPoint = '/mnt/docs', readOnly = true }\n"
+        "more = { path = '/m', mountPoint = '/mnt/docs' }\n"
+    )
+    status, out, err = run_vmsilo(["-c", str(cfg), "check"])
+    assert status == 2 and out == ""
+    [line] = err.splitlines()
+    assert line.startswith("vms.a.sharedDirectories.more.mountPoint: ")
+    assert "vms.a.sharedDirectories.docs.mountPoint" in line and "/mnt/docs" in line
+    cfg.write_text(
+        U + "[vms.a.sharedDirectories]\n"
+        "docs = { path = '/d', mountPoint = '/mnt/docs', readOnly = true }\n"
+        "more = { path = '/m', mountPoint = '/mnt/docs2' }\n"
+        "opt = { path = '/o', mountPoint = '/opt/tools' }\n"
+    )
+    assert run_vmsilo(["-c", str(cfg), "check"])[:2] == (0, "ok: 1 VMs\n")

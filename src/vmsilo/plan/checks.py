@@ -7,6 +7,7 @@ each duplicate is reported once, naming both owners.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -19,9 +20,31 @@ if TYPE_CHECKING:
 
 MAX_CMDLINE = 2048
 
+#: Guest directories a share must not cover: the system the guest runs from, and the API
+#: file systems the init mounts (a share on or below them would hide or fake them).
+SYSTEM_DIRS = frozenset(
+    [
+        "/",
+        "/bin",
+        "/boot",
+        "/etc",
+        "/home",
+        "/lib",
+        "/lib32",
+        "/lib64",
+        "/libx32",
+        "/root",
+        "/sbin",
+        "/tmp",
+        "/usr",
+        "/var",
+    ]
+)
+API_TREES = ("/proc", "/sys", "/dev", "/run")
+
 
 def check_plan(plan: Plan, config: Config) -> list[Problem]:
-    return [*_interfaces(plan), *_unique(plan), *_cmdline(plan)]
+    return [*_interfaces(plan), *_unique(plan), *_cmdline(plan), *_mount_points(plan, config)]
 
 
 def _iface_path(vm: str, ifname: str, *rest: str) -> str:
@@ -133,3 +156,50 @@ def _cmdline(plan: Plan) -> Iterator[Problem]:
                 f"kernel command line is {size} bytes, at most {MAX_CMDLINE}",
                 "drop kernelParams, shares or interfaces",
             )
+
+
+def _share_path(config: Config, vm: str, tag: str) -> str:
+    """Where the user wrote this share's mount point (the home share comes from sharedHome)."""
+    if tag in config.vms[vm].shared_directories:
+        return join_path("vms", vm, "sharedDirectories", tag, "mountPoint")
+    return join_path("vms", vm, "sharedHome")
+
+
+def _mount_points(plan: Plan, config: Config) -> Iterator[Problem]:
+    """Two shares on one guest directory, one inside another, or one over a system directory.
+
+    The guest can mount only one file system per directory: without this check one share
+    silently hides the other (or a system directory) in the guest.
+    """
+    for vm in plan.vms.values():
+        seen: list[tuple[str, str]] = []  # (normalised mount point, config path)
+        for share in vm.shares:
+            mount = posixpath.normpath(share.mount_point)
+            where = _share_path(config, vm.name, share.tag)
+            api = next((t for t in API_TREES if mount == t or mount.startswith(t + "/")), None)
+            if mount in SYSTEM_DIRS or api is not None:
+                yield Problem(
+                    where,
+                    f"mount point {share.mount_point} would cover the guest's system directory"
+                    f" {api or mount}",
+                    "mount shares below a directory of their own, e.g. /mnt/" + share.tag,
+                )
+                continue
+            for other, other_where in seen:
+                if other == mount:
+                    problem = f"mount point {mount} is also the mount point of {other_where}"
+                elif mount.startswith(other + "/") or other.startswith(mount + "/"):
+                    inner, outer = (mount, other) if len(mount) > len(other) else (other, mount)
+                    problem = (
+                        f"mount point {mount} and the mount point of {other_where} ({other})"
+                        f" nest: {inner} lies inside {outer}"
+                    )
+                else:
+                    continue
+                yield Problem(
+                    where,
+                    problem,
+                    "give each share its own directory, side by side (e.g. /mnt/a and /mnt/b)",
+                )
+                break
+            seen.append((mount, where))
