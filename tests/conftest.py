@@ -10,8 +10,11 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 import os  # noqa: E402
+import pwd  # noqa: E402
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -60,3 +63,20 @@ def image(state_dir: Path):  # type: ignore[no-untyped-def]
     )
     print(f"[image] {built.version} ready in {time.monotonic() - t:.1f} s")
     return built
+
+
+@pytest.fixture(scope="module")
+def host_user() -> Iterator[pwd.struct_passwd]:
+    """A real non-root host account (the config's desktop ``user``), removed afterwards."""
+    if os.geteuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("needs root and useradd")
+    name = f"vmsilo-t{os.getpid() % 100000}"
+    subprocess.run(["userdel", name], capture_output=True, check=False)
+    subprocess.run(
+        ["useradd", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin", name],
+        check=True,
+    )
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, check=False)

@@ -58,23 +58,6 @@ class Install:
 
 
 @pytest.fixture(scope="module")
-def host_user() -> Iterator[pwd.struct_passwd]:
-    """A real non-root host account, removed afterwards."""
-    if os.geteuid() != 0 or shutil.which("useradd") is None:
-        pytest.skip("needs root and useradd")
-    name = f"vmsilo-t{os.getpid() % 100000}"
-    subprocess.run(["userdel", name], capture_output=True, check=False)
-    subprocess.run(
-        ["useradd", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin", name],
-        check=True,
-    )
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", name], capture_output=True, check=False)
-
-
-@pytest.fixture(scope="module")
 def inst(image: Any, state_dir: Path, host_user: pwd.struct_passwd) -> Iterator[Install]:
     run_dir = Path(f"/tmp/vmsilo-sh-{os.getpid()}")
     shutil.rmtree(run_dir, ignore_errors=True)
