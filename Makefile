@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all install deps test lint typecheck unit demo bench clean
+.PHONY: all venv deps test lint typecheck unit demo bench clean install uninstall
 
 all: test
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: deps $(STAMP)
+venv: deps $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
@@ -26,14 +26,22 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy src
 
-test: install lint typecheck
+test: venv lint typecheck
 	$(BIN)/pytest -q
 
-demo: install
+demo: venv
 	$(BIN)/python -m vmsilo.demo examples/demo.toml
 
-bench: install
+bench: venv
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+# The production install (root): a venv under /opt/vmsilo built with Debian's python3, the
+# commands linked into /usr/local/bin. PREFIX, BINDIR and DESTDIR may be overridden.
+install: deps
+	./scripts/install-system install
+
+uninstall:
+	./scripts/install-system uninstall
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -199,9 +199,17 @@ def test_foreign_files_are_never_overwritten(cfg: Path, root: Path) -> None:
     assert not (root / MANIFEST).exists()
 
 
-def test_root_must_exist(cfg: Path, tmp_path: Path) -> None:
+def test_a_missing_root_is_created_and_an_impossible_one_is_an_error(
+    cfg: Path, tmp_path: Path
+) -> None:
     status, _out, err = run_vmsilo(["-c", str(cfg), "install", "--root", str(tmp_path / "no")])
-    assert status == 2 and "is not a directory" in err
+    assert status == 0, err
+    assert (tmp_path / "no" / MANIFEST).is_file()
+    (tmp_path / "file").write_text("")
+    status, _out, err = run_vmsilo(
+        ["-c", str(cfg), "install", "--root", str(tmp_path / "file" / "x")]
+    )
+    assert status == 2 and "cannot create" in err and "Traceback" not in err
 
 
 class FakeSystemctl:

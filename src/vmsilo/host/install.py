@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from typing import Any
 from vmsilo.errors import VmsiloError
 from vmsilo.host.systemd import systemd_running
 from vmsilo.host.units import enable_links, render_host_files
-from vmsilo.plan.model import Plan
+from vmsilo.plan.model import HostUserPlan, Plan
 from vmsilo.runcmd import run
 
 MANIFEST = "var/lib/vmsilo/installed.json"
@@ -46,6 +47,65 @@ def vmsilo_exe() -> list[str]:
     if found:
         return [os.path.abspath(found)]
     return [os.path.abspath(sys.executable), "-m", "vmsilo.cli.vmsilo"]
+
+
+def exe_notes(exe: Sequence[str], user: HostUserPlan) -> list[str]:
+    """Why the units' ``ExecStart=`` may be a poor target: a vmsilo that runs from a source
+    checkout (the units break when it moves, and it is easy to edit by accident), or one the
+    desktop user cannot run (``vm-run`` is theirs)."""
+    notes = []
+    program = Path(exe[0]).resolve()
+    checkout = next((d for d in program.parents if (d / ".git").exists()), None)
+    if checkout is not None:
+        notes.append(
+            f"vmsilo runs from the source checkout {checkout}: the units point into it"
+            " (hint: `make install` puts it under /opt/vmsilo with the commands on PATH)"
+        )
+    blocked = _unreachable_for(program, user)
+    interpreter = _shebang(program)
+    if blocked is None and interpreter is not None:
+        blocked = _unreachable_for(Path(interpreter).resolve(), user)
+    if blocked is not None:
+        notes.append(
+            f"user {user.name} cannot run vmsilo's commands: {blocked} is not readable by them"
+            " (hint: `make install` builds them with Debian's python3 under /opt/vmsilo)"
+        )
+    return notes
+
+
+def _shebang(program: Path) -> str | None:
+    """The interpreter a script names on its first line (a venv's ``bin/vmsilo``)."""
+    try:
+        with program.open("rb") as f:
+            first = f.readline(4096)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].decode(errors="replace").split()
+    return words[0] if words else None
+
+
+def _unreachable_for(path: Path, user: HostUserPlan) -> Path | None:
+    """The first of ``path`` and its parents that ``user`` cannot traverse or read (by its
+    mode bits, owner and primary group), or None."""
+
+    def allowed(st: os.stat_result, bits: tuple[int, int, int]) -> bool:
+        if st.st_uid == user.uid:
+            return bool(st.st_mode & bits[0])
+        if st.st_gid == user.gid:
+            return bool(st.st_mode & bits[1])
+        return bool(st.st_mode & bits[2])
+
+    try:
+        for parent in reversed(path.parents):  # from / down, so the blocking one is named
+            if not allowed(parent.stat(), (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)):
+                return parent
+        if not allowed(path.stat(), (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)):
+            return path
+    except OSError:
+        return path
+    return None
 
 
 @dataclass
@@ -148,13 +208,18 @@ def install(
     root = root.absolute()
     if live is None:
         live = root == Path("/") and systemd_running()
-    if not root.is_dir():
-        raise VmsiloError(f"{root} is not a directory", "create it first, or pass another --root")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VmsiloError(
+            f"cannot create {root}: {e.strerror}", "pass an existing directory as --root"
+        ) from None
     exe = list(exe) if exe is not None else vmsilo_exe()
     files = render_host_files(plan, exe, config)
     links = enable_links(plan)
     old = read_manifest(root)
     report = Report()
+    report.notes += exe_notes(exe, plan.user)
     new = Manifest(
         config=config,
         files=sorted(files),
