@@ -4,6 +4,7 @@ groups, the ephemeral disk and the console log cap."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,33 @@ def test_console_log_is_capped(tmp_path: Path) -> None:
     assert (tmp_path / "c.log").stat().st_size <= 1000
     assert (tmp_path / "c.log.1").stat().st_size <= 1000
     assert not os.path.exists(tmp_path / "c.log.2")
+
+
+def test_console_log_stamps_lines_and_separates_boots(tmp_path: Path) -> None:
+    """Issue 15.9: boots no longer run together, every line carries the host time."""
+    path = tmp_path / "c.log"
+    log = ConsoleLog(str(path))
+    log.write(b"first line\r\nsecond ")
+    log.write(b"half\r\n")
+    log.write(b"no newline at the end")
+    log.close()
+    log = ConsoleLog(str(path))  # the next boot (a new supervisor)
+    log.write(b"\n")
+    log.close()
+    lines = path.read_bytes().split(b"\n")
+    stamp = rb"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}"
+    assert re.fullmatch(rb"-- vmsilo: boot at " + stamp + rb" \(supervisor \d+\) --", lines[0])
+    assert re.fullmatch(stamp + rb" first line\r", lines[1])
+    assert re.fullmatch(stamp + rb" second half\r", lines[2])
+    assert re.fullmatch(stamp + rb" no newline at the end", lines[3])
+    assert lines[4].startswith(b"-- vmsilo: boot at ")  # on a line of its own
+    assert re.fullmatch(stamp + rb" ", lines[5]) and lines[6] == b""
+
+
+def test_logs_filter_what_the_guest_printed() -> None:
+    from vmsilo.cli.escapes import LogFilter
+
+    f = LogFilter()
+    # an OSC retitle, a CSI, a C1 CSI split across two reads, a lone CR hiding the stamp
+    out = f(b"2026 a\x1b]0;pwned\x07b\x1b[2Jc\xc2") + f(b"\x9b31md\rforged\r\n")
+    assert out == b"2026 a_]0;pwned_b_[2Jc_31mdforged\n"

@@ -37,3 +37,12 @@ class EscapeFilter:
                     i += 1
             out = bytes(parts)
         return out
+
+
+class LogFilter(EscapeFilter):
+    """For a console log: escapes and controls filtered as above, and carriage returns dropped
+    (a console writes CRLF; a lone CR would let a guest overwrite the host timestamp at the
+    start of its line on the screen)."""
+
+    def __call__(self, data: bytes) -> bytes:
+        return super().__call__(data.replace(b"\r", b""))

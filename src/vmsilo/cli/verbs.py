@@ -208,15 +208,38 @@ def cmd_logs(
 ) -> int:
     loaded = _load(args, users)
     vm = select_vm(loaded.plan, args.vm)
+    from vmsilo.cli.escapes import LogFilter
+
     path = Path(vm.paths.console_log)
     if args.follow:
-        out.flush()
-        os.execvp("tail", ["tail", "-n", "+1", "-F", str(path)])
+        return _follow(path, out)
     if not path.exists():
         raise VmsiloError(f"no console log for {vm.name} yet", f"start it: vmsilo start {vm.name}")
     data = path.read_bytes()
-    out.write(data.decode(errors="replace"))
+    out.write(LogFilter()(data).decode(errors="replace"))
     return 0
+
+
+def _follow(path: Path, out: TextIO) -> int:
+    """``tail -F`` (it follows the log across its size-cap rotation), filtered like the rest."""
+    import subprocess
+
+    from vmsilo.cli.escapes import LogFilter
+
+    safe = LogFilter()
+    out.flush()
+    with subprocess.Popen(
+        ["tail", "-n", "+1", "-F", str(path)], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+    ) as tail:
+        assert tail.stdout is not None
+        try:
+            while chunk := os.read(tail.stdout.fileno(), 65536):
+                out.write(safe(chunk).decode(errors="replace"))
+                out.flush()
+        except KeyboardInterrupt:
+            tail.terminate()
+            return 130
+    return tail.returncode
 
 
 def cmd_service_vm(
