@@ -23,6 +23,7 @@ import sys
 from collections.abc import Awaitable
 from typing import Any
 
+from vmsilo.backends.vmm import Vmm, VmmExit, wait_process
 from vmsilo.channel.mux import ChannelMux, StreamLink
 from vmsilo.channel.protocol import (
     PROTOCOL_VERSION,
@@ -43,7 +44,6 @@ from vmsilo.supervisor.notify import sd_notify
 from vmsilo.supervisor.prelaunch import STOP_SIGNALS, Prelaunch, failure_of
 from vmsilo.supervisor.sidecars import Sidecars
 from vmsilo.supervisor.state import now
-from vmsilo.supervisor.vmm import Vmm, VmmExit, wait_process
 
 CONTROL_WAIT_READY = "wait-ready"
 
