@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from vmsilo.backends.features import Accel, FeatureTable
 from vmsilo.backends.vmm import Vmm
-from vmsilo.host.doctor import Finding
+from vmsilo.host.findings import Finding
 from vmsilo.host.preflight import VmmProgram, preflight
 from vmsilo.plan.model import Plan, VmPlan
 

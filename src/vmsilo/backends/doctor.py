@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 from vmsilo.backends.base import Backend
 from vmsilo.backends.registry import BACKENDS, backend_for
-from vmsilo.host.doctor import Finding, Level, VmmChecks, device_access
+from vmsilo.host.doctor import VmmChecks, device_access
+from vmsilo.host.findings import Finding, Level
 from vmsilo.plan.model import Plan, VmPlan
 
 

@@ -16,7 +16,7 @@ from vmsilo.backends import accel, features
 from vmsilo.backends.base import Backend, HostFacts
 from vmsilo.backends.qemu import qemu_argv
 from vmsilo.backends.vmm import Vmm
-from vmsilo.host.doctor import Finding
+from vmsilo.host.findings import Finding
 from vmsilo.plan.model import Plan, VmPlan
 
 VHOST_VSOCK = "/dev/vhost-vsock"

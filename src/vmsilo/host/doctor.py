@@ -13,22 +13,14 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 from vmsilo.errors import VmsiloError
+from vmsilo.host.findings import Finding, Level
 from vmsilo.plan.model import Plan
 
-Level = Literal["ok", "warn", "fail"]
-
-
-@dataclass(frozen=True)
-class Finding:
-    check: str
-    level: Level
-    detail: str
-    hint: str = ""
+__all__ = ["Finding", "Level", "VmmChecks", "device_access", "diagnose"]
 
 
 def device_access(path: str) -> tuple[bool, bool]:
