@@ -9,6 +9,8 @@ supervisor, relay, autostart and stop logic be tested in a second, with no VM; t
 prove the same paths against real QEMU.
 
 Environment: ``FAKE_QEMU_LOG`` — a file that gets one line per launch (to count starts);
+``FAKE_QEMU_ARGV`` — a file that gets the launch's argv as one JSON line (``argv[0]`` as the
+supervisor executed it, passed on by the wrapper as ``FAKE_QEMU_ARGV0``);
 ``FAKE_QEMU_FAIL`` — exit with this status right away (a VMM that crashes at start);
 ``FAKE_AGENT_VERSION`` — announce this protocol version instead of running the agent (an
 image built by another vmsilo); ``FAKE_HELLO_FIRST`` — send the hello itself before the agent
@@ -66,6 +68,9 @@ async def main() -> int:
     if os.environ.get("FAKE_QEMU_LOG"):
         with open(os.environ["FAKE_QEMU_LOG"], "a") as f:
             f.write(f"{os.getpid()}\n")
+    if os.environ.get("FAKE_QEMU_ARGV"):
+        with open(os.environ["FAKE_QEMU_ARGV"], "a") as f:
+            f.write(json.dumps([os.environ.get("FAKE_QEMU_ARGV0", ""), *argv]) + "\n")
     if os.environ.get("FAKE_QEMU_FAIL"):
         return int(os.environ["FAKE_QEMU_FAIL"])
     devs = chardevs(argv)

@@ -69,7 +69,11 @@ class FakeInstall:
 def make_fake_install(root: Path, vms: str = "", extra: str = "") -> FakeInstall:
     root.mkdir(parents=True, exist_ok=True)
     wrapper = root / "fake-qemu"
-    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {TESTS / "fake_qemu.py"} "$@"\n')
+    # $0 is the path the supervisor executed: the fake records it as its argv[0]
+    wrapper.write_text(
+        '#!/bin/sh\nexport FAKE_QEMU_ARGV0="$0"\n'
+        f'exec {sys.executable} {TESTS / "fake_qemu.py"} "$@"\n'
+    )
     wrapper.chmod(0o755)
     for name in ("vmlinuz", "initrd.img", "root.img"):
         (root / name).write_bytes(b"fake")

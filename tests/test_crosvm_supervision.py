@@ -171,6 +171,15 @@ def start(cv: CrosvmInstall) -> dict[str, Any]:
     return cv.next_event("booted")
 
 
+def test_vmsilo_argv_is_the_argv_the_supervisor_ran(cv: CrosvmInstall) -> None:
+    """`vmsilo argv` and the supervisor build the argv through the same call (crosvm)."""
+    start(cv)
+    launched = next(ev for ev in cv.seen if ev["event"] == "launch")
+    shown = cv.cmd("vmsilo", "argv", VM)
+    assert shown.returncode == 0, shown.stderr
+    assert launched["argv"] == json.loads(shown.stdout)
+
+
 def test_start_run_and_powerbtn_stop(cv: CrosvmInstall) -> None:
     """Start → ready → vm-run over (emulated) vsock → graceful stop via ``crosvm powerbtn``."""
     booted = start(cv)

@@ -285,3 +285,13 @@ def test_a_share_daemon_that_dies_while_the_vm_runs_is_shown_in_status(tmp_path:
         assert "exit status 3" in st["detail"] and "lost the shared directory" in st["detail"]
     finally:
         inst.cmd("vmsilo", "stop", "sharing", timeout=60)
+
+
+def test_vmsilo_argv_is_the_argv_the_supervisor_ran(fake: FakeInstall) -> None:
+    """`vmsilo argv` and the supervisor build the argv through the same call (QEMU)."""
+    record = fake.root / "argv.jsonl"
+    started = fake.cmd("vmsilo", "start", "fake", env=fake.env(FAKE_QEMU_ARGV=str(record)))
+    assert started.returncode == 0, started.stderr
+    ran = [json.loads(line) for line in record.read_text().splitlines()]
+    shown = fake.cmd("vmsilo", "argv", "fake", check=True)
+    assert ran == [json.loads(shown.stdout)]

@@ -15,11 +15,11 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Literal
 
+from vmsilo.backends.features import Accel
 from vmsilo.plan.model import Plan, VmPlan
 
-Accel = Literal["kvm", "tcg"]
+__all__ = ["CACHE_NAME", "Accel", "cached_accel", "probe_kvm", "resolve_accel"]
 PROBE_TIMEOUT = 20.0
 CACHE_NAME = "qemu-accel.json"
 

@@ -5,32 +5,16 @@ init finds the ephemeral disk by it), virtio-net on the planned tap at the plann
 vhost-user-fs per share (guest RAM shared through a memfd backend), vhost-vsock when the host
 has it and otherwise the ``org.vmsilo.channel`` virtio-serial port, the two virtio-console
 ports, vfio-pci, and QMP for control. crosvm-only tunings are listed in the plan's
-``not_applied`` instead of being approximated.
+``not_applied`` instead of being approximated. Pure: the host facts (accelerator, vsock) are
+arguments, gathered by :class:`vmsilo.backends.qemu_backend.QemuBackend`.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Literal
-
+from vmsilo.backends.features import QEMU_VHOST_USER_DEVICES, Accel
 from vmsilo.plan.model import Plan, VmPlan
 
-Accel = Literal["kvm", "tcg"]
-
-# vhost-user device types QEMU 7.2 can front without extra information.
-QEMU_VHOST_USER_DEVICES = {
-    "block": "vhost-user-blk-pci",
-    "gpu": "vhost-user-gpu-pci",
-    "input": "vhost-user-input-pci",
-    "rng": "vhost-user-rng-pci",
-    "scsi": "vhost-user-scsi-pci",
-    "vsock": "vhost-user-vsock-pci",
-}
-
-
-def vsock_available() -> bool:
-    """Whether QEMU can give the guest a vhost-vsock device on this host."""
-    return os.path.exists("/dev/vhost-vsock")
+__all__ = ["QEMU_VHOST_USER_DEVICES", "q", "qemu_argv"]
 
 
 def q(value: str) -> str:
@@ -133,7 +117,3 @@ def qemu_argv(plan: Plan, vm: VmPlan, accel: Accel = "tcg", *, vsock: bool = Fal
     if vm.gpu is not None and vm.gpu.opengl:
         argv += ["-device", "virtio-gpu-gl-pci", "-display", "egl-headless"]
     return argv
-
-
-def qmp_powerdown() -> dict[str, str]:
-    return {"execute": "system_powerdown"}

@@ -20,10 +20,11 @@ def register(sub: Any) -> None:
 def cmd_doctor(
     args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
 ) -> int:
+    from vmsilo.backends.doctor import VMM_CHECKS
     from vmsilo.host.doctor import diagnose
 
     loaded = load(args.config, users)
-    findings = diagnose(loaded.plan, str(loaded.path))
+    findings = diagnose(loaded.plan, str(loaded.path), VMM_CHECKS)
     failed = any(f.level == "fail" for f in findings)
     if args.json:
         json.dump({"ok": not failed, "findings": [asdict(f) for f in findings]}, out, indent=2)

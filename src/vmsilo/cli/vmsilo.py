@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from vmsilo.backends.crosvm import crosvm_argv
+from vmsilo.backends.features import HYPERVISORS
 from vmsilo.backends.script import launcher_script
 from vmsilo.cli.common import Loaded, guarded, load, select_vm
 from vmsilo.config.users import UserLookup
@@ -24,14 +24,14 @@ EXIT_BAD_INPUT = 2
 
 
 def vmm_argv(plan: Plan, vm: VmPlan, backend: str | None = None) -> list[str]:
-    """The VMM argv for ``vm`` under ``backend`` (default: the VM's own hypervisor)."""
-    chosen = backend or vm.hypervisor
-    if chosen == "crosvm":
-        return crosvm_argv(plan, vm)
-    from vmsilo.backends.accel import cached_accel
-    from vmsilo.backends.qemu import qemu_argv, vsock_available
+    """The VMM argv for ``vm`` under ``backend`` (default: the VM's own hypervisor).
 
-    return qemu_argv(plan, vm, cached_accel(plan, vm), vsock=vsock_available())
+    The supervisor's own call (:func:`vmsilo.backends.registry.launch_argv`), reading QEMU's
+    accelerator verdict from the cache instead of running a test boot."""
+    from vmsilo.backends import registry
+
+    chosen = registry.get(backend) if backend is not None else None
+    return registry.launch_argv(plan, vm, probe=False, backend=chosen)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,11 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("argv", help="print the VMM argv of a VM as a JSON array")
     p.add_argument("vm")
-    p.add_argument("--backend", choices=["crosvm", "qemu"], help="default: the VM's hypervisor")
+    p.add_argument("--backend", choices=HYPERVISORS, help="default: the VM's hypervisor")
 
     p = sub.add_parser("render-launcher", help="write the VMM argv as a shell script")
     p.add_argument("vm")
-    p.add_argument("--backend", choices=["crosvm", "qemu"])
+    p.add_argument("--backend", choices=HYPERVISORS)
     p.add_argument("-o", "--output", metavar="FILE", help="default: standard output")
 
     from vmsilo.cli import verbs

@@ -12,6 +12,8 @@ import difflib
 import ipaddress
 from collections.abc import Callable, Iterator
 
+from vmsilo.backends.features import FEATURES
+from vmsilo.backends.features import table as feature_table
 from vmsilo.config.model import Config, GpuConfig, VmConfig
 from vmsilo.config.problems import Problem, join_path
 from vmsilo.config.types import crosvm_unsafe_reason, is_bdf
@@ -117,36 +119,40 @@ def _check_vm(config: Config, name: str, vm: VmConfig, known: set[str]) -> Itera
         elif (reason := crosvm_unsafe_reason(dev.path, "path")) is not None:
             yield Problem(at("pciDevices", i, "path"), *reason)
 
-    if vm.hypervisor == "qemu":
-        yield from _check_qemu(vm, at)
+    yield from _check_hypervisor(vm, at)
 
 
-def _check_qemu(vm: VmConfig, at: Callable[..., str]) -> Iterator[Problem]:
+def requested_features(vm: VmConfig) -> list[str]:
+    """The features of :data:`~vmsilo.backends.features.FEATURES` ``vm`` asks for explicitly
+    (``gpu = true`` means Wayland and OpenGL; unset values are the hypervisor's to choose)."""
     gpu = vm.gpu
-    if gpu is True or (
-        gpu is not None and not isinstance(gpu, bool) and (gpu.wayland or gpu.vulkan)
-    ):
-        yield Problem(
-            at("gpu"),
-            "QEMU cannot provide Wayland (cross-domain) or Vulkan (venus) here",
-            "cross-domain needs QEMU >= 8.1 with rutabaga (Debian 12 has 7.2); use"
-            " hypervisor = 'crosvm', or gpu = { opengl = true }",
-        )
-    for key in ("playback", "capture"):
-        if getattr(vm.sound, key) is True:
-            yield Problem(
-                at("sound", key),
-                "QEMU cannot provide virtio-sound here",
-                "virtio-sound needs QEMU >= 8.2 (Debian 12 has 7.2); use hypervisor = 'crosvm'",
-            )
-    from vmsilo.backends.qemu import QEMU_VHOST_USER_DEVICES
+    wanted: set[str] = set()
+    if gpu is True:
+        wanted |= {"gpu.wayland", "gpu.opengl"}
+    elif isinstance(gpu, GpuConfig):
+        wanted |= {f"gpu.{k}" for k in ("wayland", "opengl", "vulkan") if getattr(gpu, k)}
+    wanted |= {f"sound.{k}" for k in ("playback", "capture") if getattr(vm.sound, k) is True}
+    return [f for f in FEATURES if f in wanted]
 
+
+def _check_hypervisor(vm: VmConfig, at: Callable[..., str]) -> Iterator[Problem]:
+    """What the VM's hypervisor refuses (its table in :mod:`vmsilo.backends.features`)."""
+    abilities = feature_table(vm.hypervisor)
+    reported: set[tuple[str, ...]] = set()
+    for feature in requested_features(vm):
+        refusal = abilities.refused.get(feature)
+        if refusal is not None and refusal.key not in reported:
+            reported.add(refusal.key)
+            yield Problem(at(*refusal.key), refusal.message, refusal.hint)
+    devices = abilities.vhost_user_devices
+    if devices is None:
+        return
     for n, vu in enumerate(vm.vhost_user):
-        if vu.type not in QEMU_VHOST_USER_DEVICES:
+        if vu.type not in devices:
             yield Problem(
                 at("vhostUser", n, "type"),
-                f"QEMU cannot front a vhost-user {vu.type!r} device",
-                "supported with QEMU: " + ", ".join(sorted(QEMU_VHOST_USER_DEVICES)),
+                f"{abilities.label} cannot front a vhost-user {vu.type!r} device",
+                f"supported with {abilities.label}: " + ", ".join(sorted(devices)),
             )
 
 

@@ -4,121 +4,40 @@ Each check is a small function returning a :class:`Finding` (ok / warn / fail, w
 and a hint). Checks run only where the config needs them (KVM and vsock for the VMMs in use,
 ``/dev/net/tun`` for VMs with interfaces, virtiofsd for shares, the IOMMU for passthrough), so
 a clean report means the configured fleet can start here — users' most common complaints are
-exactly these host problems surfacing as an obscure VMM error at start time.
+exactly these host problems surfacing as an obscure VMM error at start time. The checks that
+depend on the VMM (KVM, vsock, the VMM binaries) belong to the backends and are passed in.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import NamedTuple
 
 from vmsilo.errors import VmsiloError
+from vmsilo.host.findings import Finding, Level
 from vmsilo.plan.model import Plan
 
-Level = Literal["ok", "warn", "fail"]
+__all__ = ["Finding", "Level", "VmmChecks", "device_access", "diagnose"]
 
 
-@dataclass(frozen=True)
-class Finding:
-    check: str
-    level: Level
-    detail: str
-    hint: str = ""
-
-
-def _device(path: str) -> tuple[bool, bool]:
+def device_access(path: str) -> tuple[bool, bool]:
     return os.path.exists(path), os.access(path, os.R_OK | os.W_OK)
-
-
-def check_kvm(plan: Plan) -> Iterator[Finding]:
-    exists, usable = _device("/dev/kvm")
-    crosvm = [vm for vm in plan.vms.values() if vm.hypervisor == "crosvm"]
-    qemu = [vm for vm in plan.vms.values() if vm.hypervisor == "qemu"]
-    if not exists or not usable:
-        what = "missing" if not exists else "not accessible to this user"
-        level: Level = "fail" if crosvm else "warn"
-        yield Finding(
-            "/dev/kvm",
-            level,
-            f"/dev/kvm is {what}"
-            + ("; crosvm VMs cannot start" if crosvm else "; QEMU falls back to TCG (slow)"),
-            "enable virtualisation in the firmware and load kvm_intel or kvm_amd",
-        )
-        return
-    if qemu and plan.qemu.accel == "auto":
-        from vmsilo.backends.accel import resolve_accel
-
-        vm = qemu[0]
-        if not os.path.exists(vm.kernel):
-            yield Finding(
-                "kvm boot",
-                "warn",
-                "not probed: no guest kernel built yet",
-                f"vmsilo image build {vm.image}",
-            )
-            return
-        verdict = resolve_accel(plan, vm)
-        if verdict == "kvm":
-            yield Finding("kvm boot", "ok", "a test guest booted under KVM")
-        else:
-            yield Finding(
-                "kvm boot",
-                "warn",
-                "/dev/kvm exists but a test guest did not boot under it (nested or broken"
-                " KVM); QEMU VMs use TCG",
-                "on a nested host, enable nested virtualisation on the outer hypervisor",
-            )
-    else:
-        yield Finding("/dev/kvm", "ok", "present and accessible")
-
-
-def check_vsock(plan: Plan) -> Iterator[Finding]:
-    exists, usable = _device("/dev/vhost-vsock")
-    crosvm = any(vm.hypervisor == "crosvm" for vm in plan.vms.values())
-    if exists and usable:
-        yield Finding("/dev/vhost-vsock", "ok", "present: sessions use one vsock connection each")
-    elif crosvm:
-        yield Finding(
-            "/dev/vhost-vsock", "fail", "missing; crosvm VMs need vsock", "modprobe vhost_vsock"
-        )
-    else:
-        yield Finding(
-            "/dev/vhost-vsock",
-            "ok",
-            "missing: QEMU VMs multiplex sessions over the org.vmsilo.channel virtio-serial port",
-        )
 
 
 def check_tun(plan: Plan) -> Iterator[Finding]:
     users = [vm.name for vm in plan.vms.values() if vm.interfaces]
     if not users:
         return
-    exists, usable = _device("/dev/net/tun")
+    exists, usable = device_access("/dev/net/tun")
     if exists and usable:
         yield Finding("/dev/net/tun", "ok", f"present (needed by {', '.join(users)})")
     else:
         yield Finding(
             "/dev/net/tun", "fail", f"missing; needed by {', '.join(users)}", "modprobe tun"
         )
-
-
-def check_binaries(plan: Plan) -> Iterator[Finding]:
-    kinds = {vm.hypervisor for vm in plan.vms.values()}
-    wanted = []
-    if "qemu" in kinds:
-        wanted.append((plan.qemu.binary, "apt-get install qemu-system-x86"))
-    if "crosvm" in kinds:
-        wanted.append((plan.crosvm.binary, "install crosvm, or set crosvm.binary"))
-    for binary, hint in wanted:
-        found = shutil.which(binary)
-        if found:
-            yield Finding(binary, "ok", found)
-        else:
-            yield Finding(binary, "fail", "not found", hint)
 
 
 def check_virtiofsd(plan: Plan) -> Iterator[Finding]:
@@ -217,22 +136,37 @@ def check_systemd(plan: Plan, config: str) -> Iterator[Finding]:
         yield Finding("systemd units", "ok", "installed for every VM")
 
 
-CHECKS: tuple[Callable[[Plan], Iterator[Finding]], ...] = (
-    check_kvm,
-    check_vsock,
-    check_tun,
-    check_binaries,
-    check_virtiofsd,
-    check_image_tools,
-    check_images,
-    check_iommu,
-    check_dirs,
-)
+Check = Callable[[Plan], Iterator[Finding]]
 
 
-def diagnose(plan: Plan, config: str) -> list[Finding]:
+class VmmChecks(NamedTuple):
+    """The VMM-specific checks, given by the backends (:mod:`vmsilo.backends.doctor`):
+    ``devices`` run first (KVM, vsock), ``programs`` after ``/dev/net/tun``."""
+
+    devices: Sequence[Check] = ()
+    programs: Sequence[Check] = ()
+
+
+def checks(vmm: VmmChecks) -> tuple[Check, ...]:
+    """Every check, in the order the report lists them."""
+    return (
+        *vmm.devices,
+        check_tun,
+        *vmm.programs,
+        check_virtiofsd,
+        check_image_tools,
+        check_images,
+        check_iommu,
+        check_dirs,
+    )
+
+
+NO_VMM_CHECKS = VmmChecks()
+
+
+def diagnose(plan: Plan, config: str, vmm: VmmChecks = NO_VMM_CHECKS) -> list[Finding]:
     findings: list[Finding] = []
-    for check in CHECKS:
+    for check in checks(vmm):
         findings += check(plan)
     findings += check_systemd(plan, config)
     return findings

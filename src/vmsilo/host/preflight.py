@@ -1,9 +1,15 @@
-"""Checks made before a VM is launched, each failing with a hint that fixes it."""
+"""Checks made before a VM is launched, each failing with a hint that fixes it.
+
+Which VMM binary to look for is the caller's to say (:class:`VmmProgram`, filled in by the
+VM's backend, :meth:`vmsilo.backends.base.Backend.preflight`): the host layer knows no
+hypervisor by name.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from vmsilo.errors import ImageMissingError, VmsiloError
@@ -11,8 +17,13 @@ from vmsilo.host.iommu import check_iommu_groups
 from vmsilo.plan.model import Plan, VmPlan
 
 
-def vmm_binary(plan: Plan, vm: VmPlan) -> str:
-    return plan.qemu.binary if vm.hypervisor == "qemu" else plan.crosvm.binary
+@dataclass(frozen=True)
+class VmmProgram:
+    """The VMM a VM needs: its program as configured, its package, its config section."""
+
+    binary: str
+    package: str
+    section: str
 
 
 def check_image(plan: Plan, vm: VmPlan) -> None:
@@ -28,14 +39,12 @@ def check_image(plan: Plan, vm: VmPlan) -> None:
         raise ImageMissingError(f"VM {vm.name}: missing {', '.join(missing)}", hint)
 
 
-def check_binary(plan: Plan, vm: VmPlan) -> str:
-    binary = vmm_binary(plan, vm)
-    found = shutil.which(binary)
+def check_binary(vm: VmPlan, vmm: VmmProgram) -> str:
+    found = shutil.which(vmm.binary)
     if found is None:
-        pkg = "qemu-system-x86" if vm.hypervisor == "qemu" else "crosvm"
         raise VmsiloError(
-            f"VM {vm.name}: VMM binary {binary!r} not found",
-            f"install {pkg}, or set {vm.hypervisor}.binary in the config",
+            f"VM {vm.name}: VMM binary {vmm.binary!r} not found",
+            f"install {vmm.package}, or set {vmm.section}.binary in the config",
         )
     return found
 
@@ -67,10 +76,10 @@ def check_memory(vm: VmPlan) -> None:
         )
 
 
-def preflight(plan: Plan, vm: VmPlan) -> str:
+def preflight(plan: Plan, vm: VmPlan, vmm: VmmProgram) -> str:
     """Run every check; return the resolved VMM binary path."""
     check_image(plan, vm)
-    binary = check_binary(plan, vm)
+    binary = check_binary(vm, vmm)
     check_tun(vm)
     check_memory(vm)
     bdfs = [d.bdf for d in vm.pci_devices if d.bdf is not None]

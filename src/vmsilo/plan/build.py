@@ -11,6 +11,7 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass, field
 
+from vmsilo.backends.features import table as feature_table
 from vmsilo.config.model import Config, GpuConfig, ImageConfig, Interface, VmConfig
 from vmsilo.config.problems import ConfigErrors, Problem, raise_if_any
 from vmsilo.config.types import is_bdf, normalize_bdf
@@ -49,15 +50,6 @@ from vmsilo.plan.model import (
 
 DEFAULT_BLOCK_OPTIONS: dict[str, KvValue] = {"direct": True, "packed-queue": True}
 EPHEMERAL_ID = "ephemeral"
-QEMU_NOT_APPLIED = (
-    "hugepages",
-    "balloon-page-reporting",
-    "boost-uclamp",
-    "disable-virtio-intx",
-    "s2idle",
-    "core-scheduling",
-    "packed-queue",
-)
 
 
 @dataclass
@@ -249,7 +241,6 @@ def _plan_vm(
     ]
     params += vm.kernel_params
 
-    not_applied: tuple[str, ...] = QEMU_NOT_APPLIED if vm.hypervisor == "qemu" else ()
     return VmPlan(
         name=name,
         id=vm_id,
@@ -285,7 +276,7 @@ def _plan_vm(
         paths=paths,
         service_unit=f"vmsilo-{name}-vm.service",
         socket_unit=f"vmsilo-{name}-command.socket",
-        not_applied=not_applied,
+        not_applied=feature_table(vm.hypervisor).not_applied,
     )
 
 
@@ -353,7 +344,7 @@ def _disks(vm: VmConfig, image: ImagePlan, paths: RuntimePaths) -> tuple[DiskPla
 def _gpu(vm: VmConfig, user: HostUserPlan) -> GpuPlan | None:
     setting = vm.gpu
     if setting is None:
-        setting = vm.hypervisor == "crosvm"
+        setting = feature_table(vm.hypervisor).default_gpu
     if setting is False:
         return None
     table = GpuConfig(wayland=True, opengl=True) if setting is True else setting
@@ -367,9 +358,9 @@ def _gpu(vm: VmConfig, user: HostUserPlan) -> GpuPlan | None:
 
 
 def _sound(vm: VmConfig) -> SoundPlan:
-    crosvm = vm.hypervisor == "crosvm"
+    default = feature_table(vm.hypervisor).default_playback
     capture = vm.sound.capture if vm.sound.capture is not None else False
-    playback = vm.sound.playback if vm.sound.playback is not None else crosvm
+    playback = vm.sound.playback if vm.sound.playback is not None else default
     return SoundPlan(playback=playback or capture, capture=capture)
 
 

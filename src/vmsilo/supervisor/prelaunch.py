@@ -30,15 +30,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from vmsilo.backends.registry import backend_for, launch_argv
+from vmsilo.backends.vmm import Vmm
 from vmsilo.errors import VmsiloError
 from vmsilo.host.disks import create_ephemeral_disk, remove_file
-from vmsilo.host.preflight import preflight
 from vmsilo.host.sockets import bind_listening
 from vmsilo.plan.model import Plan, VmPlan
 from vmsilo.supervisor.notify import SpawnerPipe, sd_notify
 from vmsilo.supervisor.snapshot import write_snapshot
 from vmsilo.supervisor.state import VmLock, VmState, now, read_state, write_state
-from vmsilo.supervisor.vmm import CrosvmVmm, QemuVmm, Vmm
 
 #: Signals that stop a VM (the supervisor's loop takes them over from the prelaunch).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -76,7 +76,6 @@ class Prelaunch:
         self.lock = VmLock(vm.paths.lock)
         self.spawner = SpawnerPipe(options.spawner_fd)
         self.state = VmState(state="starting", supervisor_pid=os.getpid(), hypervisor=vm.hypervisor)
-        self.binary = ""
         self.failure: str | None = None
         self.stop_requested = False
         self.owns_command_socket = options.listen_fd is None
@@ -115,7 +114,7 @@ class Prelaunch:
             vm.paths.plan_snapshot, self.opts.config_path, self.opts.config_text, vm
         )
         self.state.config_hash = snap.config_hash
-        self.binary = preflight(self.plan, vm)
+        backend_for(vm).preflight(self.plan, vm)
         self._bind_command_socket()
         self.spawner.send("bound")
         if vm.netvm not in (None, "host") and self.opts.start_netvm is not None:
@@ -138,8 +137,9 @@ class Prelaunch:
             create_ephemeral_disk(vm.paths.ephemeral_disk, vm.root_overlay_size)
         for path in (vm.paths.qmp, vm.paths.crosvm_control):
             remove_file(path)
-        argv = self._argv()
-        self.vmm = (QemuVmm if vm.hypervisor == "qemu" else CrosvmVmm)(self.plan, vm, argv)
+        # the very call `vmsilo argv` makes (there with the accelerator verdict cached)
+        argv = launch_argv(self.plan, vm, probe=True)
+        self.vmm = backend_for(vm).vmm(self.plan, vm, argv)
         pid = self.vmm.start()
         self.state.extra["vmm_started_at"] = now()
         self.set_state("starting", vmm_pid=pid)
@@ -184,20 +184,6 @@ class Prelaunch:
             if not home.exists():
                 home.mkdir(parents=True, mode=0o700)
                 os.chown(home, *self._user_ids())
-
-    def _argv(self) -> list[str]:
-        vm, plan = self.vm, self.plan
-        if vm.hypervisor == "qemu":
-            from vmsilo.backends.accel import resolve_accel
-            from vmsilo.backends.qemu import qemu_argv, vsock_available
-
-            argv = qemu_argv(plan, vm, resolve_accel(plan, vm), vsock=vsock_available())
-        else:
-            from vmsilo.backends.crosvm import crosvm_argv
-
-            argv = crosvm_argv(plan, vm)
-        argv[0] = self.binary
-        return argv
 
     def _remember_stop_signals(self) -> None:
         """Until the supervisor's loop takes the stop signals over, only remember them."""

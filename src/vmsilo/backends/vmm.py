@@ -1,7 +1,9 @@
-"""Driving the VMM process: start it, ask the guest to power off, read why it exited.
+"""Driving a VMM process: start it, ask the guest to power off, read why it exited.
 
-Two implementations behind one interface: QEMU (QMP ``system_powerdown``) and crosvm (control
-socket ``powerbtn``, and its distinct exit codes for reset, crash, guest panic and watchdog).
+This is what every backend shares; each backend subclasses :class:`Vmm` with its own power
+button and exit codes (QEMU: QMP ``system_powerdown`` in :mod:`vmsilo.backends.qemu_backend`;
+crosvm: control socket ``powerbtn`` and its reset/crash/panic/watchdog codes in
+:mod:`vmsilo.backends.crosvm_backend`).
 
 The VMM is started synchronously, before the supervisor's event loop exists (see
 :mod:`vmsilo.supervisor.prelaunch`); the loop later waits for it through a pidfd. That is why
@@ -12,7 +14,6 @@ pay for loading it.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -20,15 +21,6 @@ from dataclasses import dataclass
 
 from vmsilo.plan.model import Plan, VmPlan
 from vmsilo.runcmd import describe_status
-
-CROSVM_EXITS = {
-    0: "stopped",
-    32: "reset",
-    33: "crash",
-    34: "guest panic",
-    35: "invalid arguments",
-    36: "watchdog reset",
-}
 
 
 @dataclass(frozen=True)
@@ -101,53 +93,3 @@ class Vmm:
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGKILL)  # a no-op once it is reaped
-
-
-class QemuVmm(Vmm):
-    name = "qemu"
-
-    async def request_poweroff(self) -> None:
-        """QMP ``system_powerdown``: the ACPI power button, handled by the guest init."""
-        import asyncio
-
-        reader, writer = await asyncio.open_unix_connection(self.vm.paths.qmp)
-        try:
-            await reader.readline()  # greeting
-            for command in ("qmp_capabilities", "system_powerdown"):
-                writer.write(json.dumps({"execute": command}).encode() + b"\n")
-                await writer.drain()
-                while True:
-                    line = await reader.readline()
-                    if not line:
-                        return
-                    reply = json.loads(line)
-                    if "return" in reply or "error" in reply:
-                        break
-        finally:
-            writer.close()
-
-
-class CrosvmVmm(Vmm):
-    name = "crosvm"
-
-    def classify(self, code: int) -> VmmExit:
-        if code == 0:
-            return VmmExit(0, "stopped", clean=True)
-        if code in CROSVM_EXITS:
-            return VmmExit(code, f"crosvm: {CROSVM_EXITS[code]}", clean=False, restart=code == 32)
-        return VmmExit(code, f"crosvm {describe_status(code)}", clean=False)
-
-    async def control(self, command: str) -> int:
-        import asyncio
-
-        proc = await asyncio.create_subprocess_exec(
-            self.plan.crosvm.binary,
-            command,
-            self.vm.paths.crosvm_control,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-        )
-        return await proc.wait()
-
-    async def request_poweroff(self) -> None:
-        await self.control("powerbtn")

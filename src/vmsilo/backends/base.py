@@ -1,0 +1,73 @@
+"""The Backend interface: everything vmsilo does differently under crosvm and under QEMU.
+
+One object per hypervisor (see :mod:`vmsilo.backends.registry`) owns what that VMM refuses
+(its :class:`~vmsilo.backends.features.FeatureTable`), its argv, its process control (power
+button, exit codes), its preflight and its doctor checks. Code outside ``backends/`` asks the
+VM's Backend instead of comparing ``vm.hypervisor`` to a name, so a third VMM, or a feature
+that differs per VMM, lands in one place.
+
+The argv is pure: what it needs from the host (QEMU's accelerator, whether vhost-vsock exists)
+is gathered first, by :meth:`Backend.host_facts`, and passed in as :class:`HostFacts`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from vmsilo.backends.features import Accel, FeatureTable
+from vmsilo.backends.vmm import Vmm
+from vmsilo.host.findings import Finding
+from vmsilo.host.preflight import VmmProgram, preflight
+from vmsilo.plan.model import Plan, VmPlan
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What a VMM's argv depends on besides the plan, read from this host."""
+
+    accel: Accel = "tcg"  # QEMU: the accelerator (KVM only when a test boot worked)
+    vsock: bool = False  # QEMU: /dev/vhost-vsock exists (else the virtio-serial channel)
+
+
+class Backend(ABC):
+    """One hypervisor: its tables, argv, process control, preflight and doctor checks."""
+
+    #: the ``hypervisor`` value in the config, and the config section of its settings
+    name: str
+    features: FeatureTable
+    #: the Debian package providing the VMM (preflight hint)
+    package: str
+    #: the doctor's hint when the binary is missing
+    install_hint: str
+    #: whether VMs of this backend cannot run without /dev/kvm, resp. vhost-vsock
+    needs_kvm: bool
+    needs_vsock: bool
+    #: what the doctor says a missing /dev/kvm resp. vhost-vsock means for this backend
+    without_kvm: str
+    without_vsock: str
+
+    @abstractmethod
+    def binary(self, plan: Plan) -> str:
+        """The VMM program as configured (a name looked up in PATH, or a path)."""
+
+    def host_facts(self, plan: Plan, vm: VmPlan, *, probe: bool) -> HostFacts:
+        """The host facts :meth:`argv` needs; ``probe`` may run a test boot (else: cached)."""
+        return HostFacts()
+
+    @abstractmethod
+    def argv(self, plan: Plan, vm: VmPlan, facts: HostFacts) -> list[str]:
+        """The VMM's command line (pure: a function of the plan and the facts)."""
+
+    @abstractmethod
+    def vmm(self, plan: Plan, vm: VmPlan, argv: list[str]) -> Vmm:
+        """A not yet started VMM process for ``argv``, with this backend's control."""
+
+    def preflight(self, plan: Plan, vm: VmPlan) -> str:
+        """Every check before launch (SPEC §4); the VMM binary as found in PATH."""
+        return preflight(plan, vm, VmmProgram(self.binary(plan), self.package, self.name))
+
+    def doctor_kvm(self, plan: Plan, vms: Sequence[VmPlan]) -> Iterator[Finding] | None:
+        """Findings beyond "/dev/kvm is usable" for ``vms`` (None: nothing more to check)."""
+        return None

@@ -1,0 +1,106 @@
+"""The QEMU Backend: argv from :mod:`vmsilo.backends.qemu`, control over QMP.
+
+Its argv depends on two host facts, gathered here and nowhere else: the accelerator (KVM only
+when a test boot under it worked, :mod:`vmsilo.backends.accel`) and whether
+``/dev/vhost-vsock`` exists (else sessions go over the ``org.vmsilo.channel`` port). QEMU is
+asked to power off with QMP ``system_powerdown`` (the ACPI power button).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+
+from vmsilo.backends import accel, features
+from vmsilo.backends.base import Backend, HostFacts
+from vmsilo.backends.qemu import qemu_argv
+from vmsilo.backends.vmm import Vmm
+from vmsilo.host.findings import Finding
+from vmsilo.plan.model import Plan, VmPlan
+
+VHOST_VSOCK = "/dev/vhost-vsock"
+
+
+def vsock_available() -> bool:
+    """Whether QEMU can give the guest a vhost-vsock device on this host."""
+    return os.path.exists(VHOST_VSOCK)
+
+
+class QemuVmm(Vmm):
+    name = "qemu"
+
+    async def request_poweroff(self) -> None:
+        """QMP ``system_powerdown``: the ACPI power button, handled by the guest init."""
+        import asyncio
+
+        reader, writer = await asyncio.open_unix_connection(self.vm.paths.qmp)
+        try:
+            await reader.readline()  # greeting
+            for command in ("qmp_capabilities", "system_powerdown"):
+                writer.write(json.dumps({"execute": command}).encode() + b"\n")
+                await writer.drain()
+                while True:
+                    line = await reader.readline()
+                    if not line:
+                        return
+                    reply = json.loads(line)
+                    if "return" in reply or "error" in reply:
+                        break
+        finally:
+            writer.close()
+
+
+class QemuBackend(Backend):
+    name = "qemu"
+    features = features.QEMU
+    package = "qemu-system-x86"
+    install_hint = "apt-get install qemu-system-x86"
+    needs_kvm = False
+    needs_vsock = False
+    without_kvm = "QEMU falls back to TCG (slow)"
+    without_vsock = (
+        "missing: QEMU VMs multiplex sessions over the org.vmsilo.channel virtio-serial port"
+    )
+
+    def binary(self, plan: Plan) -> str:
+        return plan.qemu.binary
+
+    def host_facts(self, plan: Plan, vm: VmPlan, *, probe: bool) -> HostFacts:
+        verdict = accel.resolve_accel(plan, vm) if probe else accel.cached_accel(plan, vm)
+        return HostFacts(accel=verdict, vsock=vsock_available())
+
+    def argv(self, plan: Plan, vm: VmPlan, facts: HostFacts) -> list[str]:
+        return qemu_argv(plan, vm, facts.accel, vsock=facts.vsock)
+
+    def vmm(self, plan: Plan, vm: VmPlan, argv: list[str]) -> Vmm:
+        return QemuVmm(plan, vm, argv)
+
+    def doctor_kvm(self, plan: Plan, vms: Sequence[VmPlan]) -> Iterator[Finding] | None:
+        """With ``qemu.accel = auto``, whether a test guest boots under KVM here."""
+        if not vms or plan.qemu.accel != "auto":
+            return None
+        return self._probe(plan, vms[0])
+
+    def _probe(self, plan: Plan, vm: VmPlan) -> Iterator[Finding]:
+        if not os.path.exists(vm.kernel):
+            yield Finding(
+                "kvm boot",
+                "warn",
+                "not probed: no guest kernel built yet",
+                f"vmsilo image build {vm.image}",
+            )
+            return
+        if accel.resolve_accel(plan, vm) == "kvm":
+            yield Finding("kvm boot", "ok", "a test guest booted under KVM")
+        else:
+            yield Finding(
+                "kvm boot",
+                "warn",
+                "/dev/kvm exists but a test guest did not boot under it (nested or broken"
+                " KVM); QEMU VMs use TCG",
+                "on a nested host, enable nested virtualisation on the outer hypervisor",
+            )
+
+
+QEMU = QemuBackend()
