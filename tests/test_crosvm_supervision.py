@@ -284,6 +284,9 @@ def test_reset_restarts_with_a_fresh_ephemeral_disk(cv: CrosvmInstall) -> None:
     assert st["last_exit"]["code"] == 32 and st["last_exit"]["reason"] == "crosvm: reset"
     run = cv.cmd("vm-run", VM, "sh", "-c", "echo second boot")
     assert (run.returncode, run.stdout) == (0, b"second boot\n"), run.stderr
+    # the console log separates the two boots
+    log = (cv.inst.state_dir / f"{VM}-console.log").read_bytes()
+    assert log.count(b"\n-- vmsilo: boot at ") + log.startswith(b"-- vmsilo: boot at ") == 2
 
 
 @pytest.mark.parametrize(

@@ -113,6 +113,7 @@ class Supervisor:
             # crosvm reset: a fresh ephemeral disk, then boot again
             self.readiness.reset()  # the new VMM connects anew (after start_vmm below)
             launch.set_state("starting", last_exit=stopping.exit_dict(exit_info), ready_at=None)
+            self.console.log.mark_boot()
             launch.start_vmm()
 
     async def _take_over_sockets(self) -> None:
