@@ -126,25 +126,43 @@ def test_accel_probe_believes_only_a_real_boot(tmp_path: Path) -> None:
     assert accel.probe_kvm(hanging, str(kernel), timeout=1) is False
 
 
-def test_accel_auto_is_cached_in_the_runtime_dir(tmp_path: Path) -> None:
+def test_accel_auto_is_cached_in_the_state_dir_per_host_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15.3: the verdict survives a reboot (runtime dir on tmpfs) and is probed again
+    only for another host kernel, QEMU build or guest kernel."""
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"k")
     count = tmp_path / "count"
     binary = _fake_qemu(tmp_path, f'echo x >> {count}\necho "Kernel panic"\n')
     plan = plan_of(
-        f'user = "alice"\nruntimeDir = "{tmp_path}/run"\n[qemu]\nbinary = "{binary}"\n'
-        f'[vms.a]\nhypervisor = "qemu"\nkernel = "{kernel}"\n'
+        f'user = "alice"\nruntimeDir = "{tmp_path}/run"\nstateDir = "{tmp_path}/state"\n'
+        f'[qemu]\nbinary = "{binary}"\n[vms.a]\nhypervisor = "qemu"\nkernel = "{kernel}"\n'
     )
     vm = plan.vms["a"]
     first = accel.resolve_accel(plan, vm)
     second = accel.resolve_accel(plan, vm)
     assert first == second == accel.cached_accel(plan, vm)
-    cache = json.loads((tmp_path / "run" / accel.CACHE_NAME).read_text())
+    assert not (tmp_path / "run").exists()
+    cache = json.loads((tmp_path / "state" / accel.CACHE_NAME).read_text())
     assert list(cache.values()) == [first]
-    if os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.W_OK):
-        assert first == "kvm" and count.read_text().count("x") == 1  # probed once
-    else:
+    [key] = cache
+    assert os.uname().release in key
+    if not (os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.W_OK)):
         assert first == "tcg"
+        return
+    assert first == "kvm" and count.read_text().count("x") == 1  # probed once
+    real = os.uname()
+    monkeypatch.setattr(
+        accel.os, "uname", lambda: os.uname_result((*real[:2], "9.9.9-other", *real[3:]))
+    )
+    assert accel.resolve_accel(plan, vm) == "kvm"
+    assert count.read_text().count("x") == 2  # a new host kernel is probed again
+    assert len(json.loads((tmp_path / "state" / accel.CACHE_NAME).read_text())) == 2
+
+
+def test_the_probe_is_capped_well_below_twenty_seconds() -> None:
+    assert accel.PROBE_TIMEOUT <= 5
 
 
 def test_explicit_accel_is_not_probed() -> None:

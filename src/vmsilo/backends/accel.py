@@ -3,8 +3,11 @@
 ``/dev/kvm`` existing is not enough: under nested virtualisation it may open fine and then fail
 or hang on a real kernel. So ``qemu.accel = "auto"`` boots the VM's own kernel once under KVM
 with no root file system and a short timeout; the kernel reaching its "no root" panic proves KVM
-runs guest code. The verdict is cached in the runtime dir, keyed on the QEMU binary and kernel,
-so the probe costs one boot per host boot.
+runs guest code. The verdict is cached in the state dir (it survives reboots), keyed on the
+host kernel, the QEMU build and the guest kernel, so the probe is paid once per such
+combination — by ``vmsilo doctor`` or ``vmsilo install`` ahead of time, else by the first start.
+A working KVM reaches the panic in well under a second; the probe gives up after
+:data:`PROBE_TIMEOUT`, so a broken nested KVM costs a first start at most that long.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from vmsilo.backends.features import Accel
 from vmsilo.plan.model import Plan, VmPlan
 
 __all__ = ["CACHE_NAME", "Accel", "cached_accel", "probe_kvm", "resolve_accel"]
-PROBE_TIMEOUT = 20.0
+PROBE_TIMEOUT = 5.0
 CACHE_NAME = "qemu-accel.json"
 
 
@@ -34,7 +37,8 @@ def _cache_key(binary: str, kernel: str) -> str:
             return f"{path}:missing"
         return f"{os.path.realpath(path)}:{st.st_size}:{int(st.st_mtime)}"
 
-    return f"{stamp(shutil.which(binary))}|{stamp(kernel)}"
+    host = os.uname()
+    return f"{host.release} {host.version}|{stamp(shutil.which(binary))}|{stamp(kernel)}"
 
 
 def probe_kvm(binary: str, kernel: str, timeout: float = PROBE_TIMEOUT) -> bool:
@@ -76,7 +80,7 @@ def resolve_accel(plan: Plan, vm: VmPlan) -> Accel:
         return plan.qemu.accel
     if not os.path.exists("/dev/kvm"):
         return "tcg"
-    cache = Path(plan.runtime_dir) / CACHE_NAME
+    cache = Path(plan.state_dir) / CACHE_NAME
     key = _cache_key(plan.qemu.binary, vm.kernel)
     with contextlib.suppress(OSError, ValueError):
         cached = json.loads(cache.read_text())
@@ -100,7 +104,7 @@ def cached_accel(plan: Plan, vm: VmPlan) -> Accel:
     if plan.qemu.accel != "auto":
         return plan.qemu.accel
     with contextlib.suppress(OSError, ValueError):
-        cached = json.loads((Path(plan.runtime_dir) / CACHE_NAME).read_text())
+        cached = json.loads((Path(plan.state_dir) / CACHE_NAME).read_text())
         if cached.get(_cache_key(plan.qemu.binary, vm.kernel)) == "kvm":
             return "kvm"
     return "tcg"

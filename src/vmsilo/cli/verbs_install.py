@@ -38,6 +38,11 @@ def cmd_install(
 
     loaded = load(args.config, users)
     report = install(loaded.plan, str(loaded.path.resolve()), Path(args.root))
+    if Path(args.root).resolve() == Path("/"):
+        # the KVM probe (cached in stateDir) is paid here rather than by the first start
+        from vmsilo.backends.doctor import check_kvm
+
+        report.notes += [f"{f.check}: {f.detail}" for f in check_kvm(loaded.plan)]
     _print_report(report, out, err)
     print(
         f"installed {len(loaded.plan.vms)} VMs below {args.root}"
