@@ -32,8 +32,14 @@ class Loaded:
     plan: Plan
 
 
-def load(explicit: str | None, users: UserLookup | None = None) -> Loaded:
-    """Read, validate and plan the config; as root, also refresh the plan cache."""
+def load(explicit: str | None, users: UserLookup | None = None, *, cache: bool = False) -> Loaded:
+    """Read, validate and plan the config.
+
+    ``cache``: as root, also refresh the plan cache a cold ``vm-run`` reuses
+    (:mod:`vmsilo.plan.cache`). Only the verbs that start VMs (or install them) ask for it, so a
+    read-only verb (``check``, ``plan``, ``status``, …) writes nothing — and a ``plan --json``
+    of a large fleet does not pay for serialising the plan twice.
+    """
     path = config_path(explicit)
     lookup = users or system_users
     try:
@@ -43,7 +49,7 @@ def load(explicit: str | None, users: UserLookup | None = None) -> Loaded:
         raise
     config = parse_config(text, lookup, source=str(path))
     plan = build_plan(config, lookup)
-    if users is None:
+    if cache and users is None:
         save_plan(plan, text, config.user)
     return Loaded(path, config, plan)
 
