@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all install deps test lint typecheck unit demo bench clean
+.PHONY: all install deps test lint typecheck unit demo bench config-doc clean
 
 all: test
 
@@ -31,6 +31,9 @@ test: install lint typecheck
 
 demo: install
 	$(BIN)/python -m vmsilo.demo examples/demo.toml
+
+config-doc: $(STAMP)
+	$(BIN)/python -m vmsilo.config.reference -o docs/CONFIG.md
 
 bench: install
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
