@@ -8,8 +8,10 @@ problems) and an exit status; a traceback is never shown to the user.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -47,11 +49,28 @@ def load(explicit: str | None, users: UserLookup | None = None, *, cache: bool =
     except (OSError, UnicodeDecodeError):
         load_config(path, lookup)  # raises the standard report for this failure
         raise
-    config = parse_config(text, lookup, source=str(path))
-    plan = build_plan(config, lookup)
+    with _gc_paused():
+        config = parse_config(text, lookup, source=str(path))
+        plan = build_plan(config, lookup)
     if cache and users is None:
         save_plan(plan, text, config.user)
     return Loaded(path, config, plan)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Validation and planning allocate only objects that live on (the config, the plan), so
+    the cyclic collector's full passes find nothing, yet each one walks everything built so
+    far: with thousands of VMs that made planning grow faster than the fleet (measured: a
+    quarter of `plan --json` of 2000 VMs). Pause it meanwhile; what is garbage is still freed
+    by reference counting, and cycles are collected once it runs again."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def select_vm(plan: Plan, name: str) -> VmPlan:
