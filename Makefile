@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv deps test lint typecheck unit demo bench clean install uninstall
+.PHONY: all venv deps test lint typecheck unit demo bench config-doc clean install uninstall
 
 all: test
 
@@ -31,6 +31,9 @@ test: venv lint typecheck
 
 demo: venv
 	$(BIN)/python -m vmsilo.demo examples/demo.toml
+
+config-doc: $(STAMP)
+	$(BIN)/python -m vmsilo.config.reference -o docs/CONFIG.md
 
 bench: venv
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

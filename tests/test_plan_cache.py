@@ -40,3 +40,30 @@ def test_saved_plan_is_used_only_for_the_same_text(tmp_path: Path) -> None:
     stored.write_text("{not json")
     stored.chmod(0o600)
     assert cache.load_plan(str(tmp_path), text, "root") is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the cache is written by root only")
+def test_read_only_verbs_write_nothing_and_starting_verbs_refresh_the_cache(
+    tmp_path: Path,
+) -> None:
+    import io
+
+    from vmsilo.cli.common import load
+    from vmsilo.cli.vmsilo import main as vmsilo_main
+
+    config = tmp_path / "vmsilo.toml"
+    config.write_text(
+        f'user = "root"\nruntimeDir = "{tmp_path}"\nstateDir = "{tmp_path}"\n'
+        '[vms.a]\nhypervisor = "qemu"\n'
+    )
+    stored = tmp_path / cache.CACHE_NAME
+    before = sorted(tmp_path.iterdir())
+    read_only = (["check"], ["plan"], ["plan", "--json"], ["argv", "a"], ["render-launcher", "a"])
+    for verb in (*read_only, ["status"], ["status", "--json"], ["image", "list"]):
+        out = io.StringIO()
+        assert vmsilo_main(["-c", str(config), *verb], stdout=out, stderr=out) == 0, out.getvalue()
+        assert sorted(tmp_path.iterdir()) == before, verb
+    load(str(config))
+    assert not stored.exists()
+    loaded = load(str(config), cache=True)
+    assert cache.load_plan(str(tmp_path), config.read_text(), "root") == loaded.plan

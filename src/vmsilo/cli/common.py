@@ -8,8 +8,10 @@ problems) and an exit status; a traceback is never shown to the user.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -32,8 +34,14 @@ class Loaded:
     plan: Plan
 
 
-def load(explicit: str | None, users: UserLookup | None = None) -> Loaded:
-    """Read, validate and plan the config; as root, also refresh the plan cache."""
+def load(explicit: str | None, users: UserLookup | None = None, *, cache: bool = False) -> Loaded:
+    """Read, validate and plan the config.
+
+    ``cache``: as root, also refresh the plan cache a cold ``vm-run`` reuses
+    (:mod:`vmsilo.plan.cache`). Only the verbs that start VMs (or install them) ask for it, so a
+    read-only verb (``check``, ``plan``, ``status``, …) writes nothing — and a ``plan --json``
+    of a large fleet does not pay for serialising the plan twice.
+    """
     path = config_path(explicit)
     lookup = users or system_users
     try:
@@ -41,11 +49,28 @@ def load(explicit: str | None, users: UserLookup | None = None) -> Loaded:
     except (OSError, UnicodeDecodeError):
         load_config(path, lookup)  # raises the standard report for this failure
         raise
-    config = parse_config(text, lookup, source=str(path))
-    plan = build_plan(config, lookup)
-    if users is None:
+    with _gc_paused():
+        config = parse_config(text, lookup, source=str(path))
+        plan = build_plan(config, lookup)
+    if cache and users is None:
         save_plan(plan, text, config.user)
     return Loaded(path, config, plan)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Validation and planning allocate only objects that live on (the config, the plan), so
+    the cyclic collector's full passes find nothing, yet each one walks everything built so
+    far: with thousands of VMs that made planning grow faster than the fleet (measured: a
+    quarter of `plan --json` of 2000 VMs). Pause it meanwhile; what is garbage is still freed
+    by reference counting, and cycles are collected once it runs again."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def select_vm(plan: Plan, name: str) -> VmPlan:

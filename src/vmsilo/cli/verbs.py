@@ -107,7 +107,7 @@ def cmd_start(
 ) -> int:
     from vmsilo.supervisor import manage
 
-    loaded = _load(args, users)
+    loaded = load(args.config, users, cache=True)
     vm = select_vm(loaded.plan, args.vm)
     manage.start(loaded.path, loaded.plan, vm, wait=not args.no_wait)
     print(f"{vm.name}: running" if not args.no_wait else f"{vm.name}: starting", file=out)

@@ -36,7 +36,7 @@ def cmd_install(
 ) -> int:
     from vmsilo.host.install import install
 
-    loaded = load(args.config, users)
+    loaded = load(args.config, users, cache=True)
     report = install(loaded.plan, str(loaded.path.resolve()), Path(args.root))
     if Path(args.root).resolve() == Path("/"):
         # the KVM probe (cached in stateDir) is paid here rather than by the first start

@@ -53,5 +53,5 @@ def run_tool(
         return 130
 
 
-def load_for_tool(config: str | None, users: UserLookup | None) -> Loaded:
-    return load(config, users)
+def load_for_tool(config: str | None, users: UserLookup | None, *, cache: bool = False) -> Loaded:
+    return load(config, users, cache=cache)

@@ -188,7 +188,7 @@ def _run(args: RunArgs, users: UserLookup | None, err: TextIO) -> int:
         from vmsilo.cli.common import load, select_vm
         from vmsilo.supervisor.control import command_socket_live
 
-        loaded = load(args.config, users)
+        loaded = load(args.config, users, cache=True)
         vm = select_vm(loaded.plan, args.vm)
         socket_path = vm.paths.command_socket
         if not command_socket_live(vm):

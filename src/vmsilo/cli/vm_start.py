@@ -21,7 +21,7 @@ def main(
     def body() -> int:
         from vmsilo.supervisor import manage
 
-        loaded = load_for_tool(config, users)
+        loaded = load_for_tool(config, users, cache=True)
         vm = resolve(loaded, rest[0], stream)
         if vm is None:
             return EXIT_USAGE

@@ -7,7 +7,9 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-DEFAULT_CONFIG = "/etc/vmsilo/vmsilo.toml"
+from vmsilo.defaults import CONFIG_FILE
+
+DEFAULT_CONFIG = CONFIG_FILE
 VM_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 
 

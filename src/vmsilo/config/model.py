@@ -6,6 +6,11 @@ depend on the hypervisor (``gpu``, ``sound``) stay ``None`` when unset so that t
 model, decides their defaults — and so the rules can tell an explicit setting from a default.
 Tables passed through to crosvm as ``key=value`` lists (``rootDisk``, ``pciDevices`` extras,
 ``vhostUser``) use crosvm's own key spelling and only the keys crosvm knows.
+
+This module is the one table of settings (as in mkosi): each field spells its default once and
+carries the description users read; ``docs/CONFIG.md`` is generated from it by
+:mod:`vmsilo.config.reference` (``make config-doc``), and a test fails when the two disagree.
+Defaults other code needs without pydantic (paths) come from :mod:`vmsilo.defaults`.
 """
 
 from __future__ import annotations
@@ -43,8 +48,20 @@ from vmsilo.config.types import (
     Suite,
     fail,
 )
+from vmsilo.defaults import DEFAULT_IMAGE, RUNTIME_DIR, SHARED_ROOT, STATE_DIR
 
 PositiveInt = Annotated[int, Field(ge=1)]
+
+
+def shown(default: str) -> dict[str, Any]:
+    """Field metadata: how ``docs/CONFIG.md`` shows a default the model leaves unset
+    (``None``: the plan decides it, e.g. from the hypervisor)."""
+    return {"shown_default": default}
+
+
+def key(placeholder: str) -> dict[str, Any]:
+    """Field metadata: how ``docs/CONFIG.md`` writes the user's keys of this table."""
+    return {"key": placeholder}
 
 
 def _power_of_two(value: int) -> int:
@@ -140,70 +157,119 @@ class VhostUserDevice(KvModel):
 
 
 class RootOverlay(Model):
-    type: Literal["raw", "tmpfs"] = "raw"
-    size: Size = "10G"
+    type: Literal["raw", "tmpfs"] = Field(
+        "raw", description="the writable layer: a fresh sparse disk per boot, or memory"
+    )
+    size: Size = Field("10G", description="its size (`K`, `M`, `G` or `T`)")
 
 
 class SharedDirectory(Model):
-    path: HostPath
-    mount_point: GuestPath
-    read_only: bool = False
+    path: HostPath = Field(description="the host directory")
+    mount_point: GuestPath = Field(description="where the guest mounts it")
+    read_only: bool = Field(False, description="mount it read-only")
 
 
 class GpuConfig(Model):
-    wayland: bool = False
-    opengl: bool = False
-    vulkan: bool = False
-    wayland_socket: HostPath | None = None
+    wayland: bool = Field(False, description="windows on the host's Wayland desktop")
+    opengl: bool = Field(False, description="OpenGL through virgl")
+    vulkan: bool = Field(False, description="Vulkan through venus (crosvm only)")
+    wayland_socket: HostPath | None = Field(
+        None,
+        description="the host compositor's socket",
+        json_schema_extra=shown("`/run/user/<uid>/wayland-0`"),
+    )
 
 
 class SoundConfig(Model):
-    playback: bool | None = None
-    capture: bool | None = None
+    playback: bool | None = Field(
+        None, description="a sound output", json_schema_extra=shown("crosvm: `true`; qemu: `false`")
+    )
+    capture: bool | None = Field(
+        None,
+        description="a sound input (implies `playback`)",
+        json_schema_extra=shown("`false`"),
+    )
 
 
 class AutoShutdown(Model):
-    enable: bool = False
-    after: PositiveInt = 300
+    enable: bool = Field(False, description="power the VM off when it has been idle")
+    after: PositiveInt = Field(300, description="idle seconds before it does")
 
 
 class Route4(Model):
-    via: Ipv4Address
+    via: Ipv4Address = Field(description="the gateway")
 
 
 class Route6(Model):
-    via: Ipv6Address
+    via: Ipv6Address = Field(description="the gateway")
 
 
 class TapConfig(Model):
-    name: IfName | None = None
-    host_address: Ipv4Interface | None = None
-    bridge: IfName | None = None
+    name: IfName | None = Field(
+        None,
+        description="the host tap interface",
+        json_schema_extra=shown("`<vm>-<ifIndex>` (cut to 15 characters)"),
+    )
+    host_address: Ipv4Interface | None = Field(
+        None, description="address of the host end (not with `bridge`)"
+    )
+    bridge: IfName | None = Field(
+        None, description="a host bridge the tap joins (not with `hostAddress`)"
+    )
 
 
 class Interface(Model):
-    type: Literal["tap"] = "tap"
-    mac_address: MacAddress | None = None
+    type: Literal["tap"] = Field("tap", description="the kind of link")
+    mac_address: MacAddress | None = Field(
+        None,
+        description="the guest's MAC address",
+        json_schema_extra=shown("derived from the VM and interface names"),
+    )
     tap: TapConfig = TapConfig()
-    dhcp: bool = False
-    addresses: list[Ipv4Interface] = []
-    v6_addresses: list[Ipv6Interface] = []
-    routes: dict[Ipv4Network, Route4] = {}
-    v6_routes: dict[Ipv6Network, Route6] = {}
+    dhcp: bool = Field(False, description="configure by DHCP (not with static addresses/routes)")
+    addresses: list[Ipv4Interface] = Field([], description="static IPv4 addresses")
+    v6_addresses: list[Ipv6Interface] = Field([], description="static IPv6 addresses")
+    routes: dict[Ipv4Network, Route4] = Field(
+        {}, description="IPv4 routes by destination", json_schema_extra=key("<dest>")
+    )
+    v6_routes: dict[Ipv6Network, Route6] = Field(
+        {}, description="IPv6 routes by destination", json_schema_extra=key("<dest>")
+    )
 
 
 class Network(Model):
-    interfaces: dict[IfName, Interface] = {}
-    nameservers: list[IpAddress] = []
-    netvm: str | None = None
-    is_netvm: bool = False
-    netvm_subnet: Ipv4Network | None = None
+    interfaces: dict[IfName, Interface] = Field(
+        {},
+        description="the guest's interfaces by guest-visible name (see below)",
+        json_schema_extra=key("<ifname>"),
+    )
+    nameservers: list[IpAddress] = Field([], description="DNS servers for the guest")
+    netvm: str | None = Field(
+        None,
+        description='a VM with `isNetvm = true` that routes this one, or `"host"` (the host NATs)',
+        json_schema_extra=shown("none"),
+    )
+    is_netvm: bool = Field(
+        False,
+        description="this VM routes its clients (nftables is in every image: nothing to add)",
+    )
+    netvm_subnet: Ipv4Network | None = Field(
+        None,
+        description="pin this VM's /31 link to its netvm (needs `netvm`)",
+        json_schema_extra=shown("allocated"),
+    )
 
 
 class CrosvmVm(Model):
-    log_level: LogLevel | None = None
-    extra_args: list[ArgvWord] = []
-    extra_run_args: list[ArgvWord] = []
+    log_level: LogLevel | None = Field(
+        None, description="overrides the global one", json_schema_extra=shown("global")
+    )
+    extra_args: list[ArgvWord] = Field(
+        [], description="appended after the global `crosvm.extraArgs`"
+    )
+    extra_run_args: list[ArgvWord] = Field(
+        [], description="appended after the global `crosvm.extraRunArgs`"
+    )
 
 
 def _bool_or_other(value: Any) -> str | None:
@@ -235,66 +301,112 @@ SharedHomeSetting = Annotated[
 
 
 class VmConfig(Model):
-    hypervisor: Literal["crosvm", "qemu"] = "crosvm"
-    memory: Annotated[int, Field(ge=64)] = 2048
-    cpus: Annotated[int, Field(ge=1, le=256)] = 2
-    color: Color = "gray"
-    image: ImageName = "default"
-    root_disk: BlockDevice | None = None
-    root_disk_readonly: bool = True
-    kernel: HostPath | None = None
-    initramfs: HostPath | None = None
-    additional_disks: list[BlockDevice] = []
+    hypervisor: Literal["crosvm", "qemu"] = Field("crosvm", description="the VMM that runs it")
+    memory: Annotated[int, Field(ge=64)] = Field(2048, description="guest memory in MiB")
+    cpus: Annotated[int, Field(ge=1, le=256)] = Field(2, description="virtual CPUs")
+    color: Color = Field("gray", description="window border colour: a CSS colour name or `#RRGGBB`")
+    image: ImageName = Field(DEFAULT_IMAGE, description="a name under `images`")
+    root_disk: BlockDevice | None = Field(
+        None,
+        description="a root disk of your own instead of the image's",
+        json_schema_extra=shown("the image's root"),
+    )
+    root_disk_readonly: bool = Field(True, description="the image root is read-only")
+    kernel: HostPath | None = Field(
+        None, description="a kernel of your own", json_schema_extra=shown("the image's")
+    )
+    initramfs: HostPath | None = Field(
+        None, description="an initramfs of your own", json_schema_extra=shown("the image's")
+    )
+    additional_disks: list[BlockDevice] = Field([], description="more block devices")
     root_overlay: RootOverlay = RootOverlay()
-    shared_home: SharedHomeSetting = True
-    shared_directories: dict[ShareTag, SharedDirectory] = {}
-    gpu: GpuSetting | None = None
+    shared_home: SharedHomeSetting = Field(
+        True,
+        description="`/home/user` over virtiofs: from `<sharedRoot>/<vm>` (`true`), from"
+        " this host path, or none (`false`); its share tag is `home`",
+    )
+    shared_directories: dict[ShareTag, SharedDirectory] = Field(
+        {}, description="host directories shared by tag", json_schema_extra=key("<tag>")
+    )
+    gpu: GpuSetting | None = Field(
+        None,
+        description="`true` (wayland + opengl), `false`, or a table of features",
+        json_schema_extra=shown("crosvm: `true`; qemu: `false`"),
+    )
     sound: SoundConfig = SoundConfig()
-    pci_devices: list[PciDevice] = []
-    vhost_user: list[VhostUserDevice] = []
-    kernel_params: list[KernelParam] = []
+    pci_devices: list[PciDevice] = Field(
+        [], description="PCI devices to pass through: `path` is a BDF or a sysfs path"
+    )
+    vhost_user: list[VhostUserDevice] = Field([], description="crosvm `--vhost-user` devices")
+    kernel_params: list[KernelParam] = Field([], description="extra guest kernel parameters")
     auto_shutdown: AutoShutdown = AutoShutdown()
     network: Network = Network()
-    start_timeout: PositiveInt | None = None
-    stop_timeout: PositiveInt | None = None
+    start_timeout: PositiveInt | None = Field(
+        None, description="overrides the global one", json_schema_extra=shown("global")
+    )
+    stop_timeout: PositiveInt | None = Field(
+        None, description="overrides the global one", json_schema_extra=shown("global")
+    )
     crosvm: CrosvmVm = CrosvmVm()
 
 
 class CrosvmGlobal(Model):
-    binary: Program = "crosvm"
-    flavor: Literal["upstream", "vmsilo"] = "upstream"
-    log_level: LogLevel = "info"
-    extra_args: list[ArgvWord] = []
-    extra_run_args: list[ArgvWord] = []
-    render_server: HostPath = "/usr/libexec/virgl_render_server"
-    sound_device: Program = "vhost-device-sound"
+    binary: Program = Field("crosvm", description="the production VMM (a name or a path)")
+    flavor: Literal["upstream", "vmsilo"] = Field(
+        "upstream", description="`vmsilo` uses the original module's patched crosvm options"
+    )
+    log_level: LogLevel = Field("info", description="crosvm's `--log-level`")
+    extra_args: list[ArgvWord] = Field([], description="arguments before `run`, every VM")
+    extra_run_args: list[ArgvWord] = Field([], description="arguments after `run`, every VM")
+    render_server: HostPath = Field(
+        "/usr/libexec/virgl_render_server", description="the GPU render server"
+    )
+    sound_device: Program = Field(
+        "vhost-device-sound", description="the vhost-user sound daemon (upstream flavor)"
+    )
 
 
 class QemuGlobal(Model):
-    binary: Program = "qemu-system-x86_64"
-    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    binary: Program = Field("qemu-system-x86_64", description="the portable VMM")
+    accel: Literal["auto", "kvm", "tcg"] = Field(
+        "auto", description="`auto` uses KVM only if a test boot under KVM works"
+    )
 
 
 class ImageConfig(Model):
-    packages: list[DebPackage] = []
-    suite: Suite = "bookworm"
+    packages: list[DebPackage] = Field([], description="extra Debian packages in this image")
+    suite: Suite = Field("bookworm", description="the Debian release it is built from")
 
 
 class GlobalConfig(Model):
     """Everything but the VMs, validated first so VM errors can be collected per VM."""
 
-    user: str
-    scheduler_isolation: Literal["full", "vm", "off"] = "vm"
-    isolated_pci_devices: list[Bdf] = []
-    netvm_range: Ipv4Network = "10.200.0.0/16"
-    start_timeout: PositiveInt = 60
-    stop_timeout: PositiveInt = 30
-    state_dir: HostPath = "/var/lib/vmsilo"
-    runtime_dir: HostPath = "/run/vmsilo"
-    shared_root: HostPath = "/shared"
+    user: str = Field(
+        description="the desktop user who runs `vm-run`; must exist on the host; the guest"
+        " user `user` gets its uid:gid"
+    )
+    scheduler_isolation: Literal["full", "vm", "off"] = Field(
+        "vm", description="crosvm core scheduling: all VMs, per VM, or off"
+    )
+    isolated_pci_devices: list[Bdf] = Field([], description="BDFs reserved for passthrough")
+    netvm_range: Ipv4Network = Field(
+        "10.200.0.0/16",
+        description="where the /31 links between clients and their netvm come from",
+    )
+    start_timeout: PositiveInt = Field(60, description="seconds to a ready guest")
+    stop_timeout: PositiveInt = Field(30, description="seconds from the power button to a kill")
+    state_dir: HostPath = Field(STATE_DIR, description="images, ephemeral disks, console logs")
+    runtime_dir: HostPath = Field(RUNTIME_DIR, description="sockets, state files, locks")
+    shared_root: HostPath = Field(
+        SHARED_ROOT, description="parent of the default shared homes (`<sharedRoot>/<vm>`)"
+    )
     crosvm: CrosvmGlobal = CrosvmGlobal()
     qemu: QemuGlobal = QemuGlobal()
-    images: dict[ImageName, ImageConfig] = {}
+    images: dict[ImageName, ImageConfig] = Field(
+        {},
+        description="guest images by name; an image `default` always exists",
+        json_schema_extra=key("<name>"),
+    )
     vms: dict[str, Any] = {}
 
 

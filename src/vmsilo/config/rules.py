@@ -18,8 +18,9 @@ from vmsilo.config.model import Config, GpuConfig, VmConfig
 from vmsilo.config.problems import Problem, join_path
 from vmsilo.config.types import crosvm_unsafe_reason, is_bdf
 from vmsilo.config.users import UserLookup
+from vmsilo.defaults import DEFAULT_IMAGE
 
-IMAGE_DEFAULT = "default"
+IMAGE_DEFAULT = DEFAULT_IMAGE
 
 
 def check_config(config: Config, users: UserLookup, skip_vms: set[str]) -> list[Problem]:

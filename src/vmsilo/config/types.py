@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated
 
 from pydantic import AfterValidator
@@ -34,6 +35,13 @@ DEB_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 IMAGE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 SUITE_RE = re.compile(r"^[a-z][a-z0-9-]*$")
 LOG_LEVEL_RE = re.compile(r"^[A-Za-z0-9_:.,=-]+$")
+
+
+@dataclass(frozen=True)
+class Label:
+    """What a value of this type is called in ``docs/CONFIG.md`` (pydantic ignores it)."""
+
+    text: str
 
 
 def fail(message: str, hint: str) -> PydanticCustomError:
@@ -262,29 +270,29 @@ def _kv_string(value: str) -> str:
     return check_crosvm_safe(value, "value")
 
 
-HostPath = Annotated[str, AfterValidator(_host_path)]
-GuestPath = Annotated[str, AfterValidator(_guest_path)]
-VmName = Annotated[str, AfterValidator(_vm_name)]
-IfName = Annotated[str, AfterValidator(_ifname)]
-ShareTag = Annotated[str, AfterValidator(_share_tag)]
-Bdf = Annotated[str, AfterValidator(normalize_bdf)]
-PciAddress = Annotated[str, AfterValidator(_pci_address)]
-MacAddress = Annotated[str, AfterValidator(_mac)]
-Ipv4Interface = Annotated[str, AfterValidator(_ipv4_interface)]
-Ipv6Interface = Annotated[str, AfterValidator(_ipv6_interface)]
-Ipv4Network = Annotated[str, AfterValidator(_ipv4_network)]
-Ipv6Network = Annotated[str, AfterValidator(_ipv6_network)]
-Ipv4Address = Annotated[str, AfterValidator(_ipv4)]
-Ipv6Address = Annotated[str, AfterValidator(_ipv6)]
-IpAddress = Annotated[str, AfterValidator(_ip)]
-Color = Annotated[str, AfterValidator(_color)]
-Size = Annotated[str, AfterValidator(_size)]
-KernelParam = Annotated[str, AfterValidator(_kernel_param)]
-ArgvWord = Annotated[str, AfterValidator(_argv_word)]
-Program = Annotated[str, AfterValidator(_program)]
-DebPackage = Annotated[str, AfterValidator(_deb_package)]
-ImageName = Annotated[str, AfterValidator(_image_name)]
-Suite = Annotated[str, AfterValidator(_suite)]
-LogLevel = Annotated[str, AfterValidator(_log_level)]
-BlockId = Annotated[str, AfterValidator(_block_id)]
-KvString = Annotated[str, AfterValidator(_kv_string)]
+HostPath = Annotated[str, AfterValidator(_host_path), Label("absolute host path")]
+GuestPath = Annotated[str, AfterValidator(_guest_path), Label("absolute guest path")]
+VmName = Annotated[str, AfterValidator(_vm_name), Label("VM name")]
+IfName = Annotated[str, AfterValidator(_ifname), Label("interface name")]
+ShareTag = Annotated[str, AfterValidator(_share_tag), Label("share tag")]
+Bdf = Annotated[str, AfterValidator(normalize_bdf), Label("PCI BDF")]
+PciAddress = Annotated[str, AfterValidator(_pci_address), Label("guest PCI address")]
+MacAddress = Annotated[str, AfterValidator(_mac), Label("MAC address")]
+Ipv4Interface = Annotated[str, AfterValidator(_ipv4_interface), Label("IPv4 address/prefix")]
+Ipv6Interface = Annotated[str, AfterValidator(_ipv6_interface), Label("IPv6 address/prefix")]
+Ipv4Network = Annotated[str, AfterValidator(_ipv4_network), Label("IPv4 network")]
+Ipv6Network = Annotated[str, AfterValidator(_ipv6_network), Label("IPv6 network")]
+Ipv4Address = Annotated[str, AfterValidator(_ipv4), Label("IPv4 address")]
+Ipv6Address = Annotated[str, AfterValidator(_ipv6), Label("IPv6 address")]
+IpAddress = Annotated[str, AfterValidator(_ip), Label("IP address")]
+Color = Annotated[str, AfterValidator(_color), Label("colour")]
+Size = Annotated[str, AfterValidator(_size), Label("size")]
+KernelParam = Annotated[str, AfterValidator(_kernel_param), Label("kernel parameter")]
+ArgvWord = Annotated[str, AfterValidator(_argv_word), Label("string")]
+Program = Annotated[str, AfterValidator(_program), Label("program")]
+DebPackage = Annotated[str, AfterValidator(_deb_package), Label("Debian package")]
+ImageName = Annotated[str, AfterValidator(_image_name), Label("image name")]
+Suite = Annotated[str, AfterValidator(_suite), Label("Debian suite")]
+LogLevel = Annotated[str, AfterValidator(_log_level), Label("log level")]
+BlockId = Annotated[str, AfterValidator(_block_id), Label("block id")]
+KvString = Annotated[str, AfterValidator(_kv_string), Label("string")]

@@ -16,6 +16,7 @@ from vmsilo.config.model import Config, GpuConfig, ImageConfig, Interface, VmCon
 from vmsilo.config.problems import ConfigErrors, Problem, raise_if_any
 from vmsilo.config.types import is_bdf, normalize_bdf
 from vmsilo.config.users import UserLookup, system_users
+from vmsilo.defaults import DEFAULT_IMAGE, command_socket
 from vmsilo.plan.checks import check_plan
 from vmsilo.plan.derive import (
     IF_INDEX_BASE,
@@ -93,7 +94,7 @@ def build_plan(config: Config, users: UserLookup = system_users) -> Plan:
             directory=posixpath.join(config.state_dir, "images", name),
             current=posixpath.join(config.state_dir, "images", name, "current"),
         )
-        for name, img in {"default": ImageConfig(), **config.images}.items()
+        for name, img in {DEFAULT_IMAGE: ImageConfig(), **config.images}.items()
     }
 
     vms: dict[str, VmPlan] = {}
@@ -170,7 +171,7 @@ def _plan_vm(
 ) -> VmPlan:
     R, S = config.runtime_dir, config.state_dir
     paths = RuntimePaths(
-        command_socket=f"{R}/{name}-command.socket",
+        command_socket=command_socket(R, name),
         console=f"{R}/{name}-console",
         console_backend=f"{R}/{name}-console-backend.socket",
         ready_socket=f"{R}/{name}-ready.socket",

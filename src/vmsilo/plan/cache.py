@@ -1,12 +1,14 @@
 """A cache of the validated plan, so a cold ``vm-run`` can start the VMM sooner.
 
-Validating the config means importing pydantic and building its models: ~0.15 s of a cold
-``vm-run`` before the VMM can start. The plan is a pure function of the config text, the host
-user's ids and vmsilo's own plan code, so once any root command has planned a config, the plan
-is stored in the runtime dir keyed by exactly those inputs, and the autostart path reuses it
-when the key matches. A key mismatch, a missing or unreadable file, or anything unexpected in
-it just means "plan the slow way". The file lives in the root-owned runtime dir, mode 0600, and
-holds plain JSON decoded into the plan's own dataclasses (no code is ever loaded from it).
+Validating the config means importing pydantic and building its models: ~0.15 s of a cold ``vm-run``
+before the VMM can start. The plan is a pure function of the config text, the host user's ids
+and vmsilo's own plan code, so once a root command that starts VMs (``vmsilo start``, ``vm-start``,
+``vm-run``'s slow path) or installs them has planned a config, the plan is stored in the runtime
+dir keyed by exactly those inputs, and the autostart path reuses it when the key matches. Read-only
+verbs (``check``, ``plan``, ``status``, …) never write it. A key mismatch, a missing or unreadable
+file, or anything unexpected in it just means "plan the slow way". The file lives in the root-owned
+runtime dir, mode 0600, and holds plain JSON decoded into the plan's own dataclasses (no code is
+ever loaded from it).
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def save_plan(plan: Plan, config_text: str, user: str) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"key": cache_key(config_text, user), "plan": _encode(plan)}, f)
+            f.write(json.dumps({"key": cache_key(config_text, user), "plan": _encode(plan)}))
         os.replace(tmp, path)
 
 
