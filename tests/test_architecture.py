@@ -42,6 +42,7 @@ LEVEL0: frozenset[str] = frozenset(
         "vmsilo",
         "vmsilo.errors",
         "vmsilo.runcmd",
+        "vmsilo.defaults",
         "vmsilo.backends.features",
         "vmsilo.host.findings",
     }
