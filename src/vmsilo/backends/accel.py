@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 from typing import Literal
 
+from vmsilo.contracts.fs import atomic_write
 from vmsilo.plan.model import Plan, VmPlan
 
 Accel = Literal["kvm", "tcg"]
@@ -89,9 +90,7 @@ def resolve_accel(plan: Plan, vm: VmPlan) -> Accel:
             data = json.loads(cache.read_text())
         data[key] = verdict
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{CACHE_NAME}.{os.getpid()}")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, cache)
+        atomic_write(cache, json.dumps(data))
     return verdict
 
 

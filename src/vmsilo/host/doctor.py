@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from vmsilo.contracts.ports import CHANNEL_PORT
 from vmsilo.errors import VmsiloError
 from vmsilo.plan.model import Plan
 
@@ -89,7 +90,7 @@ def check_vsock(plan: Plan) -> Iterator[Finding]:
         yield Finding(
             "/dev/vhost-vsock",
             "ok",
-            "missing: QEMU VMs multiplex sessions over the org.vmsilo.channel virtio-serial port",
+            f"missing: QEMU VMs multiplex sessions over the {CHANNEL_PORT} virtio-serial port",
         )
 
 

@@ -30,6 +30,7 @@ from vmsilo.channel.protocol import (
     FrameType,
     ProtocolError,
     ReadyHello,
+    encode_error,
     encode_frame,
     encode_json,
     parse_ready,
@@ -173,7 +174,7 @@ class Supervisor:
         error = encode_frame(
             FrameType.ERROR,
             0,  # a command-socket connection is one session
-            encode_json({"code": "start", "message": self.failure, "version": PROTOCOL_VERSION}),
+            encode_error("start", self.failure or ""),
         )
         sock.setblocking(False)
         while True:
@@ -366,13 +367,11 @@ class Supervisor:
         if not hello.compatible():
             await client.send(
                 FrameType.ERROR,
-                encode_json(
-                    {
-                        "code": "version",
-                        "message": f"guest agent speaks protocol {hello.version}, host"
-                        f" {PROTOCOL_VERSION} ({VERSION_HINT})",
-                        "version": hello.version,
-                    }
+                encode_error(
+                    "version",
+                    f"guest agent speaks protocol {hello.version}, host"
+                    f" {PROTOCOL_VERSION} ({VERSION_HINT})",
+                    hello.version,
                 ),
             )
             return
@@ -507,5 +506,5 @@ async def _send_error(client: StreamLink, code: str, message: str) -> None:
     with contextlib.suppress(Exception):
         await client.send(
             FrameType.ERROR,
-            encode_json({"code": code, "message": message, "version": PROTOCOL_VERSION}),
+            encode_error(code, message),
         )
