@@ -52,7 +52,7 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def image(state_dir: Path):  # type: ignore[no-untyped-def]
     """The default guest image, built once per test session."""
     require_vm_tests()
-    from vmsilo.guest.image import ImageSpec, build_image
+    from vmsilo.image.build import ImageSpec, build_image
 
     t = time.monotonic()
     built = build_image(

@@ -109,19 +109,21 @@ def test_vsock_connection_from_non_host_is_refused() -> None:
 
 
 def test_guest_files_are_the_stdlib_only_import_closure() -> None:
-    """Importing the agent under the guest's python (no site-packages) loads only GUEST_FILES."""
+    """Importing the agent and the init under the guest's python (no site-packages) loads only
+    GUEST_FILES."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    from vmsilo.guest.agent import GUEST_FILES
+    from vmsilo.contracts.guest_files import GUEST_FILES
 
     src = Path(__file__).resolve().parent.parent / "src"
     python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
     code = (
         "import sys, json; sys.path.insert(0, sys.argv[1]);"
-        "import vmsilo.guest.agent, vmsilo.channel, vmsilo.channel.client;"
+        "import vmsilo.guest.agent, vmsilo.guest.init, vmsilo.guest.netvm, vmsilo.channel,"
+        " vmsilo.channel.client;"
         "print(json.dumps(sorted(m.__file__ for n, m in sys.modules.items()"
         " if n.split('.')[0] == 'vmsilo')))"
     )

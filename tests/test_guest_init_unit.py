@@ -10,33 +10,37 @@ from pathlib import Path
 
 import pytest
 
-from vmsilo.guest import init as gi
-from vmsilo.guest.cpio import write_newc
-from vmsilo.guest.init import (
-    BUSYBOX,
+from vmsilo.contracts import cmdline
+from vmsilo.contracts.cmdline import (
     GuestParams,
     IpConfig,
-    MakeDir,
-    Mount,
-    RenameLink,
     Route,
-    Run,
-    SetHostname,
     Share,
-    Spawn,
-    WriteFile,
-    agent_argv,
-    hostname_actions,
-    network_actions,
     parse_cmdline,
     parse_ip,
     parse_route,
-    share_actions,
     split_cmdline,
+)
+from vmsilo.contracts.mount import MS_RDONLY
+from vmsilo.guest import actions as ga
+from vmsilo.guest.actions import (
+    BUSYBOX,
+    MakeDir,
+    Mount,
+    RenameLink,
+    Run,
+    SetHostname,
+    Spawn,
+    WriteFile,
+    hostname_actions,
+    network_actions,
+    share_actions,
     user_files,
 )
-from vmsilo.guest.kernel import extract_vmlinux
+from vmsilo.guest.init import agent_argv, restart_delay
 from vmsilo.guest.ports import find_virtio_port, list_virtio_ports
+from vmsilo.image.cpio import write_newc
+from vmsilo.image.kernel import extract_vmlinux
 
 SPEC_CMDLINE = (
     "console=hvc0 panic=-1 vmsilo.hostname=banking vmsilo.user=1000:100 "
@@ -49,7 +53,7 @@ SPEC_CMDLINE = (
 )
 
 
-def ip_argvs(actions: list[gi.Action]) -> list[tuple[str, ...]]:
+def ip_argvs(actions: list[ga.Action]) -> list[tuple[str, ...]]:
     return [a.argv[2:] for a in actions if isinstance(a, Run) and a.argv[:2] == (BUSYBOX, "ip")]
 
 
@@ -143,7 +147,7 @@ def test_bad_params_are_collected_not_fatal() -> None:
     )
     assert p.hostname == "ok"
     assert len(p.errors) == 6
-    assert (p.uid, p.gid) == (gi.DEFAULT_UID, gi.DEFAULT_GID)
+    assert (p.uid, p.gid) == (cmdline.DEFAULT_UID, cmdline.DEFAULT_GID)
 
 
 def test_split_cmdline_quotes() -> None:
@@ -215,12 +219,12 @@ def test_user_files() -> None:
 
 def test_user_actions_home_dir_only_without_home_share() -> None:
     p = parse_cmdline("vmsilo.user=1000:1000")
-    acts = gi.user_actions(p, PASSWD, GROUP, SHADOW, "/bin/sh")
+    acts = ga.user_actions(p, PASSWD, GROUP, SHADOW, "/bin/sh")
     assert MakeDir("/home/user", 0o755, 1000, 1000, skel=True) in acts
     p2 = parse_cmdline("vmsilo.user=1000:1000 vmsilo.share=home,/home/user")
     assert not any(
         isinstance(a, MakeDir) and a.path == "/home/user"
-        for a in gi.user_actions(p2, PASSWD, GROUP, SHADOW, "/bin/sh")
+        for a in ga.user_actions(p2, PASSWD, GROUP, SHADOW, "/bin/sh")
     )
 
 
@@ -231,7 +235,7 @@ def test_share_actions_parents_first_and_flags() -> None:
     mounts = [a for a in share_actions(p) if isinstance(a, Mount)]
     assert [m.target for m in mounts] == ["/home/user", "/home/user/Documents"]
     assert all(m.fstype == "virtiofs" for m in mounts)
-    assert mounts[1].flags & gi.MS_RDONLY and not mounts[0].flags & gi.MS_RDONLY
+    assert mounts[1].flags & MS_RDONLY and not mounts[0].flags & MS_RDONLY
     assert MakeDir("/home/user", 0o755, 7, 8) in share_actions(p)
 
 
@@ -252,8 +256,8 @@ def test_agent_argv() -> None:
 
 
 def test_restart_delay_backs_off_and_caps() -> None:
-    assert [gi.restart_delay(n) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
-    assert gi.restart_delay(50) == 30.0
+    assert [restart_delay(n) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
+    assert restart_delay(50) == 30.0
 
 
 # --- helpers shared with the agent / the builder ----------------------------------------------

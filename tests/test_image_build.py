@@ -19,7 +19,8 @@ import pytest
 from conftest import IMAGE_CACHE
 from guestvm import GuestVM
 from vmsilo.channel.protocol import parse_ready
-from vmsilo.guest.image import BuiltImage, ImageSpec, build_image, list_images
+from vmsilo.image.build import BuiltImage, ImageSpec, build_image
+from vmsilo.image.store import list_images
 
 pytestmark = pytest.mark.vm
 

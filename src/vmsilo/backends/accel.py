@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 from vmsilo.backends.features import Accel
+from vmsilo.contracts.fs import atomic_write
 from vmsilo.plan.model import Plan, VmPlan
 
 __all__ = ["CACHE_NAME", "Accel", "cached_accel", "probe_kvm", "resolve_accel"]
@@ -93,9 +94,7 @@ def resolve_accel(plan: Plan, vm: VmPlan) -> Accel:
             data = json.loads(cache.read_text())
         data[key] = verdict
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{CACHE_NAME}.{os.getpid()}")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, cache)
+        atomic_write(cache, json.dumps(data))
     return verdict
 
 

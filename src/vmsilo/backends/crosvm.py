@@ -8,6 +8,7 @@ value is ever re-split by a shell.
 
 from __future__ import annotations
 
+from vmsilo.contracts.ports import READY_PORT
 from vmsilo.plan.model import Plan, VmPlan
 
 SCHEDULING = {
@@ -43,7 +44,7 @@ def crosvm_argv(plan: Plan, vm: VmPlan) -> list[str]:
     argv.append(console + (",stream-non-blocking" if vmsilo else ""))
     argv.append(
         "--serial=hardware=virtio-console,num=2,type=unix-stream,"
-        f"path={p.ready_socket},name=org.vmsilo.ready"
+        f"path={p.ready_socket},name={READY_PORT}"
     )
     for disk in vm.disks:
         argv += ["--block", disk.crosvm_kv]

@@ -12,6 +12,7 @@ arguments, gathered by :class:`vmsilo.backends.qemu_backend.QemuBackend`.
 from __future__ import annotations
 
 from vmsilo.backends.features import QEMU_VHOST_USER_DEVICES, Accel
+from vmsilo.contracts.ports import CHANNEL_PORT, CONSOLE_PORT, READY_PORT
 from vmsilo.plan.model import Plan, VmPlan
 
 __all__ = ["QEMU_VHOST_USER_DEVICES", "q", "qemu_argv"]
@@ -59,11 +60,11 @@ def qemu_argv(plan: Plan, vm: VmPlan, accel: Accel = "tcg", *, vsock: bool = Fal
         "-chardev",
         f"socket,id=console,path={q(p.console_backend)}",
         "-device",
-        "virtconsole,bus=vser0.0,nr=0,chardev=console,name=org.vmsilo.console",
+        f"virtconsole,bus=vser0.0,nr=0,chardev=console,name={CONSOLE_PORT}",
         "-chardev",
         f"socket,id=ready,path={q(p.ready_socket)}",
         "-device",
-        "virtserialport,bus=vser0.0,nr=1,chardev=ready,name=org.vmsilo.ready",
+        f"virtserialport,bus=vser0.0,nr=1,chardev=ready,name={READY_PORT}",
     ]
     if vsock:
         argv += ["-device", f"vhost-vsock-pci,guest-cid={vm.id}"]
@@ -72,7 +73,7 @@ def qemu_argv(plan: Plan, vm: VmPlan, accel: Accel = "tcg", *, vsock: bool = Fal
             "-chardev",
             f"socket,id=channel,path={q(p.channel_socket)}",
             "-device",
-            "virtserialport,bus=vser0.0,nr=2,chardev=channel,name=org.vmsilo.channel",
+            f"virtserialport,bus=vser0.0,nr=2,chardev=channel,name={CHANNEL_PORT}",
         ]
     for n, disk in enumerate(vm.disks):
         drive = [

@@ -16,6 +16,7 @@ from vmsilo.backends import accel, features
 from vmsilo.backends.base import Backend, HostFacts
 from vmsilo.backends.qemu import qemu_argv
 from vmsilo.backends.vmm import Vmm
+from vmsilo.contracts.ports import CHANNEL_PORT
 from vmsilo.host.findings import Finding
 from vmsilo.plan.model import Plan, VmPlan
 
@@ -60,7 +61,7 @@ class QemuBackend(Backend):
     needs_vsock = False
     without_kvm = "QEMU falls back to TCG (slow)"
     without_vsock = (
-        "missing: QEMU VMs multiplex sessions over the org.vmsilo.channel virtio-serial port"
+        f"missing: QEMU VMs multiplex sessions over the {CHANNEL_PORT} virtio-serial port"
     )
 
     def binary(self, plan: Plan) -> str:

@@ -39,6 +39,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmsilo.contracts.ports import CHANNEL_PORT, READY_PORT
+from vmsilo.contracts.ports import VSOCK_PORT as VSOCK_PORT  # the agent's port (SPEC §6)
+
 #: Version of the frame protocol; bump on any incompatible change. Client and agent must agree.
 PROTOCOL_VERSION = 1
 
@@ -60,14 +63,12 @@ FRAME_COST = 64
 #: window can generate, plus slack.
 QUEUE_LIMIT = 2 * WINDOW + 64 * FRAME_COST
 
-#: vsock port the agent listens on (SPEC §6).
-VSOCK_PORT = 5000
 #: The only vsock peer the agent accepts: the host.
 VSOCK_HOST_CID = 2
 
-#: virtio port names (SPEC §4/§6).
-READY_PORT_NAME = "org.vmsilo.ready"
-CHANNEL_PORT_NAME = "org.vmsilo.channel"
+#: virtio port names (SPEC §4/§6), spelled once in :mod:`vmsilo.contracts.ports`.
+READY_PORT_NAME = READY_PORT
+CHANNEL_PORT_NAME = CHANNEL_PORT
 
 #: Signals a client may forward to the guest process group (SIGWINCH travels as WINSIZE).
 FORWARDED_SIGNALS: frozenset[int] = frozenset(
@@ -251,8 +252,17 @@ def decode_exit(payload: bytes) -> tuple[int, str | None]:
     return status, message if isinstance(message, str) else None
 
 
-def encode_error(code: str, message: str) -> bytes:
-    return encode_json({"code": code, "message": message[:4000], "version": PROTOCOL_VERSION})
+#: ERROR messages are cut to this many characters, so that an ERROR frame always fits.
+MAX_ERROR_MESSAGE = 4000
+
+
+def encode_error(code: str, message: str, version: int = PROTOCOL_VERSION) -> bytes:
+    """The payload of an ERROR frame (the one place that builds one), message truncated.
+
+    ``version`` is the protocol version the frame reports: ours, except when the supervisor
+    relays a guest agent's incompatible one.
+    """
+    return encode_json({"code": code, "message": message[:MAX_ERROR_MESSAGE], "version": version})
 
 
 def decode_error(payload: bytes) -> ChannelError:

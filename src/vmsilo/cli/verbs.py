@@ -310,7 +310,7 @@ def _progress(console_file: TextIO) -> Any:
 def cmd_image_build(
     args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
 ) -> int:
-    from vmsilo.guest.image import ImageSpec, build_image
+    from vmsilo.image.build import ImageSpec, build_image
 
     loaded = _load(args, users)
     img = loaded.plan.images.get(args.name)
@@ -349,7 +349,7 @@ def cmd_image_list(
 ) -> int:
     from dataclasses import asdict
 
-    from vmsilo.guest.image import list_images
+    from vmsilo.image.store import list_images
 
     loaded = _load(args, users)
     images = list_images(Path(loaded.plan.state_dir))

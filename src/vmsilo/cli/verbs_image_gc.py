@@ -159,7 +159,7 @@ def _size(n: int) -> str:
 def cmd_image_gc(
     args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
 ) -> int:
-    from vmsilo.guest.image import gc_images
+    from vmsilo.image.store import gc_images
 
     loaded = load(args.config, users)
     plan = loaded.plan

@@ -47,35 +47,14 @@ from pathlib import Path
 
 from vmsilo.channel.mux import ChannelMux, Link, MuxSession, StreamLink
 from vmsilo.channel.pipes import open_fd_streams
-from vmsilo.channel.protocol import (
-    CHANNEL_PORT_NAME,
-    READY_PORT_NAME,
-    accept_vsock_peer,
-    encode_ready,
-)
+from vmsilo.channel.protocol import accept_vsock_peer, encode_ready
+from vmsilo.contracts.ports import CHANNEL_PORT, READY_PORT
 from vmsilo.guest.agent_exec import ExecSession
 from vmsilo.guest.ports import find_ready_console, find_virtio_port
 
 log = logging.getLogger("vmsilo.agent")
 
-__all__ = ["GUEST_FILES", "Agent", "accept_vsock_peer", "main", "parse_user"]
-
-#: Files (relative to the directory holding the ``vmsilo`` package) the image builder copies
-#: into the guest for the agent; all standard-library-only. A test checks that importing the
-#: agent loads nothing else from vmsilo.
-GUEST_FILES: tuple[str, ...] = (
-    "vmsilo/__init__.py",
-    "vmsilo/channel/__init__.py",
-    "vmsilo/channel/protocol.py",
-    "vmsilo/channel/mux.py",
-    "vmsilo/channel/pipes.py",
-    "vmsilo/channel/relay.py",
-    "vmsilo/channel/client.py",
-    "vmsilo/guest/__init__.py",
-    "vmsilo/guest/agent.py",
-    "vmsilo/guest/agent_exec.py",
-    "vmsilo/guest/ports.py",
-)
+__all__ = ["Agent", "accept_vsock_peer", "main", "parse_user"]
 
 
 def parse_user(text: str) -> tuple[int, int]:
@@ -336,8 +315,8 @@ async def serve_channel(agent: Agent, channel: Path, ready: Path | None, *, reco
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmsilo-agent", description="vmsilo guest agent")
-    p.add_argument("--ready-port", default=READY_PORT_NAME, help="virtio-console port for hello")
-    p.add_argument("--channel-port", default=CHANNEL_PORT_NAME, help="virtio-serial mux port")
+    p.add_argument("--ready-port", default=READY_PORT, help="virtio-console port for hello")
+    p.add_argument("--channel-port", default=CHANNEL_PORT, help="virtio-serial mux port")
     p.add_argument("--vsock-port", type=int, help="serve on this vsock port when vsock works")
     p.add_argument("--user", type=parse_user, help="UID:GID of the default guest user")
     p.add_argument("--auto-shutdown-after", type=float, metavar="S", help="idle power-off")

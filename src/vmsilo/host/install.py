@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmsilo.contracts.fs import atomic_write
 from vmsilo.errors import VmsiloError
 from vmsilo.host.systemd import systemd_running
 from vmsilo.host.units import enable_links, render_host_files
@@ -182,13 +183,6 @@ def _mkdirs(root: Path, rel_dir: str, created: list[str]) -> None:
         created.append(str(d))
 
 
-def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.vmsilo-tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
 def _systemctl(*args: str) -> None:
     run(["systemctl", *args], hint="see `journalctl -xe` and `systemctl status vmsilo.slice`")
 
@@ -251,7 +245,7 @@ def install(
                 if rel not in report.unchanged:
                     report.unchanged.append(rel)
                 continue
-            _write_atomic(path, text)
+            atomic_write(path, text)
             report.written.append(rel)
         for rel, target in links.items():
             path = root / rel
@@ -275,7 +269,7 @@ def install(
         _mkdirs(root, str(Path(MANIFEST).parent), new.dirs)
         keep = {str(Path(r).parent) for r in [*files, *links, MANIFEST]}
         new.dirs = _prune_dirs(root, new.dirs, keep)
-        _write_atomic(root / MANIFEST, json.dumps(new.to_json(), indent=2) + "\n")
+        atomic_write(root / MANIFEST, json.dumps(new.to_json(), indent=2) + "\n")
     except PermissionError as e:
         raise VmsiloError(f"cannot write {e.filename}: permission denied", "run as root") from None
     if live:

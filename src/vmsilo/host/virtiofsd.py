@@ -21,7 +21,6 @@ namespace dies with the daemon: nothing is left mounted on the host, even after 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -30,6 +29,22 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
+from vmsilo.contracts.mount import (
+    MS_BIND,
+    MS_NOATIME,
+    MS_NODEV,
+    MS_NODIRATIME,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_RELATIME,
+    MS_REMOUNT,
+    check,
+    libc,
+    sys_mount,
+)
 from vmsilo.errors import VmsiloError
 from vmsilo.plan.model import SharePlan
 
@@ -164,44 +179,16 @@ def launch_argv(
 # --- ro-exec: a read-only view of the share in a private mount namespace ------------------------
 
 _CLONE_NEWNS = 0x00020000
-_MS_RDONLY = 1
-_MS_NOSUID = 2
-_MS_NODEV = 4
-_MS_NOEXEC = 8
-_MS_REMOUNT = 32
-_MS_NOATIME = 1024
-_MS_NODIRATIME = 2048
-_MS_BIND = 4096
-_MS_REC = 0x4000
-_MS_PRIVATE = 1 << 18
-_MS_RELATIME = 1 << 21
 _PR_SET_PDEATHSIG = 1
 #: statvfs f_flag bits → the mount flags a bind remount must repeat (or the kernel drops them).
 _KEEP_FLAGS = (
-    (os.ST_NOSUID, _MS_NOSUID),
-    (os.ST_NODEV, _MS_NODEV),
-    (os.ST_NOEXEC, _MS_NOEXEC),
-    (os.ST_NOATIME, _MS_NOATIME),
-    (os.ST_NODIRATIME, _MS_NODIRATIME),
-    (os.ST_RELATIME, _MS_RELATIME),
+    (os.ST_NOSUID, MS_NOSUID),
+    (os.ST_NODEV, MS_NODEV),
+    (os.ST_NOEXEC, MS_NOEXEC),
+    (os.ST_NOATIME, MS_NOATIME),
+    (os.ST_NODIRATIME, MS_NODIRATIME),
+    (os.ST_RELATIME, MS_RELATIME),
 )
-
-
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _check(rc: int, what: str) -> None:
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _mount(libc: ctypes.CDLL, src: str | None, dst: str, flags: int) -> None:
-    rc = libc.mount(
-        src.encode() if src is not None else None, dst.encode(), None, ctypes.c_ulong(flags), None
-    )
-    _check(rc, f"mount {src or 'none'} on {dst} (flags {flags:#x})")
 
 
 def _unescape_mountinfo(field: str) -> str:
@@ -233,12 +220,11 @@ def mounts_under(root: str, mountinfo: str) -> list[str]:
 
 def make_readonly_view(source: str) -> None:
     """In a new private mount namespace, turn ``source`` and its submounts read-only."""
-    libc = _libc()
-    _check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    check(libc().unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     # nothing done below may propagate back to the host's namespace
-    _mount(libc, None, "/", _MS_REC | _MS_PRIVATE)
+    sys_mount(None, "/", flags=MS_REC | MS_PRIVATE)
     source = os.path.realpath(source)
-    _mount(libc, source, source, _MS_BIND | _MS_REC)
+    sys_mount(source, source, flags=MS_BIND | MS_REC)
     with open("/proc/self/mountinfo") as f:
         points = mounts_under(source, f.read())
     for point in points:
@@ -250,7 +236,7 @@ def make_readonly_view(source: str) -> None:
         for st_bit, ms_bit in _KEEP_FLAGS:
             if st_flags & st_bit:
                 keep |= ms_bit
-        _mount(libc, None, point, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | keep)
+        sys_mount(None, point, flags=MS_REMOUNT | MS_BIND | MS_RDONLY | keep)
 
 
 def ro_exec(argv: list[str]) -> int:
@@ -261,7 +247,7 @@ def ro_exec(argv: list[str]) -> int:
     source, cmd = argv[0], argv[2:]
     try:
         # die with the supervisor, like the VMM does; survives the exec below
-        _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc().prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         make_readonly_view(source)
     except OSError as e:
         print(f"vmsilo ro-exec: cannot make {source} read-only: {e}", file=sys.stderr)

@@ -16,12 +16,12 @@ from vmsilo.config.model import Config, GpuConfig, ImageConfig, Interface, VmCon
 from vmsilo.config.problems import ConfigErrors, Problem, raise_if_any
 from vmsilo.config.types import is_bdf, normalize_bdf
 from vmsilo.config.users import UserLookup, system_users
+from vmsilo.contracts import cmdline
 from vmsilo.defaults import DEFAULT_IMAGE, command_socket
 from vmsilo.plan.checks import check_plan
 from vmsilo.plan.derive import (
     IF_INDEX_BASE,
     generated_mac,
-    netmask,
     netvm_side_ifname,
     pci_address,
     sort_key,
@@ -50,7 +50,7 @@ from vmsilo.plan.model import (
 )
 
 DEFAULT_BLOCK_OPTIONS: dict[str, KvValue] = {"direct": True, "packed-queue": True}
-EPHEMERAL_ID = "ephemeral"
+EPHEMERAL_ID = cmdline.EPHEMERAL_DISK_ID
 
 
 @dataclass
@@ -225,22 +225,19 @@ def _plan_vm(
     sound = _sound(vm)
     auto_after = vm.auto_shutdown.after if vm.auto_shutdown.enable else None
 
-    params = [f"vmsilo.hostname={name}", f"vmsilo.user={user.uid}:{user.gid}"]
-    params += [f"vmsilo.ifname={i.name},{i.mac}" for i in interfaces]
-    for i in interfaces:
-        params += _network_params(i)
-    params += [f"nameserver={ns}" for ns in vm.network.nameservers]
-    if auto_after is not None:
-        params += ["autoShutdown.enable=1", f"autoShutdown.after={auto_after}"]
-    params.append(
-        f"vmsilo.rootOverlay=raw,{EPHEMERAL_ID}"
-        if vm.root_overlay.type == "raw"
-        else "vmsilo.rootOverlay=tmpfs"
+    params = cmdline.encode(
+        cmdline.KernelParams(
+            hostname=name,
+            uid=user.uid,
+            gid=user.gid,
+            interfaces=tuple(_kernel_interface(i) for i in interfaces),
+            nameservers=tuple(vm.network.nameservers),
+            auto_shutdown_after=auto_after,
+            root_overlay=vm.root_overlay.type,
+            shares=tuple(cmdline.Share(s.tag, s.mount_point, s.read_only) for s in shares),
+            extra=tuple(vm.kernel_params),
+        )
     )
-    params += [
-        f"vmsilo.share={s.tag},{s.mount_point}" + (",ro" if s.read_only else "") for s in shares
-    ]
-    params += vm.kernel_params
 
     return VmPlan(
         name=name,
@@ -285,17 +282,16 @@ def _by_dest(item: tuple[str, object]) -> bytes:
     return sort_key(item[0])
 
 
-def _network_params(i: InterfacePlan) -> list[str]:
-    if i.dhcp:
-        return [f"ip=:::::{i.name}:dhcp"]
-    out = []
-    for cidr in i.addresses:
-        ip, _, prefix = cidr.partition("/")
-        out.append(f"ip={ip}:::{netmask(int(prefix))}::{i.name}:none")
-    out += [f"ip=[{cidr}]:::::{i.name}:none" for cidr in i.v6_addresses]
-    out += [f"rd.route={r.dest}:{r.via}:{i.name}" for r in i.routes]
-    out += [f"rd.route=[{r.dest}]:[{r.via}]:{i.name}" for r in i.v6_routes]
-    return out
+def _kernel_interface(i: InterfacePlan) -> cmdline.NetInterface:
+    return cmdline.NetInterface(
+        name=i.name,
+        mac=i.mac,
+        dhcp=i.dhcp,
+        addresses=i.addresses,
+        v6_addresses=i.v6_addresses,
+        routes=tuple((r.dest, r.via) for r in i.routes),
+        v6_routes=tuple((r.dest, r.via) for r in i.v6_routes),
+    )
 
 
 def _shares(config: Config, name: str, vm: VmConfig, runtime_dir: str) -> tuple[SharePlan, ...]:

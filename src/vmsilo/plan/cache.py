@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import vmsilo
+from vmsilo.contracts.fs import atomic_write
 from vmsilo.plan import model
 from vmsilo.plan.model import Plan
 
@@ -105,12 +106,9 @@ def save_plan(plan: Plan, config_text: str, user: str) -> None:
     if os.geteuid() != 0 or not os.path.isdir(plan.runtime_dir):
         return
     path = Path(plan.runtime_dir) / CACHE_NAME
-    tmp = path.with_name(f"{CACHE_NAME}.{os.getpid()}")
     with contextlib.suppress(OSError):
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps({"key": cache_key(config_text, user), "plan": _encode(plan)}))
-        os.replace(tmp, path)
+        text = json.dumps({"key": cache_key(config_text, user), "plan": _encode(plan)})
+        atomic_write(path, text, 0o600)
 
 
 def load_plan(runtime_dir: str, config_text: str, user: str | None) -> Plan | None:

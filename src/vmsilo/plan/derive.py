@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 
 IF_INDEX_BASE = 22  # first PCI slot for NICs; slots 22..31 → at most 10 interfaces
 MAX_INTERFACES = 10
@@ -46,10 +45,6 @@ def netvm_side_ifname(client: str, client_id: int) -> str:
 
 def bridge_name(client_id: int) -> str:
     return f"vmsilo-br{client_id}"
-
-
-def netmask(prefixlen: int) -> str:
-    return str(ipaddress.IPv4Network(f"0.0.0.0/{prefixlen}").netmask)
 
 
 def sort_key(text: str) -> bytes:

@@ -22,6 +22,7 @@ from vmsilo.channel.protocol import (
     VERSION_HINT,
     FrameType,
     ProtocolError,
+    encode_error,
     encode_frame,
     encode_json,
 )
@@ -92,13 +93,11 @@ class Sessions:
         if not hello.compatible():
             await client.send(
                 FrameType.ERROR,
-                encode_json(
-                    {
-                        "code": "version",
-                        "message": f"guest agent speaks protocol {hello.version}, host"
-                        f" {PROTOCOL_VERSION} ({VERSION_HINT})",
-                        "version": hello.version,
-                    }
+                encode_error(
+                    "version",
+                    f"guest agent speaks protocol {hello.version}, host"
+                    f" {PROTOCOL_VERSION} ({VERSION_HINT})",
+                    hello.version,
                 ),
             )
             return
@@ -133,7 +132,7 @@ def refuse_queued(sock: socket.socket, failure: str | None) -> None:
     error = encode_frame(
         FrameType.ERROR,
         0,  # a command-socket connection is one session
-        encode_json({"code": "start", "message": failure, "version": PROTOCOL_VERSION}),
+        encode_error("start", failure or ""),
     )
     sock.setblocking(False)
     while True:
@@ -160,5 +159,5 @@ async def send_error(client: StreamLink, code: str, message: str) -> None:
     with contextlib.suppress(Exception):
         await client.send(
             FrameType.ERROR,
-            encode_json({"code": code, "message": message, "version": PROTOCOL_VERSION}),
+            encode_error(code, message),
         )

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vmsilo.config.users import UserLookup, system_users
+from vmsilo.contracts.fs import atomic_write
 from vmsilo.plan.model import Plan, VmPlan
 from vmsilo.plan.serialize import vm_to_json
 
@@ -35,14 +35,13 @@ def write_snapshot(path: str, config_path: str, config_text: str, vm: VmPlan) ->
     snap = Snapshot(config_path, config_text, vm_to_json(vm))
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}")
-    tmp.write_text(
+    atomic_write(
+        target,
         json.dumps(
             {"configPath": config_path, "configText": config_text, "vm": snap.vm_json}, indent=1
-        )
+        ),
+        0o644,
     )
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, target)
     return snap
 
 

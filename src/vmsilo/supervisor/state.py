@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from vmsilo.contracts.fs import atomic_write
 from vmsilo.errors import VMAlreadyRunningError
 
 State = Literal["stopped", "starting", "running", "stopping", "failed"]
@@ -49,11 +50,7 @@ def read_state(path: str | Path) -> VmState | None:
 
 
 def write_state(path: str | Path, state: VmState) -> None:
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(state), indent=1) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, target)
+    atomic_write(path, json.dumps(asdict(state), indent=1) + "\n", 0o644)
 
 
 def now() -> float:

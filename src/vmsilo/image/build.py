@@ -18,23 +18,21 @@ directory, once renamed into place, is never modified or deleted (a running VM m
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import vmsilo
+from vmsilo.contracts.guest_files import GUEST_DATA, GUEST_FILES
 from vmsilo.errors import VmsiloError
-from vmsilo.guest.cpio import write_initramfs
-from vmsilo.guest.kernel import (
+from vmsilo.image.cpio import write_initramfs
+from vmsilo.image.kernel import (
     GUEST_MODULES,
     ON_DEMAND_MODULES,
     KernelRef,
@@ -43,6 +41,7 @@ from vmsilo.guest.kernel import (
     resolve_kernel_cached,
     stage_modules,
 )
+from vmsilo.image.store import clean_stale, locked
 from vmsilo.runcmd import run
 
 #: Bump when the layout or content of what the builder produces changes.
@@ -51,7 +50,6 @@ FORMAT_VERSION = "1"
 ROOT_FORMAT = "1"
 BASE_PACKAGES: tuple[str, ...] = ("python3", "busybox", "e2fsprogs", "nftables")
 HOST_BUSYBOX = Path("/bin/busybox")
-IMAGE_FILES: tuple[str, ...] = ("vmlinuz", "initrd.img", "root.erofs")
 GUEST_PYTHON_DIR = "usr/lib/python3/dist-packages/vmsilo"
 STAGE2_INIT = "/sbin/vmsilo-init"
 
@@ -88,16 +86,6 @@ class BuiltImage:
     version: str  # hash of all inputs
     path: Path  # <state_dir>/images/<name>/<version>
     reused: bool  # True if that version already existed (nothing rebuilt)
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    name: str
-    version: str
-    path: Path
-    size: int  # bytes on disk of the three files
-    built: float  # UNIX time the version was renamed into place
-    is_current: bool
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -142,21 +130,11 @@ def guest_code_dir() -> Path:
 
 
 def guest_files(code_dir: Path | None = None) -> list[tuple[str, Path]]:
-    """(path relative to the guest ``vmsilo`` dir, source) for every file put in the image."""
+    """(path relative to the guest ``vmsilo`` dir, source) for every file put in the image:
+    :data:`vmsilo.contracts.guest_files.GUEST_FILES`, in its order."""
     base = code_dir or guest_code_dir()
-    files: list[tuple[str, Path]] = [("__init__.py", base / "__init__.py")]
-    for sub in ("channel", "guest"):
-        d = base / sub
-        if not d.is_dir():
-            continue
-        for p in sorted(d.rglob("*")):
-            if not p.is_file() or "__pycache__" in p.parts or p.suffix in (".pyc", ".pyo"):
-                continue
-            rel = p.relative_to(base)
-            if rel.parts[1] != "data" and p.suffix != ".py":
-                continue
-            files.append((rel.as_posix(), p))
-    return files
+    inner = [rel.removeprefix("vmsilo/") for rel in GUEST_FILES]
+    return [(rel, base / rel) for rel in inner]
 
 
 def image_version(
@@ -188,17 +166,6 @@ def image_version(
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _require_tools() -> None:
@@ -246,17 +213,6 @@ def _set_current(image_dir: Path, version: str) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(version, tmp)
     os.replace(tmp, link)
-
-
-def _clean_stale(directory: Path, prefix: str) -> None:
-    """Remove leftovers of interrupted builds (callers hold the lock that covers them)."""
-    if directory.is_dir():
-        for p in directory.iterdir():
-            if p.name.startswith(prefix):
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -372,7 +328,7 @@ def build_image(
     state_dir = Path(state_dir)
     cache = Path(cache_dir) if cache_dir is not None else state_dir / "cache"
     image_dir = state_dir / "images" / spec.name
-    with _locked(image_dir / ".lock"), _locked(cache / ".lock"):
+    with locked(image_dir / ".lock"), locked(cache / ".lock"):
         say("resolving the kernel package")
         kref = _kernel_ref(cache, say)
         root = cache / "roots" / root_key(spec)
@@ -391,8 +347,8 @@ def build_image(
             say(f"image {spec.name} {version} is up to date")
             return BuiltImage(spec.name, version, final, reused=True)
         kernel = fetch_kernel(kref, cache, say)
-        _clean_stale(image_dir, ".tmp-")
-        _clean_stale(cache / "staging", "")
+        clean_stale(image_dir, ".tmp-")
+        clean_stale(cache / "staging", "")
         out = image_dir / f".tmp-{version}-{os.getpid()}"
         out.mkdir(parents=True)
         (cache / "staging").mkdir(parents=True, exist_ok=True)
@@ -470,7 +426,7 @@ def _assemble_root(
         dst = pkg / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst)
-        if rel.startswith("guest/data/"):
+        if f"vmsilo/{rel}" in GUEST_DATA:
             os.chmod(dst, 0o755)
     init = tree / STAGE2_INIT.lstrip("/")
     if init.parent.is_symlink():  # merged /usr: /sbin -> usr/sbin
@@ -501,96 +457,3 @@ def _assemble_root(
         hint="the guest code must compile with the image's Python",
     )
     return tree
-
-
-# --- listing ----------------------------------------------------------------------------------
-
-
-def list_images(state_dir: Path) -> list[ImageInfo]:
-    """Every built version of every image, sorted by name then build time."""
-    base = Path(state_dir) / "images"
-    infos: list[ImageInfo] = []
-    if not base.is_dir():
-        return infos
-    for image_dir in sorted(p for p in base.iterdir() if p.is_dir()):
-        try:
-            current: str | None = os.readlink(image_dir / "current")
-        except OSError:
-            current = None
-        for vdir in image_dir.iterdir():
-            if vdir.name.startswith(".") or vdir.is_symlink() or not vdir.is_dir():
-                continue
-            if not all((vdir / f).is_file() for f in IMAGE_FILES):
-                continue
-            size = sum((vdir / f).stat().st_blocks * 512 for f in IMAGE_FILES)
-            infos.append(
-                ImageInfo(
-                    name=image_dir.name,
-                    version=vdir.name,
-                    path=vdir,
-                    size=size,
-                    built=vdir.stat().st_mtime,
-                    is_current=vdir.name == current,
-                )
-            )
-    infos.sort(key=lambda i: (i.name, i.built))
-    return infos
-
-
-# --- garbage collection -----------------------------------------------------------------------
-
-
-def _tree_size(path: Path) -> int:
-    """Bytes on disk under ``path`` (allocated blocks, so sparse files count what they use)."""
-    total = 0
-    for root, dirs, files in os.walk(path):
-        for name in files + dirs:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-    return total
-
-
-def gc_images(state_dir: Path, in_use: set[Path], *, dry_run: bool = False) -> list[ImageInfo]:
-    """Remove every image version that is neither ``current`` nor in ``in_use``.
-
-    ``in_use`` holds version directories (any spelling; compared after resolving symlinks)
-    that a running VM uses. Each image is handled under the same lock as ``build_image``, so a
-    build can never switch ``current`` to a version being removed. A version is first renamed
-    to a dot-name (invisible to ``list_images`` and to new VMs at once), then deleted. Returns
-    what was (or, with ``dry_run``, would be) removed, with the bytes it occupied.
-    """
-    base = Path(state_dir) / "images"
-    keep = {Path(os.path.realpath(p)) for p in in_use}
-    removed: list[ImageInfo] = []
-    if not base.is_dir():
-        return removed
-    for image_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink()):
-        with _locked(image_dir / ".lock"):
-            _clean_stale(image_dir, ".gc-")  # an interrupted gc's renamed leftovers
-            try:
-                current: str | None = os.readlink(image_dir / "current")
-            except OSError:
-                current = None
-            current_dir = (
-                Path(os.path.realpath(image_dir / "current")) if current is not None else None
-            )
-            for vdir in sorted(image_dir.iterdir()):
-                if vdir.name.startswith(".") or vdir.is_symlink() or not vdir.is_dir():
-                    continue
-                real = Path(os.path.realpath(vdir))
-                if vdir.name == current or real == current_dir or real in keep:
-                    continue
-                info = ImageInfo(
-                    name=image_dir.name,
-                    version=vdir.name,
-                    path=vdir,
-                    size=_tree_size(vdir),
-                    built=vdir.stat().st_mtime,
-                    is_current=False,
-                )
-                if not dry_run:
-                    doomed = image_dir / f".gc-{vdir.name}-{os.getpid()}"
-                    os.rename(vdir, doomed)
-                    shutil.rmtree(doomed)
-                removed.append(info)
-    return removed

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmsilo.contracts.fs import atomic_write
 from vmsilo.errors import VmsiloError
 from vmsilo.runcmd import run
 
@@ -141,9 +142,7 @@ def resolve_kernel_cached(cache_dir: Path, meta: str = KERNEL_META_PACKAGE) -> K
         pass
     ref = resolve_kernel(meta)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f".kernel-resolve-{os.getpid()}")
-    tmp.write_text(f"{ref.package} {ref.version}\n\n{stamp}")
-    os.replace(tmp, memo)
+    atomic_write(memo, f"{ref.package} {ref.version}\n\n{stamp}")
     return ref
 
 
