@@ -36,9 +36,14 @@ BAD: list[tuple[str, str, str, str]] = [
     ("nix-only-key", U + "[vms.a]\nguestConfig = {}\n", "vms.a.guestConfig", "unknown key"),
     ("nix-only-key-2", U + "[vms.a]\ncopyChannel = true\n", "vms.a.copyChannel", "unknown key"),
     ("memory-string", U + "[vms.a]\nmemory = '2048'\n", "vms.a.memory", "whole number"),
-    ("memory-too-small", U + "[vms.a]\nmemory = 32\n", "vms.a.memory", "greater than or equal"),
-    ("cpus-zero", U + "[vms.a]\ncpus = 0\n", "vms.a.cpus", "greater than or equal"),
-    ("cpus-too-many", U + "[vms.a]\ncpus = 257\n", "vms.a.cpus", "less than or equal"),
+    (
+        "memory-too-small",
+        U + "[vms.a]\nmemory = 32\n",
+        "vms.a.memory",
+        "32 is too small: at least 64",
+    ),
+    ("cpus-zero", U + "[vms.a]\ncpus = 0\n", "vms.a.cpus", "0 is too small: at least 1"),
+    ("cpus-too-many", U + "[vms.a]\ncpus = 257\n", "vms.a.cpus", "257 is too large: at most 256"),
     ("bool-as-string", U + "[vms.a]\nrootDiskReadonly = 'yes'\n", "rootDiskReadonly", "true"),
     ("bad-hypervisor", U + "[vms.a]\nhypervisor = 'xen'\n", "vms.a.hypervisor", "'crosvm'"),
     ("bad-scheduler", U + "schedulerIsolation = 'some'\n", "schedulerIsolation", "'full'"),
@@ -421,7 +426,19 @@ BAD: list[tuple[str, str, str, str]] = [
         "autoshutdown-zero",
         U + "[vms.a]\nautoShutdown = { enable = true, after = 0 }\n",
         "vms.a.autoShutdown.after",
-        "greater than or equal",
+        "0 is too small: at least 1",
+    ),
+    (
+        "autoshutdown-not-a-table",
+        U + "[vms.a]\nautoShutdown = 'soon'\n",
+        "vms.a.autoShutdown",
+        "expected a table, got a string",
+    ),
+    (
+        "memory-a-string",
+        U + "[vms.a]\nmemory = '4G'\n",
+        "vms.a.memory",
+        "expected a whole number, got a string",
     ),
     (
         "extra-arg-nul",
@@ -433,7 +450,7 @@ BAD: list[tuple[str, str, str, str]] = [
     ("bad-accel", U + "[qemu]\naccel = 'hvf'\n", "qemu.accel", "'auto'"),
     ("bad-package", U + "[images.x]\npackages = ['Foo Bar']\n", "images.x.packages[0]", "Debian"),
     ("netvm-range-bad", U + "netvmRange = '10.0.0.1/16'\n", "netvmRange", "invalid IPv4 network"),
-    ("timeout-negative", U + "startTimeout = -1\n", "startTimeout", "greater than or equal"),
+    ("timeout-negative", U + "startTimeout = -1\n", "startTimeout", "-1 is too small: at least 1"),
     (
         "share-same-mountpoint",
         U + "[vms.a.sharedDirectories]\n"
@@ -581,3 +598,28 @@ def test_mount_point_clash_names_both_paths_and_side_by_side_is_fine(tmp_path: P
         "opt = { path = '/o', mountPoint = '/opt/tools' }\n"
     )
     assert run_vmsilo(["-c", str(cfg), "check"])[:2] == (0, "ok: 1 VMs\n")
+
+
+def test_no_pydantic_wording_leaks(tmp_path: Path) -> None:
+    """Messages speak TOML (tables, whole numbers), not Python classes (issue 15.10)."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        U + "[vms.a]\nautoShutdown = 'soon'\nmemory = 1.5\ncpus = true\n"
+        "sharedHome = 3\nrootOverlay = { type = 'zfs' }\n"
+    )
+    status, _, err = run_vmsilo(["-c", str(cfg), "check"])
+    assert status == 2
+    for word in ("Input should", "instance of", "dictionary", "AutoShutdown", "valid integer"):
+        assert word not in err, err
+    assert len(err.splitlines()) >= 5
+
+
+def test_an_invalid_vm_name_does_not_hide_its_other_errors(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(U + "[vms.Bad_Name]\nmemroy = 512\ncpus = 0\n")
+    status, _, err = run_vmsilo(["-c", str(cfg), "check"])
+    assert status == 2
+    lines = err.splitlines()
+    assert any(ln.startswith("vms.Bad_Name: invalid VM name") for ln in lines), err
+    assert any(ln.startswith("vms.Bad_Name.memroy: unknown key") for ln in lines), err
+    assert any(ln.startswith("vms.Bad_Name.cpus: 0 is too small") for ln in lines), err

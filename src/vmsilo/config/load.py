@@ -60,7 +60,8 @@ def validate_config(data: Mapping[str, Any], users: UserLookup = system_users) -
     vms: dict[str, VmConfig] = {}
     if isinstance(raw_vms, dict):
         for name, raw in raw_vms.items():
-            if not VM_NAME_RE.match(name) or name == "host":
+            bad_name = not VM_NAME_RE.match(name) or name == "host"
+            if bad_name:
                 hint = (
                     "'host' is reserved for network.netvm"
                     if name == "host"
@@ -68,11 +69,14 @@ def validate_config(data: Mapping[str, Any], users: UserLookup = system_users) -
                     " at most 63 characters"
                 )
                 problems.append(Problem(join_path("vms", name), f"invalid VM name {name!r}", hint))
-                continue
             try:
-                vms[name] = VmConfig.model_validate(raw)
+                vm = VmConfig.model_validate(raw)
             except ValidationError as e:
+                # a bad name does not hide the VM's other problems: all are reported at once
                 problems += pydantic_problems(e, VmConfig, prefix=("vms", name))
+                continue
+            if not bad_name:
+                vms[name] = vm
     if global_part is None:
         raise ConfigErrors(problems)
 
@@ -104,6 +108,45 @@ def _toml_problem(source: str, e: tomllib.TOMLDecodeError, text: str) -> Problem
     if lineno is not None:
         return Problem(f"{source}: line {lineno}, column {colno}", msg, "fix the TOML syntax")
     return Problem(source, msg, "fix the TOML syntax")
+
+
+def _got(value: Any) -> str:
+    """What the user wrote, named as TOML names it."""
+    kinds = ((bool, "true/false"), (int, "a whole number"), (float, "a number with a fraction"))
+    kinds += ((str, "a string"), (list, "a list"), (dict, "a table"))
+    for kind, name in kinds:
+        if isinstance(value, kind):
+            return name
+    return "a date or time"
+
+
+#: Pydantic's own wording ("Input should be a valid dictionary or instance of AutoShutdown")
+#: names Python types and model classes; these say it in the config's terms instead.
+_MESSAGES = {
+    "int_type": "expected a whole number, got {got}",
+    "int_parsing": "expected a whole number, got {got}",
+    "int_from_float": "expected a whole number, got {input}",
+    "string_type": "expected a string, got {got}",
+    "bool_type": "expected true or false, got {got}",
+    "bool_parsing": "expected true or false, got {got}",
+    "list_type": "expected a list, got {got}",
+    "dict_type": "expected a table, got {got}",
+    "model_type": "expected a table, got {got}",
+    "model_attributes_type": "expected a table, got {got}",
+    "greater_than_equal": "{input} is too small: at least {ge}",
+    "less_than_equal": "{input} is too large: at most {le}",
+    "greater_than": "{input} is too small: more than {gt}",
+    "less_than": "{input} is too large: less than {lt}",
+    "literal_error": "{input!r} is not one of {expected}",
+}
+
+
+def _message(err: ErrorDetails) -> str:
+    template = _MESSAGES.get(err["type"])
+    value = err.get("input")
+    if template is None:
+        return err["msg"].replace("Input should be", "expected")
+    return template.format(got=_got(value), input=value, **(err.get("ctx") or {}))
 
 
 _HINTS = {
@@ -157,7 +200,7 @@ def _problem_for(
         return Problem(path, f"unknown key {key!r}", hint)
     if kind == "missing":
         return Problem(path, "required key is missing", "add this key")
-    return Problem(path, err["msg"], _HINTS.get(kind, "check the value's type and format"))
+    return Problem(path, _message(err), _HINTS.get(kind, "check the value's type and format"))
 
 
 def known_keys(model: type[BaseModel], loc: Iterable[str | int]) -> list[str]:
