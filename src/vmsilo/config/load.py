@@ -112,8 +112,14 @@ def _toml_problem(source: str, e: tomllib.TOMLDecodeError, text: str) -> Problem
 
 def _got(value: Any) -> str:
     """What the user wrote, named as TOML names it."""
-    kinds = ((bool, "true/false"), (int, "a whole number"), (float, "a number with a fraction"))
-    kinds += ((str, "a string"), (list, "a list"), (dict, "a table"))
+    kinds: tuple[tuple[type, str], ...] = (
+        (bool, "true/false"),
+        (int, "a whole number"),
+        (float, "a number with a fraction"),
+        (str, "a string"),
+        (list, "a list"),
+        (dict, "a table"),
+    )
     for kind, name in kinds:
         if isinstance(value, kind):
             return name
