@@ -50,3 +50,24 @@ def test_human_output(tmp_path: Path) -> None:
     status, out, _ = run_vmsilo(["-c", cfg, "doctor"])
     assert "vmsilo doctor" in out and "image default" in out
     assert status == 1  # the image is not built in this temp state dir
+
+
+def test_a_missing_share_directory_fails_before_any_start(tmp_path: Path) -> None:
+    """Issue 15.10: start used to be the first to say so."""
+    (tmp_path / "docs").mkdir()
+    cfg = _cfg(
+        tmp_path,
+        '[vms.q]\nhypervisor = "qemu"\n'
+        f'sharedDirectories.docs = {{ path = "{tmp_path}/docs", mountPoint = "/mnt/docs" }}\n'
+        f'sharedDirectories.gone = {{ path = "{tmp_path}/gone", mountPoint = "/mnt/gone" }}\n',
+    )
+    _, out, _ = run_vmsilo(["-c", cfg, "doctor", "--json"])
+    by_check = {f["check"]: f for f in json.loads(out)["findings"]}
+    gone = by_check["share q/gone"]
+    assert gone["level"] == "fail" and f"{tmp_path}/gone does not exist" in gone["detail"]
+    assert gone["hint"] == "create it, or fix vms.q.sharedDirectories.gone.path"
+    assert "share q/docs" not in by_check and "share q/home" not in by_check
+    (tmp_path / "gone").mkdir()
+    _, out, _ = run_vmsilo(["-c", cfg, "doctor", "--json"])
+    by_check = {f["check"]: f for f in json.loads(out)["findings"]}
+    assert by_check["shares"]["level"] == "ok"

@@ -121,6 +121,23 @@ def check_dirs(plan: Plan) -> Iterator[Finding]:
             )
 
 
+def check_shares(plan: Plan) -> Iterator[Finding]:
+    """Share directories that do not exist: the VM would fail to start."""
+    from vmsilo.host.preflight import missing_share_dirs, share_setting
+
+    shared = [vm for vm in plan.vms.values() if vm.shares]
+    missing = [(vm, s) for vm in shared for s in missing_share_dirs(vm)]
+    for vm, share in missing:
+        yield Finding(
+            f"share {vm.name}/{share.tag}",
+            "fail",
+            f"{share.host_path} does not exist: VM {vm.name} cannot start",
+            f"create it, or fix vms.{vm.name}.{share_setting(share)}",
+        )
+    if shared and not missing:
+        yield Finding("shares", "ok", "every shared directory exists")
+
+
 def check_systemd(plan: Plan, config: str) -> Iterator[Finding]:
     if not os.path.isdir("/run/systemd/system"):
         yield Finding("systemd", "ok", "not PID 1: VMs run under the embedded supervisor")
@@ -158,6 +175,7 @@ def checks(vmm: VmmChecks) -> tuple[Check, ...]:
         check_images,
         check_iommu,
         check_dirs,
+        check_shares,
     )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vmsilo.errors import ImageMissingError, VmsiloError
 from vmsilo.host.iommu import check_iommu_groups
-from vmsilo.plan.model import Plan, VmPlan
+from vmsilo.plan.model import Plan, SharePlan, VmPlan
 
 
 @dataclass(frozen=True)
@@ -86,3 +86,14 @@ def preflight(plan: Plan, vm: VmPlan, vmm: VmmProgram) -> str:
     if bdfs:
         check_iommu_groups(bdfs)
     return binary
+
+
+def share_setting(share: SharePlan) -> str:
+    """The config key that names a share's host directory (for hints)."""
+    return "sharedHome" if share.tag == "home" else f"sharedDirectories.{share.tag}.path"
+
+
+def missing_share_dirs(vm: VmPlan) -> list[SharePlan]:
+    """Shares whose host directory does not exist yet; the shared home is left out, since the
+    supervisor creates it (owned by ``user``) on the first start."""
+    return [s for s in vm.shares if s.tag != "home" and not Path(s.host_path).is_dir()]

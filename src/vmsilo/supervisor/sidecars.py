@@ -33,6 +33,7 @@ from pathlib import Path
 
 from vmsilo.errors import VmsiloError
 from vmsilo.host import virtiofsd
+from vmsilo.host.preflight import share_setting
 from vmsilo.host.sockets import bind_listening
 from vmsilo.host.virtiofsd import VirtiofsdBinary
 from vmsilo.plan.model import Plan, SharePlan, VmPlan
@@ -242,12 +243,7 @@ class Sidecars:
                 raise VmsiloError(
                     f"VM {vm.name}: share {share.tag}: host directory {share.host_path} does not"
                     " exist",
-                    "create it, or fix "
-                    + (
-                        "sharedHome"
-                        if share.tag == "home"
-                        else f"sharedDirectories.{share.tag}.path"
-                    ),
+                    f"create it, or fix {share_setting(share)}",
                 )
         binary = await asyncio.to_thread(self.locate)
         for share in vm.shares:
