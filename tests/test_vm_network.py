@@ -58,9 +58,19 @@ network.netvm = "host"
 
     vmsilo = [sys.executable, "-m", "vmsilo.cli.vmsilo"]
     vm_run = [sys.executable, "-m", "vmsilo.cli.vm_run"]
+    # `ip netns exec` shows this file as the namespace's /etc/resolv.conf: a local stub the VM
+    # cannot reach, and a resolver behind the host's uplink that it can
+    resolv = Path("/etc/netns") / netns / "resolv.conf"
+    resolv.parent.mkdir(parents=True, exist_ok=True)
+    resolv.write_text("nameserver 127.0.0.53\nnameserver 10.99.0.1\n")
     try:
         p = in_ns(*vmsilo, "start", "netdemo", check=False)
         assert p.returncode == 0, p.stderr
+        # issue 15.6: working DNS by default behind the host's NAT, and iproute2's ip
+        p = in_ns(*vm_run, "netdemo", "cat", "/etc/resolv.conf")
+        assert p.stdout == b"nameserver 10.99.0.1\n", p.stdout + p.stderr
+        p = in_ns(*vm_run, "netdemo", "ip", "-br", "addr", "show", "upstream")
+        assert b"10.231.0.1/31" in p.stdout, p.stdout + p.stderr
         link = in_ns("ip", "-o", "addr", "show", "dev", "netdemo-22").stdout.decode()
         assert "10.231.0.0/31" in link
         # the guest got its address and default route from the kernel parameters
@@ -111,6 +121,7 @@ network.netvm = "host"
     finally:
         in_ns(*vmsilo, "stop", "netdemo", check=False)
         shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(resolv.parent, ignore_errors=True)
 
 
 def _internet(ns: str) -> str:

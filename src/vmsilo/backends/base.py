@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from vmsilo.backends.features import Accel, FeatureTable
 from vmsilo.backends.vmm import Vmm
+from vmsilo.contracts.cmdline import nameserver_params
 from vmsilo.host.findings import Finding
 from vmsilo.host.preflight import VmmProgram, preflight
 from vmsilo.plan.model import Plan, VmPlan
@@ -29,6 +30,22 @@ class HostFacts:
 
     accel: Accel = "tcg"  # QEMU: the accelerator (KVM only when a test boot worked)
     vsock: bool = False  # QEMU: /dev/vhost-vsock exists (else the virtio-serial channel)
+    #: the host's resolvers, for a VM behind the host's NAT that names none of its own
+    nameservers: tuple[str, ...] = ()
+
+    @property
+    def kernel_params(self) -> list[str]:
+        """Parameters the host's facts add after the plan's (the guest reads them the same)."""
+        return nameserver_params(self.nameservers)
+
+
+def dns_facts(vm: VmPlan) -> tuple[str, ...]:
+    """The host's resolvers for ``vm`` when its netvm is the host and it names none."""
+    if vm.netvm != "host" or vm.nameservers:
+        return ()
+    from vmsilo.host.resolvers import host_nameservers
+
+    return host_nameservers()
 
 
 class Backend(ABC):
@@ -54,7 +71,7 @@ class Backend(ABC):
 
     def host_facts(self, plan: Plan, vm: VmPlan, *, probe: bool) -> HostFacts:
         """The host facts :meth:`argv` needs; ``probe`` may run a test boot (else: cached)."""
-        return HostFacts()
+        return HostFacts(nameservers=dns_facts(vm))
 
     @abstractmethod
     def argv(self, plan: Plan, vm: VmPlan, facts: HostFacts) -> list[str]:

@@ -8,6 +8,8 @@ value is ever re-split by a shell.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from vmsilo.contracts.ports import READY_PORT
 from vmsilo.plan.model import Plan, VmPlan
 
@@ -18,7 +20,8 @@ SCHEDULING = {
 }
 
 
-def crosvm_argv(plan: Plan, vm: VmPlan) -> list[str]:
+def crosvm_argv(plan: Plan, vm: VmPlan, *, extra_params: Sequence[str] = ()) -> list[str]:
+    """crosvm's argv (SPEC §4); ``extra_params``: kernel parameters from host facts."""
     vmsilo = plan.crosvm.flavor == "vmsilo"
     p = vm.paths
     argv = [plan.crosvm.binary, f"--log-level={vm.log_level}", "--no-syslog"]
@@ -48,7 +51,7 @@ def crosvm_argv(plan: Plan, vm: VmPlan) -> list[str]:
     )
     for disk in vm.disks:
         argv += ["--block", disk.crosvm_kv]
-    for param in vm.kernel_params:
+    for param in (*vm.kernel_params, *extra_params):
         argv += ["-p", param]
     for share in vm.shares:
         argv += ["--vhost-user", f"type=fs,socket={share.socket}"]

@@ -62,7 +62,7 @@ class CrosvmBackend(Backend):
         return plan.crosvm.binary
 
     def argv(self, plan: Plan, vm: VmPlan, facts: HostFacts) -> list[str]:
-        return crosvm_argv(plan, vm)
+        return crosvm_argv(plan, vm, extra_params=facts.kernel_params)
 
     def vmm(self, plan: Plan, vm: VmPlan, argv: list[str]) -> Vmm:
         return CrosvmVmm(plan, vm, argv)

@@ -11,6 +11,8 @@ arguments, gathered by :class:`vmsilo.backends.qemu_backend.QemuBackend`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from vmsilo.backends.features import QEMU_VHOST_USER_DEVICES, Accel
 from vmsilo.contracts.ports import CHANNEL_PORT, CONSOLE_PORT, READY_PORT
 from vmsilo.plan.model import Plan, VmPlan
@@ -23,7 +25,15 @@ def q(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def qemu_argv(plan: Plan, vm: VmPlan, accel: Accel = "tcg", *, vsock: bool = False) -> list[str]:
+def qemu_argv(
+    plan: Plan,
+    vm: VmPlan,
+    accel: Accel = "tcg",
+    *,
+    vsock: bool = False,
+    extra_params: Sequence[str] = (),
+) -> list[str]:
+    """QEMU's argv; ``extra_params`` are kernel parameters from host facts (after the plan's)."""
     p = vm.paths
     argv = [
         plan.qemu.binary,
@@ -50,7 +60,7 @@ def qemu_argv(plan: Plan, vm: VmPlan, accel: Accel = "tcg", *, vsock: bool = Fal
         "-initrd",
         vm.initramfs,
         "-append",
-        " ".join(["console=hvc0", "panic=-1", *vm.kernel_params]),
+        " ".join(["console=hvc0", "panic=-1", *vm.kernel_params, *extra_params]),
         "-chardev",
         f"socket,id=qmp,path={q(p.qmp)},server=on,wait=off",
         "-mon",

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator, Sequence
 
 from vmsilo.backends import accel, features
-from vmsilo.backends.base import Backend, HostFacts
+from vmsilo.backends.base import Backend, HostFacts, dns_facts
 from vmsilo.backends.qemu import qemu_argv
 from vmsilo.backends.vmm import Vmm
 from vmsilo.contracts.ports import CHANNEL_PORT
@@ -69,10 +69,10 @@ class QemuBackend(Backend):
 
     def host_facts(self, plan: Plan, vm: VmPlan, *, probe: bool) -> HostFacts:
         verdict = accel.resolve_accel(plan, vm) if probe else accel.cached_accel(plan, vm)
-        return HostFacts(accel=verdict, vsock=vsock_available())
+        return HostFacts(accel=verdict, vsock=vsock_available(), nameservers=dns_facts(vm))
 
     def argv(self, plan: Plan, vm: VmPlan, facts: HostFacts) -> list[str]:
-        return qemu_argv(plan, vm, facts.accel, vsock=facts.vsock)
+        return qemu_argv(plan, vm, facts.accel, vsock=facts.vsock, extra_params=facts.kernel_params)
 
     def vmm(self, plan: Plan, vm: VmPlan, argv: list[str]) -> Vmm:
         return QemuVmm(plan, vm, argv)

@@ -243,7 +243,13 @@ class Network(Model):
         description="the guest's interfaces by guest-visible name (see below)",
         json_schema_extra=key("<ifname>"),
     )
-    nameservers: list[IpAddress] = Field([], description="DNS servers for the guest")
+    nameservers: list[IpAddress] = Field(
+        [],
+        description='DNS servers for the guest. Empty with `netvm = "host"`: the host\'s'
+        " resolvers at start, if the VM can reach them (not a loopback stub such as"
+        " systemd-resolved's 127.0.0.53, whose upstream servers are used instead); `vmsilo"
+        " doctor` warns when there are none",
+    )
     netvm: str | None = Field(
         None,
         description='a VM with `isNetvm = true` that routes this one, or `"host"` (the host NATs)',

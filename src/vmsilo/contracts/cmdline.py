@@ -128,13 +128,18 @@ def _network(i: NetInterface) -> list[str]:
     return out
 
 
+def nameserver_params(servers: tuple[str, ...]) -> list[str]:
+    """``nameserver=`` parameters (also added at launch for a host-NAT VM, see HostFacts)."""
+    return [f"nameserver={ns}" for ns in servers]
+
+
 def encode(p: KernelParams) -> list[str]:
     """The kernel parameters of ``p``, in SPEC §3's order."""
     params = [f"vmsilo.hostname={p.hostname}", f"vmsilo.user={p.uid}:{p.gid}"]
     params += [f"vmsilo.ifname={i.name},{i.mac}" for i in p.interfaces]
     for i in p.interfaces:
         params += _network(i)
-    params += [f"nameserver={ns}" for ns in p.nameservers]
+    params += nameserver_params(p.nameservers)
     if p.auto_shutdown_after is not None:
         params += ["autoShutdown.enable=1", f"autoShutdown.after={p.auto_shutdown_after}"]
     overlay = ROOT_OVERLAY_RAW if p.root_overlay == "raw" else ROOT_OVERLAY_TMPFS

@@ -138,6 +138,26 @@ def check_shares(plan: Plan) -> Iterator[Finding]:
         yield Finding("shares", "ok", "every shared directory exists")
 
 
+def check_dns(plan: Plan) -> Iterator[Finding]:
+    """VMs behind the host's NAT get the host's resolvers unless they name their own: say
+    when the host has none a VM can reach (a loopback-only stub)."""
+    from vmsilo.host.resolvers import host_nameservers
+
+    natted = [vm.name for vm in plan.vms.values() if vm.netvm == "host" and not vm.nameservers]
+    if not natted:
+        return
+    servers = host_nameservers()
+    if servers:
+        yield Finding("DNS", "ok", f"{', '.join(natted)} use the host's {', '.join(servers)}")
+    else:
+        yield Finding(
+            "DNS",
+            "warn",
+            f"the host's resolvers are loopback only: {', '.join(natted)} get no DNS",
+            "set network.nameservers for them (e.g. your router, or a public resolver)",
+        )
+
+
 def check_systemd(plan: Plan, config: str) -> Iterator[Finding]:
     if not os.path.isdir("/run/systemd/system"):
         yield Finding("systemd", "ok", "not PID 1: VMs run under the embedded supervisor")
@@ -176,6 +196,7 @@ def checks(vmm: VmmChecks) -> tuple[Check, ...]:
         check_iommu,
         check_dirs,
         check_shares,
+        check_dns,
     )
 
 

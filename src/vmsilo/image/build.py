@@ -48,7 +48,8 @@ from vmsilo.runcmd import run
 FORMAT_VERSION = "1"
 #: Bump when the post-processing of the cached mmdebstrap root changes.
 ROOT_FORMAT = "1"
-BASE_PACKAGES: tuple[str, ...] = ("python3", "busybox", "e2fsprogs", "nftables")
+#: ``iproute2``: ``ip`` for whoever debugs a guest's network (busybox's applet is not enough).
+BASE_PACKAGES: tuple[str, ...] = ("python3", "busybox", "e2fsprogs", "iproute2", "nftables")
 HOST_BUSYBOX = Path("/bin/busybox")
 GUEST_PYTHON_DIR = "usr/lib/python3/dist-packages/vmsilo"
 STAGE2_INIT = "/sbin/vmsilo-init"
