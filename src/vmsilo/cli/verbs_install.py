@@ -11,6 +11,7 @@ from vmsilo.config.users import UserLookup
 
 if TYPE_CHECKING:
     from vmsilo.host.install import Report
+    from vmsilo.lifecycle.base import App
 
 
 def register(sub: Any) -> None:
@@ -32,7 +33,12 @@ def register(sub: Any) -> None:
 
 
 def cmd_install(
-    args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
+    args: argparse.Namespace,
+    *,
+    out: TextIO,
+    err: TextIO,
+    users: UserLookup | None,
+    app: App | None,
 ) -> int:
     from vmsilo.host.install import install
 
@@ -49,7 +55,12 @@ def cmd_install(
 
 
 def cmd_uninstall(
-    args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
+    args: argparse.Namespace,
+    *,
+    out: TextIO,
+    err: TextIO,
+    users: UserLookup | None,
+    app: App | None,
 ) -> int:
     from vmsilo.host.install import uninstall
 
@@ -68,7 +79,12 @@ def _print_report(report: Report, out: TextIO, err: TextIO) -> None:
 
 
 def cmd_complete(
-    args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
+    args: argparse.Namespace,
+    *,
+    out: TextIO,
+    err: TextIO,
+    users: UserLookup | None,
+    app: App | None,
 ) -> int:
     """Words for the bash completion; silent and empty rather than an error on a bad config."""
     if args.what == "verbs":

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
 from pydantic.alias_generators import to_camel
 
+from vmsilo.config.location import DEFAULT_RUNTIME_DIR
 from vmsilo.config.types import (
     ArgvWord,
     Bdf,
@@ -290,7 +291,7 @@ class GlobalConfig(Model):
     start_timeout: PositiveInt = 60
     stop_timeout: PositiveInt = 30
     state_dir: HostPath = "/var/lib/vmsilo"
-    runtime_dir: HostPath = "/run/vmsilo"
+    runtime_dir: HostPath = DEFAULT_RUNTIME_DIR
     shared_root: HostPath = "/shared"
     crosvm: CrosvmGlobal = CrosvmGlobal()
     qemu: QemuGlobal = QemuGlobal()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass, field
 
+from vmsilo.config.location import command_socket
 from vmsilo.config.model import Config, GpuConfig, ImageConfig, Interface, VmConfig
 from vmsilo.config.problems import ConfigErrors, Problem, raise_if_any
 from vmsilo.config.types import is_bdf, normalize_bdf
@@ -178,7 +179,7 @@ def _plan_vm(
 ) -> VmPlan:
     R, S = config.runtime_dir, config.state_dir
     paths = RuntimePaths(
-        command_socket=f"{R}/{name}-command.socket",
+        command_socket=command_socket(R, name),
         console=f"{R}/{name}-console",
         console_backend=f"{R}/{name}-console-backend.socket",
         ready_socket=f"{R}/{name}-ready.socket",
