@@ -7,8 +7,7 @@
   (ask the VM's :class:`vmsilo.backends.base.Backend` instead).
 
 Every import counts, also those inside functions (a lazy import hides a cycle from Python, not
-from the reader) and under ``TYPE_CHECKING``. Violations that other branches of the same
-refactor remove are listed once in :data:`KNOWN_ELSEWHERE`; everything else fails.
+from the reader) and under ``TYPE_CHECKING``. There is no list of tolerated exceptions.
 """
 
 from __future__ import annotations
@@ -52,19 +51,6 @@ GUEST = "guest"
 #: Where comparing ``hypervisor`` with a VMM's name is the point.
 BACKENDS = "vmsilo.backends"
 VMM_NAMES = frozenset({"crosvm", "qemu"})
-
-#: (importer, imported) edges that break the rules above and that the other branches of the
-#: refactor remove: fixed by the lifecycle/contracts branches; remove when merged.
-KNOWN_ELSEWHERE: frozenset[tuple[str, str]] = frozenset(
-    {
-        # lifecycle: doctor asks the app whether units are installed, not the supervisor
-        ("vmsilo.host.doctor", "vmsilo.supervisor.systemd_control"),
-        # lifecycle: the control <-> launch loop
-        ("vmsilo.supervisor.launch", "vmsilo.supervisor.control"),
-        # lifecycle: one argparse style (verbs -> verbs_install -> vmsilo -> verbs)
-        ("vmsilo.cli.verbs_install", "vmsilo.cli.vmsilo"),
-    }
-)
 
 
 # --------------------------------------------------------------------------- reading the tree
@@ -118,7 +104,7 @@ def import_graph(sources: Mapping[str, str]) -> dict[str, set[str]]:
     graph = {}
     for name, source in sources.items():
         targets = {_owner(t, sources) for t in imports_of(name, source, sources)}
-        graph[name] = {t for t in targets if t != name and (name, t) not in KNOWN_ELSEWHERE}
+        graph[name] = {t for t in targets if t != name}
     return graph
 
 
@@ -285,17 +271,6 @@ def test_no_import_cycles() -> None:
 
 def test_no_hypervisor_branch_outside_backends() -> None:
     assert branch_violations(tree_sources()) == []
-
-
-def test_known_elsewhere_entries_still_exist() -> None:
-    """A stale entry would silently allow the edge back: drop entries once fixed."""
-    sources = tree_sources()
-    present = {
-        (name, _owner(t, sources))
-        for name, source in sources.items()
-        for t in imports_of(name, source, sources)
-    }
-    assert KNOWN_ELSEWHERE - present == set()
 
 
 # --------------------------------------------------------------------------- the rules can fail

@@ -107,10 +107,10 @@ class CrosvmInstall:
 
     def wait_supervisor_gone(self) -> None:
         """Block on the supervisor's lock (the kernel wakes us), at most LOCK_TIMEOUT s."""
-        from vmsilo.supervisor.control import _wait_unlocked_for
+        from vmsilo.lifecycle.embedded import wait_unlocked_for
 
         lock = str(self.inst.run_dir / f"{VM}.lock")
-        assert _wait_unlocked_for(lock, LOCK_TIMEOUT), f"supervisor still running: {lock}"
+        assert wait_unlocked_for(lock, LOCK_TIMEOUT), f"supervisor still running: {lock}"
 
     @property
     def disk(self) -> Path:

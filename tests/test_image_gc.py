@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 
 from fleet import USERS
-from vmsilo.cli.verbs_image_gc import images_in_use
 from vmsilo.cli.vmsilo import main as vmsilo_main
 from vmsilo.image.store import IMAGE_FILES, gc_images, list_images
+from vmsilo.lifecycle.images import images_in_use
 
 
 def fake_version(images: Path, name: str, version: str, size: int = 4096) -> Path:

@@ -19,10 +19,16 @@ from typing import Any
 import pytest
 
 from fleet import USERS, plan_of, run_vmsilo
+from strict import StrictRun, Unordered
 from vmsilo.errors import VMInUseError, VmsiloError
 from vmsilo.host import install as install_mod
-from vmsilo.host.install import MANIFEST, install, read_manifest, uninstall
-from vmsilo.supervisor import systemd_control
+from vmsilo.host import systemd as host_systemd
+from vmsilo.host.install import install, uninstall
+from vmsilo.host.manifest import MANIFEST, read_manifest
+from vmsilo.lifecycle import systemd as systemd_lifecycle
+from vmsilo.lifecycle.app import open_app
+from vmsilo.lifecycle.embedded import EmbeddedApp
+from vmsilo.lifecycle.systemd import SystemdApp
 
 FLEET = """
 user = "alice"
@@ -212,39 +218,43 @@ def test_a_missing_root_is_created_and_an_impossible_one_is_an_error(
     assert status == 2 and "cannot create" in err and "Traceback" not in err
 
 
-class FakeSystemctl:
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, module: Any) -> None:
-        self.calls: list[list[str]] = []
-        monkeypatch.setattr(module, "run", self.run)
-
-    def run(self, argv: list[str], **_kw: Any) -> subprocess.CompletedProcess[bytes]:
-        self.calls.append(list(argv))
-        return subprocess.CompletedProcess(argv, 0, b"", b"")
-
-
 def test_live_install_reloads_starts_sockets_and_stops_removed_units(
     tmp_path: Path, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ctl = FakeSystemctl(monkeypatch, install_mod)
+    ctl = StrictRun(monkeypatch, install_mod)
     plan = plan_of(FLEET)
-    install(plan, "/etc/vmsilo/vmsilo.toml", root, ["/usr/bin/vmsilo"], live=True)
     sockets = [
         "vmsilo-banking-command.socket",
         "vmsilo-netvm-command.socket",
         "vmsilo-work-command.socket",
     ]
+    ctl.expect(["systemctl", "daemon-reload"]).expect(Unordered(["systemctl", "start"], sockets))
+    install(plan, "/etc/vmsilo/vmsilo.toml", root, ["/usr/bin/vmsilo"], live=True)
+    ctl.done()
     assert ctl.calls[0] == ["systemctl", "daemon-reload"]
     assert ctl.calls[1][:2] == ["systemctl", "start"] and sorted(ctl.calls[1][2:]) == sockets
     ctl.calls.clear()
+    ctl.expect(Unordered(["systemctl", "start"], sockets))
     install(plan, "/etc/vmsilo/vmsilo.toml", root, ["/usr/bin/vmsilo"], live=True)
+    ctl.done()
     assert ctl.calls == [["systemctl", "start", *ctl.calls[0][2:]]]  # no reload: unchanged
     ctl.calls.clear()
-    install(plan_of(WITHOUT_BANKING), "/etc/vmsilo/vmsilo.toml", root, ["/x"], live=True)
     stop = ["systemctl", "stop", "vmsilo-banking-command.socket", "vmsilo-banking-vm.service"]
+    ctl.expect(stop).expect(["systemctl", "daemon-reload"])
+    ctl.expect(Unordered(["systemctl", "start"], sockets[1:]))
+    install(plan_of(WITHOUT_BANKING), "/etc/vmsilo/vmsilo.toml", root, ["/x"], live=True)
+    ctl.done()
     assert ctl.calls[0] == stop  # before its unit files disappear
     assert ctl.calls[1] == ["systemctl", "daemon-reload"]
     ctl.calls.clear()
+    units = [
+        f"vmsilo-{vm}-{kind}"
+        for vm in ("netvm", "work")
+        for kind in ("command.socket", "vm.service")
+    ]
+    ctl.expect(Unordered(["systemctl", "stop"], units)).expect(["systemctl", "daemon-reload"])
     uninstall(root, live=True)
+    ctl.done()
     assert ctl.calls[0][:2] == ["systemctl", "stop"] and len(ctl.calls[0]) == 2 + 4
     assert ctl.calls[-1] == ["systemctl", "daemon-reload"]
 
@@ -254,28 +264,55 @@ def test_systemd_is_used_only_when_units_are_installed_for_this_config(
 ) -> None:
     plan = plan_of(FLEET)
     vm = plan.vms["work"]
-    monkeypatch.setattr(systemd_control, "systemd_running", lambda: True)
-    assert not systemd_control.units_installed(vm, cfg, root)  # nothing installed
+    monkeypatch.setattr(host_systemd, "systemd_running", lambda: True)
+    assert not host_systemd.units_installed(vm.service_unit, cfg, root)  # nothing installed
+    assert isinstance(open_app(cfg, root), EmbeddedApp)
     install(plan, str(cfg), root, ["/usr/bin/vmsilo"], live=False)
-    assert systemd_control.units_installed(vm, cfg, root)
+    assert host_systemd.units_installed(vm.service_unit, cfg, root)
+    app = open_app(cfg, root)
+    assert isinstance(app, SystemdApp) and app.manages(vm)
     other = cfg.parent / "other.toml"
     other.write_text(FLEET)
-    assert not systemd_control.units_installed(vm, other, root)  # installed for another config
-    monkeypatch.setattr(systemd_control, "systemd_running", lambda: False)
-    assert not systemd_control.units_installed(vm, cfg, root)  # systemd is not PID 1
+    assert not host_systemd.units_installed(vm.service_unit, other, root)  # another config's
+    assert isinstance(open_app(other, root), EmbeddedApp)
+    monkeypatch.setattr(host_systemd, "systemd_running", lambda: False)
+    assert not host_systemd.units_installed(vm.service_unit, cfg, root)  # systemd is not PID 1
+    assert isinstance(open_app(cfg, root), EmbeddedApp)
+
+
+def test_a_vm_without_installed_units_runs_embedded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A VM added to the config after `vmsilo install` is started by the embedded app."""
+    plan = plan_of(FLEET)
+    StrictRun(monkeypatch, systemd_lifecycle)  # no systemctl call at all
+    app = SystemdApp("/etc/vmsilo/vmsilo.toml", ["vmsilo-netvm-vm.service"])
+    calls: list[tuple[str, str]] = []
+
+    def embedded_stop(_plan: object, vm: Any, *, force: bool = False) -> bool:
+        calls.append(("stop", vm.name))
+        return False
+
+    monkeypatch.setattr(app.embedded, "stop", embedded_stop)
+    assert not app.manages(plan.vms["work"])
+    assert app.stop(plan, plan.vms["work"]) is False
+    assert calls == [("stop", "work")]
 
 
 def test_systemd_stop_refuses_a_netvm_in_use_unless_forced(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     plan = plan_of(FLEET)
-    ctl = FakeSystemctl(monkeypatch, systemd_control)
-    monkeypatch.setattr(systemd_control, "running_clients", lambda _p, _v: ["banking", "work"])
-    monkeypatch.setattr(systemd_control, "is_running", lambda _v: True)
+    ctl = StrictRun(monkeypatch, systemd_lifecycle)
+    app = SystemdApp("/etc/vmsilo/vmsilo.toml", [vm.service_unit for vm in plan.vms.values()])
+    monkeypatch.setattr(app, "running_clients", lambda _p, _v: ["banking", "work"])
+    monkeypatch.setattr(app, "is_running", lambda _v: True)
     with pytest.raises(VMInUseError, match="banking, work"):
-        systemd_control.stop_vm(plan, plan.vms["netvm"])
+        app.stop(plan, plan.vms["netvm"])
     assert ctl.calls == []
-    assert systemd_control.stop_vm(plan, plan.vms["netvm"], force=True)
+    ctl.expect(["systemctl", "stop", "vmsilo-banking-vm.service"])
+    ctl.expect(["systemctl", "stop", "vmsilo-work-vm.service"])
+    ctl.expect(["systemctl", "stop", "vmsilo-netvm-vm.service"])
+    assert app.stop(plan, plan.vms["netvm"], force=True)
+    ctl.done()
     assert ctl.calls == [
         ["systemctl", "stop", "vmsilo-banking-vm.service"],
         ["systemctl", "stop", "vmsilo-work-vm.service"],
@@ -285,13 +322,16 @@ def test_systemd_stop_refuses_a_netvm_in_use_unless_forced(
 
 def test_systemd_start_failure_is_a_vmsilo_error(monkeypatch: pytest.MonkeyPatch) -> None:
     plan = plan_of(FLEET)
-
-    def failing(argv: list[str], **_kw: Any) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.CompletedProcess(argv, 1, b"", b"Job failed. See journalctl.")
-
-    monkeypatch.setattr(systemd_control, "run", failing)
+    ctl = StrictRun(monkeypatch, systemd_lifecycle)
+    ctl.expect(
+        ["systemctl", "start", "vmsilo-work-vm.service"],
+        returncode=1,
+        stderr=b"Job failed. See journalctl.",
+    )
+    app = SystemdApp("/etc/vmsilo/vmsilo.toml", ["vmsilo-work-vm.service"])
     with pytest.raises(VmsiloError, match="Job failed") as e:
-        systemd_control.start_vm(plan.vms["work"])
+        app.start(plan, plan.vms["work"])
+    ctl.done()
     assert e.value.hint is not None and "journalctl -u vmsilo-work-vm.service" in e.value.hint
 
 
@@ -320,3 +360,16 @@ COMP_WORDS=(vmsilo -c {root_cfg} stop n); COMP_CWORD=4; _vmsilo; echo "vms: ${{C
     assert set(lines["verbs"].split()) == {"start", "stop", "status"}
     assert lines["vms"] == "netvm"
     assert USERS("alice") is not None  # the in-process installs above planned for alice
+
+
+def test_the_manifest_lives_in_the_configs_state_dir(tmp_path: Path, root: Path) -> None:
+    """Issue 15.10: installed.json used to go to /var/lib/vmsilo whatever stateDir said."""
+    cfg = tmp_path / "state.toml"
+    cfg.write_text(FLEET.replace('user = "alice"', 'user = "alice"\nstateDir = "/srv/vmsilo"', 1))
+    before = snapshot(root)
+    vmsilo("-c", str(cfg), "install", "--root", str(root))
+    assert (root / "srv/vmsilo/installed.json").is_file()
+    assert not (root / MANIFEST).exists() and not (root / "var").exists()
+    assert read_manifest(root, "/srv/vmsilo").config == str(cfg.resolve())
+    vmsilo("-c", str(cfg), "uninstall", "--root", str(root))
+    assert snapshot(root) == before

@@ -3,7 +3,9 @@
 Entry points are ``main(argv=None, …)`` functions with their collaborators injectable (the user
 lookup, output streams), the qubesadmin pattern, so tests call them in-process. A
 :class:`~vmsilo.errors.VmsiloError` becomes one ``error:`` line (or the list of config
-problems) and an exit status; a traceback is never shown to the user.
+problems) and an exit status; a traceback is never shown to the user, not even for an
+:class:`OSError` nobody expected (a user who is not root meets PermissionError): that is one
+line too, with the command's usual error status.
 """
 
 from __future__ import annotations
@@ -90,12 +92,24 @@ def report(error: VmsiloError, stream: TextIO | None = None) -> None:
         print(f"error: {error}", file=out)
 
 
+def os_error(error: OSError) -> VmsiloError:
+    """The one-line report of an OSError that reached a command's top level."""
+    what = error.strerror or str(error)
+    where = f": {error.filename}" if error.filename is not None else ""
+    if isinstance(error, PermissionError):
+        return VmsiloError(f"{what}{where}", "this needs root here: run it with sudo")
+    return VmsiloError(f"{what}{where}")
+
+
 def guarded(body: Callable[[], int], error_status: int, stream: TextIO | None = None) -> int:
     """Run ``body``; user-facing errors print cleanly and exit ``error_status``."""
     try:
         return body()
     except VmsiloError as e:
         report(e, stream)
+        return error_status
+    except OSError as e:
+        report(os_error(e), stream)
         return error_status
     except KeyboardInterrupt:
         return 130

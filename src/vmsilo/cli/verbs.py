@@ -11,7 +11,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from vmsilo.cli.common import Loaded, load, select_vm
 from vmsilo.config.load import parse_config
@@ -19,11 +19,13 @@ from vmsilo.config.location import config_path
 from vmsilo.config.users import UserLookup, system_users
 from vmsilo.errors import UsageError, VmsiloError
 from vmsilo.plan.build import build_plan
-from vmsilo.plan.model import Plan, VmPlan
+
+if TYPE_CHECKING:
+    from vmsilo.lifecycle.base import App
 
 
 def register(sub: Any) -> None:
-    from vmsilo.cli import verbs_doctor
+    from vmsilo.cli import verbs_doctor, verbs_image_gc
 
     verbs_doctor.register(sub)
     p = sub.add_parser("start", help="start a VM (embedded supervisor) and wait until ready")
@@ -67,7 +69,7 @@ def register(sub: Any) -> None:
     p = isub.add_parser("list", help="list built images")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_image_list)
-    __import__("vmsilo.cli.verbs_image_gc", fromlist=["register"]).register(isub)
+    verbs_image_gc.register(isub)
 
     from vmsilo.cli import verbs_install
 
@@ -81,100 +83,59 @@ def _load(args: argparse.Namespace, users: UserLookup | None) -> Loaded:
     return load(args.config, users)
 
 
-def running_plan(loaded: Loaded, name: str, users: UserLookup | None) -> tuple[Plan, VmPlan]:
-    """The plan a running VM was started with (its snapshot), else the current one."""
-    from vmsilo.supervisor.snapshot import plan_from_snapshot, read_snapshot
-    from vmsilo.supervisor.state import is_locked
+def _app(app: App | None, loaded: Loaded) -> App:
+    """The injected lifecycle app, else the one this host uses for the loaded config."""
+    from vmsilo.lifecycle.app import open_app
 
-    vm = select_vm(loaded.plan, name)
-    if is_locked(vm.paths.lock):
-        snap = read_snapshot(vm.paths.plan_snapshot)
-        if snap is not None:
-            try:
-                if users is not None:
-                    return plan_from_snapshot(snap, name, users)
-                return plan_from_snapshot(snap, name)
-            except (VmsiloError, KeyError):
-                pass
-    return loaded.plan, vm
+    return app if app is not None else open_app(loaded.path, state_dir=loaded.plan.state_dir)
 
 
 # ---------------------------------------------------------------------- verbs
 
 
 def cmd_start(
-    args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
+    args: argparse.Namespace,
+    *,
+    out: TextIO,
+    err: TextIO,
+    users: UserLookup | None,
+    app: App | None,
 ) -> int:
-    from vmsilo.supervisor import manage
-
     loaded = load(args.config, users, cache=True)
     vm = select_vm(loaded.plan, args.vm)
-    manage.start(loaded.path, loaded.plan, vm, wait=not args.no_wait)
+    _app(app, loaded).start(loaded.plan, vm, wait=not args.no_wait)
     print(f"{vm.name}: running" if not args.no_wait else f"{vm.name}: starting", file=out)
     return 0
 
 
 def cmd_stop(
-    args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
+    args: argparse.Namespace,
+    *,
+    out: TextIO,
+    err: TextIO,
+    users: UserLookup | None,
+    app: App | None,
 ) -> int:
-    from vmsilo.supervisor import manage
-
     loaded = _load(args, users)
-    plan, vm = running_plan(loaded, args.vm, users)
-    stopped = manage.stop(loaded.path, plan, vm, force=args.force)
+    lifecycle = _app(app, loaded)
+    plan, vm = lifecycle.running_plan(loaded.plan, select_vm(loaded.plan, args.vm), users)
+    stopped = lifecycle.stop(plan, vm, force=args.force)
     print(f"{vm.name}: stopped" if stopped else f"{vm.name}: not running", file=out)
     return 0
 
 
-def vm_status(plan: Plan, vm: VmPlan) -> dict[str, Any]:
-    """SPEC §6's status fields for one VM."""
-    from vmsilo.supervisor.snapshot import changed_since, read_snapshot
-    from vmsilo.supervisor.state import is_locked, read_state
-
-    running = is_locked(vm.paths.lock)
-    st = read_state(vm.paths.state_file)
-    if running and st is not None:
-        state = st.state
-    elif st is not None and st.state == "failed":
-        state = "failed"
-    elif st is not None and st.state in ("starting", "running", "stopping"):
-        state = "failed"  # the supervisor died without cleaning up
-    else:
-        state = "stopped"
-    uptime = None
-    if running and st is not None and st.ready_at is not None:
-        uptime = round(time.time() - st.ready_at, 1)
-    config_changed = False
-    if running:
-        snap = read_snapshot(vm.paths.plan_snapshot)
-        config_changed = snap is not None and changed_since(snap, vm)
-    last_exit = st.last_exit if st is not None else None
-    if st is not None and not running and st.state in ("starting", "running", "stopping"):
-        last_exit = {"reason": "supervisor exited without cleanup", "at": None}
-    return {
-        "name": vm.name,
-        "state": state,
-        "id": vm.id,
-        "hypervisor": vm.hypervisor,
-        "memory": vm.memory,
-        "cpus": vm.cpus,
-        "pid": st.vmm_pid if running and st is not None else None,
-        "supervisor_pid": st.supervisor_pid if running and st is not None else None,
-        "uptime_s": uptime,
-        "netvm": vm.netvm,
-        "color": vm.color,
-        "config_changed": config_changed,
-        "last_exit": last_exit,
-        "detail": st.detail if running and st is not None else None,
-    }
-
-
 def cmd_status(
-    args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
+    args: argparse.Namespace,
+    *,
+    out: TextIO,
+    err: TextIO,
+    users: UserLookup | None,
+    app: App | None,
 ) -> int:
     loaded = _load(args, users)
     vms = [select_vm(loaded.plan, args.vm)] if args.vm else list(loaded.plan.vms.values())
-    rows = [vm_status(loaded.plan, vm) for vm in vms]
+    lifecycle = _app(app, loaded)
+    rows = [lifecycle.status(loaded.plan, vm) for vm in vms]
     if args.json:
         json.dump({"vms": rows}, out, indent=2)
         out.write("\n")
@@ -204,18 +165,32 @@ def cmd_status(
 
 
 def cmd_logs(
-    args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
+    args: argparse.Namespace,
+    *,
+    out: TextIO,
+    err: TextIO,
+    users: UserLookup | None,
+    app: App | None,
 ) -> int:
     loaded = _load(args, users)
     vm = select_vm(loaded.plan, args.vm)
     from vmsilo.cli.escapes import LogFilter
 
     path = Path(vm.paths.console_log)
+    unreadable = VmsiloError(
+        f"reading the console log of VM {vm.name} needs root here",
+        f"sudo vmsilo logs {vm.name}",
+    )
     if args.follow:
+        if path.exists() and not os.access(path, os.R_OK):
+            raise unreadable  # tail -F would retry it for ever
         return _follow(path, out)
     if not path.exists():
         raise VmsiloError(f"no console log for {vm.name} yet", f"start it: vmsilo start {vm.name}")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except PermissionError:
+        raise unreadable from None
     out.write(LogFilter()(data).decode(errors="replace"))
     return 0
 
@@ -243,59 +218,58 @@ def _follow(path: Path, out: TextIO) -> int:
 
 
 def cmd_service_vm(
-    args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
+    args: argparse.Namespace,
+    *,
+    out: TextIO,
+    err: TextIO,
+    users: UserLookup | None,
+    app: App | None,
 ) -> int:
-    from vmsilo.supervisor.launch import supervise
-    from vmsilo.supervisor.state import read_state
+    from vmsilo.host.systemd import run_by_systemd
+    from vmsilo.lifecycle.embedded import EmbeddedApp
+    from vmsilo.supervisor.launch import serve
 
     path = config_path(args.config).resolve()
     text = path.read_text()
     lookup = users or system_users
     plan = build_plan(parse_config(text, lookup, source=str(path)), lookup)
     vm = select_vm(plan, args.vm)
-    listen_fd = None
-    if (
-        os.environ.get("LISTEN_PID") == str(os.getpid())
-        and int(os.environ.get("LISTEN_FDS", "0")) >= 1
-    ):
-        listen_fd = 3
-    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(key, None)
-    status = supervise(
+    netvms = app if app is not None else EmbeddedApp(path)
+
+    def start_netvm(name: str) -> None:
+        netvms.start(plan, plan.vms[name], wait=True)
+
+    return serve(
         str(path),
         text,
         plan,
         vm,
-        listen_fd=listen_fd,
-        spawner_fd=args.notify_fd,
+        err=err,
+        notify_fd=args.notify_fd,
         console=args.console,
-        embedded=not os.environ.get("INVOCATION_ID"),
+        start_netvm=None if run_by_systemd() else start_netvm,  # systemd: Requires=
     )
-    st = read_state(vm.paths.state_file)
-    if status != 0 and st is not None and st.last_exit:
-        print(f"vmsilo: VM {vm.name}: {st.last_exit.get('reason')}", file=err)
-    return status
 
 
 def cmd_service_cleanup(
-    args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
+    args: argparse.Namespace,
+    *,
+    out: TextIO,
+    err: TextIO,
+    users: UserLookup | None,
+    app: App | None,
 ) -> int:
-    from vmsilo.supervisor.cleanup import cleanup_vm
-    from vmsilo.supervisor.state import is_locked, now, read_state, write_state
+    from vmsilo.host.systemd import run_by_systemd
+    from vmsilo.supervisor.cleanup import cleanup_after_exit
 
     loaded = _load(args, users)
-    plan, vm = running_plan(loaded, args.vm, users)
-    if is_locked(vm.paths.lock):
+    vm = select_vm(loaded.plan, args.vm)
+    plan, vm = _app(app, loaded).running_plan(loaded.plan, vm, users)
+    # under systemd the command socket belongs to the socket unit: it stays
+    problems = cleanup_after_exit(plan, vm, remove_command_socket=not run_by_systemd())
+    if problems is None:
         print(f"{vm.name}: supervisor still running; nothing to clean", file=out)
         return 0
-    socket_from_systemd = bool(os.environ.get("INVOCATION_ID"))
-    problems = cleanup_vm(plan, vm, remove_command_socket=not socket_from_systemd)
-    st = read_state(vm.paths.state_file)
-    if st is not None and st.state in ("starting", "running", "stopping"):
-        st.state = "failed"
-        st.last_exit = {"reason": "supervisor exited without cleanup", "at": now()}
-        st.supervisor_pid = st.vmm_pid = None
-        write_state(vm.paths.state_file, st)
     for problem in problems:
         print(f"cleanup: {problem}", file=err)
     return 0
@@ -308,7 +282,12 @@ def _progress(console_file: TextIO) -> Any:
 
 
 def cmd_image_build(
-    args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
+    args: argparse.Namespace,
+    *,
+    out: TextIO,
+    err: TextIO,
+    users: UserLookup | None,
+    app: App | None,
 ) -> int:
     from vmsilo.image.build import ImageSpec, build_image
 
@@ -345,7 +324,12 @@ def cmd_image_build(
 
 
 def cmd_image_list(
-    args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
+    args: argparse.Namespace,
+    *,
+    out: TextIO,
+    err: TextIO,
+    users: UserLookup | None,
+    app: App | None,
 ) -> int:
     from dataclasses import asdict
 

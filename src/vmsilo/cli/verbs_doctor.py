@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from vmsilo.cli.common import load
 from vmsilo.config.users import UserLookup
+
+if TYPE_CHECKING:
+    from vmsilo.lifecycle.base import App
 
 
 def register(sub: Any) -> None:
@@ -18,7 +21,12 @@ def register(sub: Any) -> None:
 
 
 def cmd_doctor(
-    args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
+    args: argparse.Namespace,
+    *,
+    out: TextIO,
+    err: TextIO,
+    users: UserLookup | None,
+    app: App | None,
 ) -> int:
     from vmsilo.backends.doctor import VMM_CHECKS
     from vmsilo.host.doctor import diagnose

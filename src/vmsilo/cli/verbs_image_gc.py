@@ -1,32 +1,22 @@
 """``vmsilo image gc``: remove image versions that are not ``current`` and that no running VM uses.
 
-Which version a running VM uses cannot be read from its plan snapshot alone: the plan names
-``S/images/<name>/current/…``, and ``current`` may have moved to a newer build since the VM
-started. The truth is what the VMM holds open, so the rule is, for every running supervisor
-(every locked ``R/*.lock``, including VMs since removed from the config):
-
-* every image version directory that the VMM process or one of its descendants has open or
-  mapped (``/proc/<pid>/fd``, ``/proc/<pid>/maps``; the root disk stays open for the VM's
-  whole life) is in use;
-* so is every version its snapshot's kernel, initramfs and disk paths resolve to (explicit
-  version paths in the config);
-* if that cannot be determined — no VMM yet (starting), or ``/proc`` unreadable — every
-  version of that VM's image is kept, and the output says why.
-
-``current`` is never removed, so a VM starting concurrently (it opens ``current``) is safe, and
-each image is collected under the build lock, so a build cannot move ``current`` meanwhile.
+Which versions running VMs use is the lifecycle app's to say
+(:meth:`vmsilo.lifecycle.base.App.images_in_use`; the rules are in
+:mod:`vmsilo.lifecycle.images`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from vmsilo.cli.common import load
 from vmsilo.config.users import UserLookup
+
+if TYPE_CHECKING:
+    from vmsilo.lifecycle.base import App
 
 
 def register(isub: Any) -> None:
@@ -37,133 +27,26 @@ def register(isub: Any) -> None:
     p.set_defaults(handler=cmd_image_gc)
 
 
-def _version_dir(path: str, images: Path) -> Path | None:
-    """``images/<name>/<version>`` containing ``path`` (after resolving symlinks), if any."""
-    real = Path(os.path.realpath(path))
-    try:
-        parts = real.relative_to(images).parts
-    except ValueError:
-        return None
-    if len(parts) < 2 or parts[1].startswith(".") or parts[1] == "current":
-        return None
-    return images / parts[0] / parts[1]
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # the comm field may contain spaces and parentheses: the ppid follows the last ')'
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) >= 2:
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    return children
-
-
-def _process_tree(pid: int) -> list[int]:
-    children = _children_map()
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(children.get(p, []))
-    return tree
-
-
-def _open_paths(pid: int) -> list[str]:
-    """Files process ``pid`` has open or mapped; raises PermissionError if it may not be read."""
-    paths: list[str] = []
-    fd_dir = Path(f"/proc/{pid}/fd")
-    try:
-        fds = list(fd_dir.iterdir())
-    except FileNotFoundError:
-        return paths  # exited meanwhile
-    for fd in fds:
-        try:
-            paths.append(os.readlink(fd))
-        except OSError:
-            continue
-    try:
-        maps = Path(f"/proc/{pid}/maps").read_text()
-    except FileNotFoundError:
-        return paths
-    for line in maps.splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5].startswith("/"):
-            paths.append(fields[5].removesuffix(" (deleted)"))
-    return paths
-
-
-def images_in_use(state_dir: str, runtime_dir: str) -> tuple[set[Path], list[str]]:
-    """(version directories running VMs use, notes on VMs whose use had to be guessed)."""
-    from vmsilo.supervisor.snapshot import read_snapshot
-    from vmsilo.supervisor.state import is_locked, read_state
-
-    images = Path(os.path.realpath(Path(state_dir) / "images"))
-    in_use: set[Path] = set()
-    notes: list[str] = []
-    run = Path(runtime_dir)
-    locks = sorted(run.glob("*.lock")) if run.is_dir() else []
-    for lock in locks:
-        if not is_locked(lock):
-            continue
-        vm = lock.stem
-        snap = read_snapshot(str(run / f"{vm}.plan.json"))
-        state = read_state(run / f"{vm}.state.json")
-        names: set[str] = set()
-        if snap is not None:
-            vm_json = snap.vm_json
-            paths = [vm_json.get("kernel"), vm_json.get("initramfs")]
-            paths += [d.get("path") for d in vm_json.get("disks", []) if isinstance(d, dict)]
-            for p in paths:
-                if isinstance(p, str) and (found := _version_dir(p, images)) is not None:
-                    in_use.add(found)
-                    names.add(found.parent.name)
-            if isinstance(vm_json.get("image"), str):
-                names.add(vm_json["image"])
-        pid = state.vmm_pid if state is not None else None
-        why = None
-        if pid is None:
-            why = "its VMM has not started yet"
-        else:
-            try:
-                for p in _process_tree(pid):
-                    for path in _open_paths(p):
-                        if (found := _version_dir(path, images)) is not None:
-                            in_use.add(found)
-            except PermissionError:
-                why = f"cannot read /proc/{pid} (run as root)"
-        if why is not None:
-            guarded = sorted(names) if names else sorted(p.name for p in images.glob("*/"))
-            for name in guarded:
-                in_use.update(
-                    d
-                    for d in (images / name).glob("*")
-                    if d.is_dir() and not d.is_symlink() and not d.name.startswith(".")
-                )
-            notes.append(
-                f"VM {vm} is running but {why}: kept every version of {', '.join(guarded)}"
-            )
-    return in_use, notes
-
-
 def _size(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
 def cmd_image_gc(
-    args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
+    args: argparse.Namespace,
+    *,
+    out: TextIO,
+    err: TextIO,
+    users: UserLookup | None,
+    app: App | None,
 ) -> int:
     from vmsilo.image.store import gc_images
+    from vmsilo.lifecycle.app import open_app
 
     loaded = load(args.config, users)
     plan = loaded.plan
-    in_use, notes = images_in_use(plan.state_dir, plan.runtime_dir)
+    in_use, notes = (app or open_app(loaded.path, state_dir=loaded.plan.state_dir)).images_in_use(
+        plan
+    )
     removed = gc_images(Path(plan.state_dir), in_use, dry_run=args.dry_run)
     freed = sum(i.size for i in removed)
     if args.json:

@@ -11,6 +11,7 @@ from vmsilo.config.users import UserLookup
 
 if TYPE_CHECKING:
     from vmsilo.host.install import Report
+    from vmsilo.lifecycle.base import App
 
 
 def register(sub: Any) -> None:
@@ -28,11 +29,18 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("_complete", help=argparse.SUPPRESS)
     p.add_argument("what", choices=["verbs", "vms"])
-    p.set_defaults(handler=cmd_complete)
+    # the verb names are read off this very sub-parser table when asked (all registered by
+    # then), so completion needs no second parser and no import of the command module
+    p.set_defaults(handler=cmd_complete, verbs=lambda: list(sub.choices))
 
 
 def cmd_install(
-    args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
+    args: argparse.Namespace,
+    *,
+    out: TextIO,
+    err: TextIO,
+    users: UserLookup | None,
+    app: App | None,
 ) -> int:
     from vmsilo.host.install import install
 
@@ -54,11 +62,23 @@ def cmd_install(
 
 
 def cmd_uninstall(
-    args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
+    args: argparse.Namespace,
+    *,
+    out: TextIO,
+    err: TextIO,
+    users: UserLookup | None,
+    app: App | None,
 ) -> int:
+    from vmsilo.config.problems import ConfigErrors
+    from vmsilo.defaults import STATE_DIR
     from vmsilo.host.install import uninstall
 
-    _print_report(uninstall(Path(args.root)), out, err)
+    # the manifest lives in the config's stateDir; without a readable config, the default's
+    try:
+        state_dir = load(args.config, users).plan.state_dir
+    except ConfigErrors:
+        state_dir = STATE_DIR
+    _print_report(uninstall(Path(args.root), state_dir), out, err)
     return 0
 
 
@@ -73,16 +93,18 @@ def _print_report(report: Report, out: TextIO, err: TextIO) -> None:
 
 
 def cmd_complete(
-    args: argparse.Namespace, *, out: TextIO, err: TextIO, users: UserLookup | None
+    args: argparse.Namespace,
+    *,
+    out: TextIO,
+    err: TextIO,
+    users: UserLookup | None,
+    app: App | None,
 ) -> int:
     """Words for the bash completion; silent and empty rather than an error on a bad config."""
     if args.what == "verbs":
-        from vmsilo.cli.vmsilo import build_parser
-
-        for action in build_parser()._subparsers._group_actions:  # type: ignore[union-attr]
-            for name in getattr(action, "choices", {}) or {}:
-                if not name.startswith("_"):
-                    print(name, file=out)
+        for name in args.verbs():
+            if not name.startswith("_"):
+                print(name, file=out)
         return 0
     try:
         loaded = load(args.config, users)

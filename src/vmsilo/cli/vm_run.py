@@ -7,6 +7,7 @@ signal N); every failure of vm-run itself exits 255 with a message.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
@@ -17,6 +18,7 @@ from vmsilo.errors import UsageError, VmsiloError
 
 if TYPE_CHECKING:
     from vmsilo.config.users import UserLookup
+    from vmsilo.lifecycle.base import App
 
 # Imports are deliberately late in this module: on a cold start vm-run forks the VM's
 # supervisor, whose path to the VMM is vmsilo's share of the start-up; asyncio and the client
@@ -41,65 +43,98 @@ class RunArgs:
     config: str | None = None
 
 
+class _BadUsage(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, reporting through :class:`UsageError` (so: one line and exit 255)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _BadUsage(message)
+
+
+def _env(text: str) -> str:
+    if "=" not in text or text.startswith("="):
+        raise argparse.ArgumentTypeError(f"--env {text!r}: expected K=V")
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--timeout {text!r}: expected seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("--timeout must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Options, then everything else as one verbatim list: the VM and the command.
+
+    The single ``argparse.REMAINDER`` positional is what keeps "options only before VM":
+    from the first word that is not an option on, nothing is taken as an option, not even
+    ``--help`` or ``--`` (a ``--`` before the VM ends the options, as usual).
+    """
+    p = _Parser(prog="vm-run", usage=USAGE, add_help=False, allow_abbrev=False)
+    p.add_argument("-h", "--help", action="store_true")
+    p.add_argument("-t", dest="tty", action="store_true")
+    p.add_argument("--detach", action="store_true")
+    p.add_argument("--user")
+    p.add_argument("--root", dest="user", action="store_const", const="root")
+    p.add_argument("--env", action="append", default=[], type=_env)
+    p.add_argument("--cwd")
+    p.add_argument("--no-autostart", dest="autostart", action="store_false")
+    p.add_argument("--timeout", type=_seconds)
+    p.add_argument("-c", "--config")
+    p.add_argument("words", nargs=argparse.REMAINDER)
+    return p
+
+
 def parse_args(argv: list[str]) -> RunArgs | None:
-    """Hand-rolled so that nothing after the VM name is ever taken as an option."""
-    a = RunArgs()
-    i = 0
-
-    def value(opt: str) -> str:
-        nonlocal i
-        if i + 1 >= len(argv):
-            raise UsageError(f"option {opt} needs a value", USAGE)
-        i += 1
-        return argv[i]
-
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            i += 1
-            break
-        if not arg.startswith("-") or arg == "-":
-            break
-        name, eq, inline = arg.partition("=")
-        if arg in ("-h", "--help"):
-            return None
-        if arg == "-t":
-            a.tty = True
-        elif arg == "--detach":
-            a.detach = True
-        elif arg == "--root":
-            a.user = "root"
-        elif arg == "--no-autostart":
-            a.autostart = False
-        elif name in ("--user", "--env", "--cwd", "--timeout", "--config", "-c"):
-            text = inline if eq else value(name)
-            if name == "--user":
-                a.user = text
-            elif name == "--env":
-                if "=" not in text or text.startswith("="):
-                    raise UsageError(f"--env {text!r}: expected K=V", USAGE)
-                a.env.append(text)
-            elif name == "--cwd":
-                a.cwd = text
-            elif name == "--timeout":
-                try:
-                    a.timeout = float(text)
-                except ValueError:
-                    raise UsageError(f"--timeout {text!r}: expected seconds", USAGE) from None
-                if a.timeout <= 0:
-                    raise UsageError("--timeout must be positive", USAGE)
-            else:
-                a.config = text
-        else:
-            raise UsageError(f"unknown option {arg}", USAGE)
-        i += 1
-    rest = argv[i:]
-    if len(rest) < 2:
+    """vm-run's arguments; None for ``--help``. Usage errors raise :class:`UsageError`."""
+    try:
+        ns, unknown = build_parser().parse_known_args(argv)
+    except _BadUsage as e:
+        raise UsageError(_usage_message(str(e), argv), USAGE) from None
+    except argparse.ArgumentError as e:  # a type check, reported by argparse before error()
+        raise UsageError(e.message, USAGE) from None
+    if ns.help:
+        return None
+    if unknown:
+        raise UsageError(f"unknown option {unknown[0]}", USAGE)
+    words: list[str] = ns.words
+    if words[:1] == ["--"]:
+        words = words[1:]
+    if len(words) < 2:
         raise UsageError("expected a VM name and a command", USAGE)
-    if a.tty and a.detach:
+    if ns.tty and ns.detach:
         raise UsageError("-t and --detach cannot be combined", USAGE)
-    a.vm, a.argv = rest[0], rest[1:]
-    return a
+    return RunArgs(
+        vm=words[0],
+        argv=words[1:],
+        tty=ns.tty,
+        detach=ns.detach,
+        user=ns.user,
+        env=ns.env,
+        cwd=ns.cwd,
+        autostart=ns.autostart,
+        timeout=ns.timeout,
+        config=ns.config,
+    )
+
+
+def _usage_message(message: str, argv: list[str]) -> str:
+    """vm-run's own wording for argparse's complaints."""
+    head, _, detail = message.partition(": ")
+    if head.startswith("argument ") and detail == "expected one argument":
+        names = head.removeprefix("argument ").split("/")
+        used = next((a for a in reversed(argv) if a in names), names[-1])
+        return f"option {used} needs a value"
+    if head.startswith("argument ") and detail:
+        return detail  # the type checks' own message
+    return message
 
 
 def main(
@@ -107,6 +142,7 @@ def main(
     *,
     users: UserLookup | None = None,
     stderr: TextIO | None = None,
+    app: App | None = None,
 ) -> int:
     err = stderr or sys.stderr
     try:
@@ -114,9 +150,14 @@ def main(
         if args is None:
             print(USAGE, file=sys.stdout)
             return 0
-        return _run(args, users, err)
+        return _run(args, users, err, app)
     except VmsiloError as e:
         print(f"vm-run: {e}", file=err)
+        return EXIT_FAILURE
+    except OSError as e:  # e.g. PermissionError: one line, never a traceback
+        from vmsilo.cli.common import os_error
+
+        print(f"vm-run: {os_error(e)}", file=err)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
@@ -143,6 +184,7 @@ def quick_look(config: str | None, name: str) -> QuickLook | None:
     import tomllib
 
     from vmsilo.config.location import VM_NAME_RE, config_path
+    from vmsilo.defaults import RUNTIME_DIR
 
     path = config_path(config)
     try:
@@ -150,7 +192,7 @@ def quick_look(config: str | None, name: str) -> QuickLook | None:
         data = tomllib.loads(text)
     except (OSError, ValueError):
         return None
-    runtime_dir = data.get("runtimeDir", "/run/vmsilo")
+    runtime_dir = data.get("runtimeDir", RUNTIME_DIR)
     vms = data.get("vms")
     user = data.get("user")
     if (
@@ -166,35 +208,38 @@ def quick_look(config: str | None, name: str) -> QuickLook | None:
     )
 
 
-def _run(args: RunArgs, users: UserLookup | None, err: TextIO) -> int:
+def _run(args: RunArgs, users: UserLookup | None, err: TextIO, app: App | None) -> int:
+    from vmsilo.defaults import command_socket
     from vmsilo.host.sockets import socket_live
-    from vmsilo.supervisor.manage import start_for_client
 
     watch = None
     socket_path: str | None = None
     look = quick_look(args.config, args.vm) if users is None else None
     if look is not None:
-        candidate = f"{look.runtime_dir}/{args.vm}-command.socket"
+        candidate = command_socket(look.runtime_dir, args.vm)
         if socket_live(candidate):
             socket_path = candidate
         elif args.autostart and os.geteuid() == 0:
+            from vmsilo.lifecycle.app import open_app
             from vmsilo.plan.cache import load_plan
 
             cached = load_plan(look.runtime_dir, look.text, look.user)
             if cached is not None and args.vm in cached.vms:
                 socket_path = cached.vms[args.vm].paths.command_socket
-                watch = start_for_client(look.path, cached, cached.vms[args.vm])
+                lifecycle = app or open_app(look.path, state_dir=cached.state_dir)
+                watch = lifecycle.start_for_client(cached, cached.vms[args.vm])
     if socket_path is None:
         from vmsilo.cli.common import load, select_vm
-        from vmsilo.supervisor.control import command_socket_live
+        from vmsilo.lifecycle.app import open_app
 
         loaded = load(args.config, users, cache=True)
         vm = select_vm(loaded.plan, args.vm)
         socket_path = vm.paths.command_socket
-        if not command_socket_live(vm):
+        lifecycle = app or open_app(loaded.path, state_dir=loaded.plan.state_dir)
+        if not lifecycle.command_socket_live(vm):
             if not args.autostart:
                 raise VmsiloError(f"VM {vm.name} is not running", f"start it: vm-start {vm.name}")
-            watch = start_for_client(loaded.path, loaded.plan, vm)
+            watch = lifecycle.start_for_client(loaded.plan, vm)
 
     import asyncio
 

@@ -15,10 +15,13 @@ import socket
 import sys
 import termios
 import tty
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from vmsilo.cli.vm_common import EXIT_USAGE, load_for_tool, pop_config, resolve, run_tool
+from vmsilo.cli.vm_common import EXIT_USAGE, ToolParser, load_for_tool, resolve, run_tool
 from vmsilo.config.users import UserLookup
+
+if TYPE_CHECKING:
+    from vmsilo.lifecycle.base import App
 
 ESCAPE = 0x1D  # Ctrl-]
 USAGE = """Usage: vm-shell [--ssh [--root]] <vm-name>
@@ -31,39 +34,40 @@ Without --ssh, connects to serial console.
 Escape character is CTRL+]"""
 
 
+def build_parser() -> ToolParser:
+    parser = ToolParser("vm-shell", USAGE)
+    parser.add_argument("--ssh", action="store_true")
+    parser.add_argument("--root", action="store_true")
+    parser.add_vm()
+    return parser
+
+
 def main(
-    argv: list[str] | None = None, *, users: UserLookup | None = None, err: TextIO | None = None
+    argv: list[str] | None = None,
+    *,
+    users: UserLookup | None = None,
+    err: TextIO | None = None,
+    app: App | None = None,
 ) -> int:
     stream = err or sys.stderr
-    config, rest = pop_config(sys.argv[1:] if argv is None else argv)
-    use_ssh = use_root = False
-    while rest and rest[0].startswith("-"):
-        if rest[0] == "--ssh":
-            use_ssh = True
-        elif rest[0] == "--root":
-            use_root = True
-        else:
-            print(USAGE, file=stream)
-            return EXIT_USAGE
-        rest = rest[1:]
-    if len(rest) != 1:
-        print(USAGE, file=stream)
+    args = build_parser().parse(argv, stream)
+    if args is None:
         return EXIT_USAGE
-    if use_root and not use_ssh:
+    if args.root and not args.ssh:
         print("Error: --root requires --ssh", file=stream)
         return EXIT_USAGE
 
     def body() -> int:
-        loaded = load_for_tool(config, users)
-        vm = resolve(loaded, rest[0], stream)
+        loaded = load_for_tool(args.config, users)
+        vm = resolve(loaded, args.vm, stream)
         if vm is None:
             return EXIT_USAGE
-        if use_ssh:
+        if args.ssh:
             from vmsilo.cli.vm_run import main as vm_run_main
 
-            args = (["-c", config] if config else []) + ["-t"]
-            args += ["--root"] if use_root else []
-            return vm_run_main([*args, vm.name, "/bin/bash", "--login"])
+            run_args = (["-c", args.config] if args.config else []) + ["-t"]
+            run_args += ["--root"] if args.root else []
+            return vm_run_main([*run_args, vm.name, "/bin/bash", "--login"], app=app)
         if not os.path.exists(vm.paths.console):
             print(f"Console not found: {vm.paths.console}", file=stream)
             print(f"Is the VM running? Use: vm-start {vm.name}", file=stream)

@@ -3,29 +3,43 @@
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from vmsilo.cli.vm_common import EXIT_USAGE, load_for_tool, pop_config, resolve, run_tool
+from vmsilo.cli.vm_common import EXIT_USAGE, ToolParser, load_for_tool, resolve, run_tool
 from vmsilo.config.users import UserLookup
+
+if TYPE_CHECKING:
+    from vmsilo.lifecycle.base import App
+
+
+def build_parser() -> ToolParser:
+    parser = ToolParser("vm-start", "Usage: vm-start <vm-name>")
+    parser.add_vm()
+    return parser
 
 
 def main(
-    argv: list[str] | None = None, *, users: UserLookup | None = None, err: TextIO | None = None
+    argv: list[str] | None = None,
+    *,
+    users: UserLookup | None = None,
+    err: TextIO | None = None,
+    app: App | None = None,
 ) -> int:
     stream = err or sys.stderr
-    config, rest = pop_config(sys.argv[1:] if argv is None else argv)
-    if len(rest) != 1 or rest[0].startswith("-"):
-        print("Usage: vm-start <vm-name>", file=stream)
+    args = build_parser().parse(argv, stream)
+    if args is None:
         return EXIT_USAGE
 
     def body() -> int:
-        from vmsilo.supervisor import manage
+        from vmsilo.lifecycle.app import open_app
 
-        loaded = load_for_tool(config, users, cache=True)
-        vm = resolve(loaded, rest[0], stream)
+        loaded = load_for_tool(args.config, users, cache=True)
+        vm = resolve(loaded, args.vm, stream)
         if vm is None:
             return EXIT_USAGE
-        manage.start(loaded.path, loaded.plan, vm, wait=True)
+        (app or open_app(loaded.path, state_dir=loaded.plan.state_dir)).start(
+            loaded.plan, vm, wait=True
+        )
         return 0
 
     return run_tool("vm-start", body, stream)

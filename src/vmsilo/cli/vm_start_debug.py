@@ -8,26 +8,38 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from vmsilo.cli.vm_common import EXIT_USAGE, pop_config
+from vmsilo.cli.vm_common import EXIT_USAGE, ToolParser
+
+if TYPE_CHECKING:
+    from vmsilo.lifecycle.base import App
 
 
-def main(argv: list[str] | None = None, *, err: TextIO | None = None) -> int:
+def build_parser() -> ToolParser:
+    parser = ToolParser(
+        "vm-start-debug",
+        "Usage: vm-start-debug <vm-name>\nNote: Requires root privileges (use sudo)",
+    )
+    parser.add_vm()
+    return parser
+
+
+def main(
+    argv: list[str] | None = None, *, err: TextIO | None = None, app: App | None = None
+) -> int:
     stream = err or sys.stderr
-    config, rest = pop_config(sys.argv[1:] if argv is None else argv)
-    if len(rest) != 1 or rest[0].startswith("-"):
-        print("Usage: vm-start-debug <vm-name>", file=stream)
-        print("Note: Requires root privileges (use sudo)", file=stream)
+    args = build_parser().parse(argv, stream)
+    if args is None:
         return EXIT_USAGE
     if os.geteuid() != 0:
         print("Error: vm-start-debug requires root privileges", file=stream)
-        print(f"Run: sudo vm-start-debug {rest[0]}", file=stream)
+        print(f"Run: sudo vm-start-debug {args.vm}", file=stream)
         return EXIT_USAGE
     from vmsilo.cli.vmsilo import main as vmsilo_main
 
-    args = (["-c", config] if config else []) + ["service", "vm", rest[0], "--console"]
-    status = vmsilo_main(args)
+    config = ["-c", args.config] if args.config else []
+    status = vmsilo_main([*config, "service", "vm", args.vm, "--console"], stderr=err, app=app)
     return EXIT_USAGE if status == 2 else status
 
 

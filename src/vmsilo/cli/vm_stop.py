@@ -3,32 +3,44 @@
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from vmsilo.cli.vm_common import EXIT_USAGE, load_for_tool, pop_config, resolve, run_tool
+from vmsilo.cli.vm_common import EXIT_USAGE, ToolParser, load_for_tool, resolve, run_tool
 from vmsilo.config.users import UserLookup
+
+if TYPE_CHECKING:
+    from vmsilo.lifecycle.base import App
+
+
+def build_parser() -> ToolParser:
+    parser = ToolParser("vm-stop", "Usage: vm-stop [--force] <vm-name>")
+    parser.add_argument("--force", action="store_true")
+    parser.add_vm()
+    return parser
 
 
 def main(
-    argv: list[str] | None = None, *, users: UserLookup | None = None, err: TextIO | None = None
+    argv: list[str] | None = None,
+    *,
+    users: UserLookup | None = None,
+    err: TextIO | None = None,
+    app: App | None = None,
 ) -> int:
     stream = err or sys.stderr
-    config, rest = pop_config(sys.argv[1:] if argv is None else argv)
-    force = "--force" in rest
-    rest = [a for a in rest if a != "--force"]
-    if len(rest) != 1 or rest[0].startswith("-"):
-        print("Usage: vm-stop [--force] <vm-name>", file=stream)
+    args = build_parser().parse(argv, stream)
+    if args is None:
         return EXIT_USAGE
 
     def body() -> int:
-        from vmsilo.cli.verbs import running_plan
-        from vmsilo.supervisor import manage
+        from vmsilo.lifecycle.app import open_app
 
-        loaded = load_for_tool(config, users)
-        if resolve(loaded, rest[0], stream) is None:
+        loaded = load_for_tool(args.config, users)
+        vm = resolve(loaded, args.vm, stream)
+        if vm is None:
             return EXIT_USAGE
-        plan, vm = running_plan(loaded, rest[0], users)
-        manage.stop(loaded.path, plan, vm, force=force)
+        lifecycle = app or open_app(loaded.path, state_dir=loaded.plan.state_dir)
+        plan, vm = lifecycle.running_plan(loaded.plan, vm, users)
+        lifecycle.stop(plan, vm, force=args.force)
         return 0
 
     return run_tool("vm-stop", body, stream)

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from vmsilo.backends.features import HYPERVISORS
 from vmsilo.backends.script import launcher_script
@@ -19,6 +19,9 @@ from vmsilo.config.users import UserLookup
 from vmsilo.errors import UsageError
 from vmsilo.plan.model import Plan, VmPlan
 from vmsilo.plan.serialize import plan_to_json
+
+if TYPE_CHECKING:
+    from vmsilo.lifecycle.base import App
 
 EXIT_BAD_INPUT = 2
 
@@ -73,14 +76,16 @@ def main(
     users: UserLookup | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
+    app: App | None = None,
 ) -> int:
+    """``vmsilo``; ``app`` is the lifecycle app the VM verbs use (default: this host's)."""
     out = stdout or sys.stdout
     err = stderr or sys.stderr
     args = build_parser().parse_args(argv)
 
     def body() -> int:
         if getattr(args, "handler", None) is not None:
-            status: int = args.handler(args, out=out, err=err, users=users)
+            status: int = args.handler(args, out=out, err=err, users=users, app=app)
             return status
         loaded = load(args.config, users)
         return _dispatch(args, loaded, out)

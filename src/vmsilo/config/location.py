@@ -1,4 +1,8 @@
-"""Where the config file is, for every entry point (kept import-light for vm-run's fast path)."""
+"""Where the config file is, for every entry point, and what a VM name looks like.
+
+Kept import-light (stdlib only): vm-run's fast path reads the raw TOML and uses these (and
+:mod:`vmsilo.defaults`) instead of loading the typed config model, which uses them too.
+"""
 
 from __future__ import annotations
 

@@ -162,9 +162,10 @@ def check_systemd(plan: Plan, config: str) -> Iterator[Finding]:
     if not os.path.isdir("/run/systemd/system"):
         yield Finding("systemd", "ok", "not PID 1: VMs run under the embedded supervisor")
         return
-    from vmsilo.supervisor.systemd_control import units_installed
+    from vmsilo.host.systemd import installed_units
 
-    missing = [vm.name for vm in plan.vms.values() if not units_installed(vm, config)]
+    units = installed_units(config, state_dir=plan.state_dir)
+    missing = [vm.name for vm in plan.vms.values() if vm.service_unit not in units]
     if missing:
         yield Finding(
             "systemd units", "warn", "not installed for " + ", ".join(missing), "vmsilo install"

@@ -22,17 +22,15 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from vmsilo.contracts.fs import atomic_write
+from vmsilo.defaults import STATE_DIR
 from vmsilo.errors import VmsiloError
+from vmsilo.host.manifest import Manifest, manifest_rel, read_manifest
 from vmsilo.host.systemd import systemd_running
 from vmsilo.host.units import enable_links, render_host_files
 from vmsilo.plan.model import HostUserPlan, Plan
 from vmsilo.runcmd import run
-
-MANIFEST = "var/lib/vmsilo/installed.json"
-MANIFEST_VERSION = 1
 
 
 def vmsilo_exe() -> list[str]:
@@ -110,50 +108,6 @@ def _unreachable_for(path: Path, user: HostUserPlan) -> Path | None:
 
 
 @dataclass
-class Manifest:
-    config: str | None = None
-    files: list[str] = field(default_factory=list)
-    links: list[str] = field(default_factory=list)
-    dirs: list[str] = field(default_factory=list)  # created by vmsilo, removed if left empty
-    units: list[str] = field(default_factory=list)  # unit names, for stop/start
-    sockets: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": MANIFEST_VERSION,
-            "config": self.config,
-            "files": self.files,
-            "links": self.links,
-            "dirs": self.dirs,
-            "units": self.units,
-            "sockets": self.sockets,
-        }
-
-
-def read_manifest(root: Path) -> Manifest:
-    path = root / MANIFEST
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return Manifest()
-    except (OSError, ValueError) as e:
-        raise VmsiloError(
-            f"cannot read the install manifest {path}: {e}",
-            "remove the vmsilo files by hand, then delete the manifest",
-        ) from None
-    if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
-        raise VmsiloError(f"{path}: unknown manifest format", "reinstall with this vmsilo")
-    return Manifest(
-        config=data.get("config"),
-        files=list(data.get("files", [])),
-        links=list(data.get("links", [])),
-        dirs=list(data.get("dirs", [])),
-        units=list(data.get("units", [])),
-        sockets=list(data.get("sockets", [])),
-    )
-
-
-@dataclass
 class Report:
     """What an install/uninstall did, for the user and for tests."""
 
@@ -211,7 +165,8 @@ def install(
     exe = list(exe) if exe is not None else vmsilo_exe()
     files = render_host_files(plan, exe, config)
     links = enable_links(plan)
-    old = read_manifest(root)
+    manifest = manifest_rel(plan.state_dir)
+    old = read_manifest(root, plan.state_dir)
     report = Report()
     report.notes += exe_notes(exe, plan.user)
     new = Manifest(
@@ -266,10 +221,10 @@ def install(
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 report.removed.append(rel)
-        _mkdirs(root, str(Path(MANIFEST).parent), new.dirs)
-        keep = {str(Path(r).parent) for r in [*files, *links, MANIFEST]}
+        _mkdirs(root, str(Path(manifest).parent), new.dirs)
+        keep = {str(Path(r).parent) for r in [*files, *links, manifest]}
         new.dirs = _prune_dirs(root, new.dirs, keep)
-        atomic_write(root / MANIFEST, json.dumps(new.to_json(), indent=2) + "\n")
+        atomic_write(root / manifest, json.dumps(new.to_json(), indent=2) + "\n")
     except PermissionError as e:
         raise VmsiloError(f"cannot write {e.filename}: permission denied", "run as root") from None
     if live:
@@ -322,14 +277,15 @@ def _prune_dirs(root: Path, dirs: list[str], keep: set[str]) -> list[str]:
     return sorted(remaining)
 
 
-def uninstall(root: Path, *, live: bool | None = None) -> Report:
+def uninstall(root: Path, state_dir: str = STATE_DIR, *, live: bool | None = None) -> Report:
     """Remove everything the manifest lists (and the manifest); the config is not needed."""
     root = root.absolute()
     if live is None:
         live = root == Path("/") and systemd_running()
-    old = read_manifest(root)
+    manifest = manifest_rel(state_dir)
+    old = read_manifest(root, state_dir)
     report = Report()
-    if not (root / MANIFEST).exists():
+    if not (root / manifest).exists():
         report.notes.append(f"nothing installed below {root}")
         return report
     if live and old.units:
@@ -340,7 +296,7 @@ def uninstall(root: Path, *, live: bool | None = None) -> Report:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 report.removed.append(rel)
-        (root / MANIFEST).unlink()
+        (root / manifest).unlink()
     except PermissionError as e:
         raise VmsiloError(f"cannot remove {e.filename}: permission denied", "run as root") from None
     leftover = _prune_dirs(root, old.dirs, keep=set())

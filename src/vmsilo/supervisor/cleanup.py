@@ -54,3 +54,18 @@ def cleanup_vm(plan: Plan, vm: VmPlan, *, remove_command_socket: bool) -> list[s
     except Exception as e:  # cleanup must go on; report what failed
         problems.append(f"network teardown: {e}")
     return problems
+
+
+def cleanup_after_exit(plan: Plan, vm: VmPlan, *, remove_command_socket: bool) -> list[str] | None:
+    """``vmsilo service cleanup`` (systemd's ExecStopPost): undo the launch of a supervisor
+    that is gone, and record a supervisor that died mid-flight as failed.
+
+    None while a supervisor still holds the VM's lock (it cleans up itself); else the problems
+    met."""
+    from vmsilo.supervisor.state import mark_abandoned
+
+    if is_locked(vm.paths.lock):
+        return None
+    problems = cleanup_vm(plan, vm, remove_command_socket=remove_command_socket)
+    mark_abandoned(vm.paths.state_file)
+    return problems

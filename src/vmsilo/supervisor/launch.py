@@ -1,21 +1,34 @@
-"""Running a VM's supervisor: in this process (systemd, vm-start-debug) or forked off.
+"""Running a VM's supervisor in this process, to the end: ``vmsilo service vm`` (systemd,
+``vm-start-debug``) and the detached child that an embedded start forks
+(:mod:`vmsilo.lifecycle.spawn`).
 
-Embedded starts (``vm-run`` autostart, ``vmsilo start``) fork the supervisor from the process
-that already parsed the config and built the plan, instead of exec'ing a fresh interpreter:
-the VMM starts a few hundred milliseconds sooner, which is most of vmsilo's share of a cold
-``vm-run``. The fork happens before any thread or event loop exists, detaches twice (no zombie,
-own session) and closes every inherited descriptor but the milestone pipe, so the caller's
-pipes reach EOF when the caller exits.
+Starting the netvm first is the caller's business (``start_netvm``): the supervisor runs below
+the client-side lifecycle, which knows how this host starts VMs; under systemd ``Requires=``
+does it and the callback is None.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import sys
-import traceback
+from collections.abc import Callable, MutableMapping
+from typing import TextIO
 
 from vmsilo.plan.model import Plan, VmPlan
+
+#: systemd passes socket-activated descriptors from fd 3 on (sd_listen_fds(3)).
+SD_LISTEN_FDS_START = 3
+
+
+def take_listen_fd(environ: MutableMapping[str, str] | None = None) -> int | None:
+    """The command socket systemd passed us (``LISTEN_FDS``), if any; clears the variables
+    so that nothing this process starts believes they are meant for it."""
+    env = os.environ if environ is None else environ
+    fd = None
+    if env.get("LISTEN_PID") == str(os.getpid()) and int(env.get("LISTEN_FDS", "0") or 0) >= 1:
+        fd = SD_LISTEN_FDS_START
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(key, None)
+    return fd
 
 
 def supervise(
@@ -27,7 +40,7 @@ def supervise(
     listen_fd: int | None = None,
     spawner_fd: int | None = None,
     console: bool = False,
-    embedded: bool = True,
+    start_netvm: Callable[[str], None] | None = None,
 ) -> int:
     """Run ``vm``'s supervisor to the end; its exit status.
 
@@ -38,11 +51,6 @@ def supervise(
     from vmsilo.supervisor.prelaunch import Prelaunch, ServiceOptions
     from vmsilo.supervisor.state import is_locked
 
-    def start_netvm(name: str) -> None:
-        from vmsilo.supervisor.control import start_vm
-
-        start_vm(config_path, plan, plan.vms[name], True)
-
     if not is_locked(vm.paths.lock):
         cleanup_vm(plan, vm, remove_command_socket=listen_fd is None)  # leftovers of a crash
     options = ServiceOptions(
@@ -51,7 +59,7 @@ def supervise(
         listen_fd=listen_fd,
         spawner_fd=spawner_fd,
         console_on_tty=console,
-        start_netvm=start_netvm if embedded else None,
+        start_netvm=start_netvm,
     )
     launch = Prelaunch(plan, vm, options)
     launch.run()
@@ -63,38 +71,32 @@ def supervise(
     return asyncio.run(Supervisor(launch).run())
 
 
-def fork_supervisor(
-    config_path: str, config_text: str, plan: Plan, vm: VmPlan, write_fd: int, log_path: str
-) -> None:
-    """Start the supervisor in a detached grandchild; returns in the caller at once."""
-    pid = os.fork()
-    if pid != 0:
-        os.waitpid(pid, 0)  # the middle child exits right away
-        return
-    try:
-        os.setsid()
-        if os.fork() != 0:
-            os._exit(0)
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        top = max(write_fd + 1, os.sysconf("SC_OPEN_MAX"))
-        os.closerange(3, write_fd)  # keep 0-2 and the milestone pipe, nothing else
-        os.closerange(write_fd + 1, top)
-        # The same stream objects, now on the log, a line at a time. (Replacing them would let
-        # the garbage collector close fd 1 and 2 behind the new ones' backs when a supervisor
-        # forks another one, e.g. for its netvm.)
-        for stream in (sys.stdout, sys.stderr):
-            if isinstance(stream, io.TextIOWrapper):
-                stream.reconfigure(line_buffering=True)
-        status = supervise(config_path, config_text, plan, vm, spawner_fd=write_fd)
-        os._exit(status)
-    except BaseException:
-        try:
-            traceback.print_exc()
-        finally:
-            os._exit(70)
+def serve(
+    config_path: str,
+    config_text: str,
+    plan: Plan,
+    vm: VmPlan,
+    *,
+    err: TextIO,
+    notify_fd: int | None = None,
+    console: bool = False,
+    start_netvm: Callable[[str], None] | None = None,
+) -> int:
+    """``vmsilo service vm``: supervise in the foreground on the socket systemd passed (or
+    one bound here); on failure, say why on ``err`` (the journal, or vm-start-debug's tty)."""
+    from vmsilo.supervisor.state import read_state
+
+    status = supervise(
+        config_path,
+        config_text,
+        plan,
+        vm,
+        listen_fd=take_listen_fd(),
+        spawner_fd=notify_fd,
+        console=console,
+        start_netvm=start_netvm,
+    )
+    st = read_state(vm.paths.state_file)
+    if status != 0 and st is not None and st.last_exit:
+        print(f"vmsilo: VM {vm.name}: {st.last_exit.get('reason')}", file=err)
+    return status

@@ -106,3 +106,14 @@ def wait_unlocked(path: str | Path) -> None:
             fcntl.flock(fd, fcntl.LOCK_SH)
         finally:
             os.close(fd)
+
+
+def mark_abandoned(path: str | Path) -> None:
+    """A state left ``starting``/``running``/``stopping`` by a supervisor that died without
+    cleaning up becomes ``failed``, with that as the last exit reason."""
+    st = read_state(path)
+    if st is not None and st.state in ("starting", "running", "stopping"):
+        st.state = "failed"
+        st.last_exit = {"reason": "supervisor exited without cleanup", "at": now()}
+        st.supervisor_pid = st.vmm_pid = None
+        write_state(path, st)

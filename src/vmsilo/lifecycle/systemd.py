@@ -1,0 +1,94 @@
+"""Starting and stopping VMs through systemd when the units are installed (SPEC §5).
+
+``vm-start``/``vm-stop`` and ``vmsilo start/stop`` must not run a second, embedded supervisor
+beside the one systemd would start from the command socket: when systemd is PID 1 and
+``vmsilo install`` put this config's units in place, they go through ``systemctl start/stop
+vmsilo-<vm>-vm.service`` (polkit lets the configured user do that).
+
+``systemctl start`` of a ``Type=notify`` unit returns when the supervisor sends ``READY=1``,
+i.e. when the guest is ready — the same promise as the embedded start. The netvm-in-use check
+is ours, not systemd's: a plain ``systemctl stop`` of a netvm would stop its clients silently
+(they ``Requires=`` it), so without ``--force`` the stop is refused first.
+
+A VM added to the config since the last ``vmsilo install`` has no units yet; it runs with the
+embedded supervisor, as it would on a host without systemd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from pathlib import Path
+
+from vmsilo.errors import VMInUseError, VmsiloError, VMStartError
+from vmsilo.lifecycle.base import App
+from vmsilo.lifecycle.embedded import EmbeddedApp
+from vmsilo.lifecycle.spawn import StartWatch
+from vmsilo.plan.model import Plan, VmPlan
+from vmsilo.runcmd import run
+
+#: systemctl itself waits for the job; this only bounds a wedged systemd.
+SYSTEMCTL_MARGIN_S = 60
+
+
+class SystemdApp(App):
+    """systemd runs the supervisors of the VMs whose units are installed (``units``)."""
+
+    def __init__(self, config_path: str | Path, units: Collection[str]) -> None:
+        super().__init__(config_path)
+        self.units = frozenset(units)
+        self.embedded = EmbeddedApp(config_path)
+
+    def manages(self, vm: VmPlan) -> bool:
+        return vm.service_unit in self.units
+
+    def start(self, plan: Plan, vm: VmPlan, *, wait: bool = True) -> None:
+        """``systemctl start`` the VM's service; returns once the guest is ready (READY=1), or
+        at once with ``wait=False`` (the job is queued; systemd reports failures in the
+        journal)."""
+        if not self.manages(vm):
+            self.embedded.start(plan, vm, wait=wait)
+            return
+        proc = run(
+            ["systemctl", "start", *([] if wait else ["--no-block"]), vm.service_unit],
+            check=False,
+            timeout=vm.start_timeout + SYSTEMCTL_MARGIN_S,
+            hint=f"see `journalctl -u {vm.service_unit}`",
+        )
+        if proc.returncode != 0:
+            detail = (proc.stderr or b"").decode(errors="replace").strip()
+            raise VMStartError(
+                f"VM {vm.name} failed to start: {detail or f'systemctl exit {proc.returncode}'}",
+                f"see `journalctl -u {vm.service_unit}` and {vm.paths.console_log}",
+            )
+
+    def start_for_client(self, plan: Plan, vm: VmPlan) -> StartWatch | None:
+        """Returns once the guest is ready: the socket unit may be stopped as well, so there
+        may be nothing to connect to before that (polkit lets the configured user)."""
+        if not self.manages(vm):
+            return self.embedded.start_for_client(plan, vm)
+        self.start(plan, vm, wait=True)
+        return None
+
+    def stop(self, plan: Plan, vm: VmPlan, *, force: bool = False) -> bool:
+        """``systemctl stop`` the VM (clients first with ``force``); False if it was not
+        running. A netvm whose clients run is refused without ``force``, as embedded."""
+        if not self.manages(vm):
+            return self.embedded.stop(plan, vm, force=force)
+        clients = self.running_clients(plan, vm)
+        if clients and not force:
+            raise VMInUseError(
+                f"VM {vm.name} is the netvm of running VMs: {', '.join(clients)}",
+                f"stop them first, or use --force to stop them and {vm.name}",
+            )
+        was_running = self.is_running(vm)
+        units = [plan.vms[c].service_unit for c in clients] + [vm.service_unit]
+        for unit in units:  # one at a time: the clients' power buttons before the netvm's
+            timeout = max(v.stop_timeout for v in plan.vms.values()) + 2 * SYSTEMCTL_MARGIN_S
+            proc = run(["systemctl", "stop", unit], check=False, timeout=timeout)
+            if proc.returncode != 0:
+                detail = (proc.stderr or b"").decode(errors="replace").strip()
+                raise VmsiloError(
+                    f"systemctl stop {unit} failed: {detail or f'exit {proc.returncode}'}",
+                    f"see `journalctl -u {unit}`",
+                )
+        return was_running
