@@ -5,120 +5,32 @@ supervisor, no systemd here), then each entry point runs under that account's ui
 the user would type it. Each either works or fails with one line that says what it needs —
 never a Python traceback — and the failures leave the VM running.
 
-The interpreter is Debian's ``/usr/bin/python3`` with the checkout on ``PYTHONPATH``: the test
-venv's own interpreter lives under root's home, which another account cannot read.
+(The harness, :mod:`userenv`, runs them with Debian's python3: the test venv's interpreter
+lives under root's home, which another account cannot read.)
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pwd
-import shutil
 import subprocess
-import sys
-import sysconfig
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import vmsilo
+from userenv import Setup, user_vm
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
 VM = "demo"
-SRC = Path(vmsilo.__file__).resolve().parent.parent
-SYSTEM_PYTHON = "/usr/bin/python3"
-TOOLS = {
-    "vmsilo": "vmsilo.cli.vmsilo",
-    "vm-run": "vmsilo.cli.vm_run",
-    "vm-start": "vmsilo.cli.vm_start",
-    "vm-stop": "vmsilo.cli.vm_stop",
-    "vm-shell": "vmsilo.cli.vm_shell",
-    "vm-start-debug": "vmsilo.cli.vm_start_debug",
-}
-
-
-@dataclass
-class Setup:
-    config: Path
-    run_dir: Path
-    user: pwd.struct_passwd
-
-    def _argv(self, tool: str, args: tuple[str, ...], python: str) -> list[str]:
-        return [python, "-m", TOOLS[tool], *args]
-
-    def as_root(self, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ, VMSILO_CONFIG=str(self.config))
-        argv = self._argv(tool, args, sys.executable)
-        return subprocess.run(argv, capture_output=True, text=True, timeout=180, env=env)
-
-    def as_user(
-        self, tool: str, *args: str, stdin: str | None = ""
-    ) -> subprocess.CompletedProcess[str]:
-        site = sysconfig.get_paths()["purelib"]  # pydantic, rich, pyroute2 of the test venv
-        env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "HOME": "/nonexistent",
-            "LANG": "C.UTF-8",
-            "VMSILO_CONFIG": str(self.config),
-            "PYTHONPATH": f"{SRC}:{site}",
-        }
-        argv = [
-            "setpriv",
-            f"--reuid={self.user.pw_uid}",
-            f"--regid={self.user.pw_gid}",
-            "--clear-groups",
-            "--",
-            *self._argv(tool, args, SYSTEM_PYTHON),
-        ]
-        return subprocess.run(
-            argv, capture_output=True, text=True, timeout=180, env=env, input=stdin
-        )
-
-    def state(self) -> dict[str, Any]:
-        p = self.as_root("vmsilo", "status", VM, "--json")
-        assert p.returncode == 0, p.stderr
-        row: dict[str, Any] = json.loads(p.stdout)["vms"][0]
-        return row
 
 
 @pytest.fixture(scope="module")
 def setup(image: Any, state_dir: Path, host_user: pwd.struct_passwd) -> Iterator[Setup]:
-    if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.fail("setpriv and /usr/bin/python3 are part of Debian's base system")
-    run_dir = Path(f"/tmp/vmsilo-unpriv-{os.getpid()}")
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(mode=0o755)
-    config = run_dir / "vmsilo.toml"
-    config.write_text(
-        f"""
-user = "{host_user.pw_name}"
-stateDir = "{state_dir}"
-runtimeDir = "{run_dir}"
-startTimeout = 120
-stopTimeout = 30
-[qemu]
-accel = "tcg"
-[vms.{VM}]
-hypervisor = "qemu"
-memory = 512
-cpus = 1
-sharedHome = false
-"""
-    )
-    config.chmod(0o644)
-    s = Setup(config, run_dir, host_user)
-    p = s.as_root("vmsilo", "start", VM)
-    assert p.returncode == 0, p.stderr
-    try:
+    with user_vm(state_dir, host_user, "unpriv") as s:
         yield s
-    finally:
-        s.as_root("vmsilo", "stop", VM)
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _one_clear_line(p: subprocess.CompletedProcess[str]) -> str:

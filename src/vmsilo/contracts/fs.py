@@ -24,8 +24,10 @@ def atomic_write(
     mode: int = 0o644,
     *,
     fsync: bool = False,
+    group: int | None = None,
 ) -> None:
-    """Replace ``path`` with ``data`` (text is UTF-8) and permissions ``mode``."""
+    """Replace ``path`` with ``data`` (text is UTF-8) and permissions ``mode`` (and the
+    group ``group``, set before the file is readable by it)."""
     target = Path(path)
     payload = data.encode() if isinstance(data, str) else data
     while True:
@@ -40,6 +42,8 @@ def atomic_write(
             view = memoryview(payload)
             while view:
                 view = view[os.write(fd, view) :]
+            if group is not None:
+                os.fchown(fd, -1, group)
             os.fchmod(fd, mode)
             if fsync:
                 os.fsync(fd)

@@ -107,7 +107,19 @@ def check_iommu(plan: Plan) -> Iterator[Finding]:
 
 
 def check_dirs(plan: Plan) -> Iterator[Finding]:
+    from vmsilo.host.dirsafety import unsafe_dir
+
     for label, path in (("runtimeDir", plan.runtime_dir), ("stateDir", plan.state_dir)):
+        why = unsafe_dir(path)
+        if why is not None:
+            yield Finding(
+                label,
+                "fail",
+                f"{path} is not safe for vmsilo's root-only files: {why}",
+                "use a directory only root can write to (the defaults /run/vmsilo and"
+                " /var/lib/vmsilo are)",
+            )
+            continue
         p = Path(path)
         probe = p if p.exists() else next((a for a in p.parents if a.exists()), Path("/"))
         if os.access(probe, os.W_OK):

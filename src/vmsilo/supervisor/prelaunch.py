@@ -90,14 +90,14 @@ class Prelaunch:
         self.state.state = state  # type: ignore[assignment]
         for key, value in changes.items():
             setattr(self.state, key, value)
-        write_state(self.vm.paths.state_file, self.state)
+        write_state(self.vm.paths.state_file, self.state, group=self.plan.user.gid)
         sd_notify(f"STATUS={state}")
 
     # ------------------------------------------------------------------ the launch
 
     def run(self) -> None:
         """Take the VM's lock (raises if another supervisor has it), then launch."""
-        self.lock.acquire(self.vm.name)
+        self.lock.acquire(self.vm.name, group=self.plan.user.gid)
         previous = read_state(self.vm.paths.state_file)
         if previous is not None:
             self.state.last_exit = previous.last_exit
@@ -111,7 +111,11 @@ class Prelaunch:
         vm = self.vm
         self.set_state("starting", started_at=now(), ready_at=None, vmm_pid=None, detail=None)
         snap = write_snapshot(
-            vm.paths.plan_snapshot, self.opts.config_path, self.opts.config_text, vm
+            vm.paths.plan_snapshot,
+            self.opts.config_path,
+            self.opts.config_text,
+            vm,
+            group=self.plan.user.gid,
         )
         self.state.config_hash = snap.config_hash
         backend_for(vm).preflight(self.plan, vm)

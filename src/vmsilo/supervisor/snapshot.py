@@ -31,7 +31,10 @@ class Snapshot:
         return hashlib.sha256(self.config_text.encode()).hexdigest()[:16]
 
 
-def write_snapshot(path: str, config_path: str, config_text: str, vm: VmPlan) -> Snapshot:
+def write_snapshot(
+    path: str, config_path: str, config_text: str, vm: VmPlan, group: int | None = None
+) -> Snapshot:
+    """Root writes it; ``group`` (the desktop user's) may read it, nobody else (SPEC §11.5)."""
     snap = Snapshot(config_path, config_text, vm_to_json(vm))
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +43,8 @@ def write_snapshot(path: str, config_path: str, config_text: str, vm: VmPlan) ->
         json.dumps(
             {"configPath": config_path, "configText": config_text, "vm": snap.vm_json}, indent=1
         ),
-        0o644,
+        0o640 if group is not None else 0o600,
+        group=group,
     )
     return snap
 

@@ -4,6 +4,11 @@ The lock (``R/<vm>.lock``, flock) is held by the supervisor for its whole life: 
 held is the single source of truth for "a supervisor runs"; a waiter blocks on it to learn, with
 no polling, when a supervisor has exited. The state file (``R/<vm>.state.json``, replaced
 atomically) says what that supervisor is doing, and after it exits keeps the last exit reason.
+
+Both belong to root and are readable by the desktop user's group only (0640; SPEC §11.5):
+another account can neither take the lock — a shared lock held by anyone keeps the VM from
+starting — nor read what runs. A lock file that root did not create (a runtimeDir others can
+write to) is refused rather than used.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vmsilo.contracts.fs import atomic_write
-from vmsilo.errors import VMAlreadyRunningError
+from vmsilo.errors import VMAlreadyRunningError, VmsiloError
+
+#: Mode of the lock, state and snapshot files: root writes, the desktop user's group reads.
+PRIVATE = 0o640
 
 State = Literal["stopped", "starting", "running", "stopping", "failed"]
 
@@ -49,8 +57,12 @@ def read_state(path: str | Path) -> VmState | None:
         return None
 
 
-def write_state(path: str | Path, state: VmState) -> None:
-    atomic_write(path, json.dumps(asdict(state), indent=1) + "\n", 0o644)
+def write_state(path: str | Path, state: VmState, group: int | None = None) -> None:
+    """Replace the state file; ``group`` (default: the current file's) may read it."""
+    if group is None:
+        with contextlib.suppress(OSError):
+            group = os.stat(path).st_gid
+    atomic_write(path, json.dumps(asdict(state), indent=1) + "\n", PRIVATE, group=group)
 
 
 def now() -> float:
@@ -64,9 +76,21 @@ class VmLock:
         self.path = Path(path)
         self.fd: int | None = None
 
-    def acquire(self, vm: str) -> None:
+    def acquire(self, vm: str, group: int | None = None) -> None:
+        """Hold the lock for this process's life; ``group`` may read it (``status``)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        owner = os.fstat(fd).st_uid
+        if owner != os.geteuid():
+            os.close(fd)
+            raise VmsiloError(
+                f"VM {vm}: the lock file {self.path} belongs to uid {owner}, not to vmsilo",
+                f"remove it; {self.path.parent} must be writable by root only"
+                " (`vmsilo doctor` checks it)",
+            )
+        os.fchmod(fd, PRIVATE if group is not None else 0o600)
+        if group is not None:
+            os.fchown(fd, -1, group)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
