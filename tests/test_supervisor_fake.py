@@ -44,7 +44,8 @@ def test_start_run_status_stop(fake: FakeInstall) -> None:
     stop = fake.cmd("vmsilo", "stop", "fake")
     assert stop.returncode == 0, stop.stderr
     st = fake.status("fake")
-    assert st["state"] == "stopped" and st["last_exit"]["reason"] == "stopped"
+    assert st["state"] == "stopped" and st["last_exit"]["cause"] == "stop"
+    assert st["last_exit"]["reason"] == "stopped on request (power button)"
     assert not disk.exists()
     assert not (fake.run_dir / "fake-command.socket").exists()
     assert not (fake.run_dir / "fake.plan.json").exists()
@@ -183,7 +184,9 @@ def test_status_flags_a_config_changed_since_start(fake: FakeInstall) -> None:
     assert fake.status("fake")["config_changed"] is False
     fake.config.write_text(fake.config.read_text().replace("memory = 64", "memory = 96"))
     st = fake.status("fake")
-    assert st["config_changed"] is True and st["memory"] == 96  # the config's new value
+    # issue 15.5: what runs is the truth; the config's new value is shown as such
+    assert st["config_changed"] is True and st["memory"] == 64
+    assert st["config_values"] == {"memory": 96} and "memory" in st["config_changes"]
     # runtime actions still use what runs: stop finds the VM through its snapshot
     assert fake.cmd("vmsilo", "stop", "fake").returncode == 0
     assert fake.status("fake")["state"] == "stopped"

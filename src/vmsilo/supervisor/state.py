@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +20,11 @@ from typing import Any, Literal
 
 from vmsilo.contracts.fs import atomic_write
 from vmsilo.errors import VMAlreadyRunningError
+
+#: The signal that tells a supervisor "kill the VM now" (``vmsilo stop --kill``): the VMM is
+#: killed without the power button; the supervisor still cleans up and records why. SIGTERM
+#: (also SIGINT, SIGHUP) is the graceful stop.
+KILL_SIGNAL = signal.SIGQUIT
 
 State = Literal["stopped", "starting", "running", "stopping", "failed"]
 
@@ -114,6 +120,11 @@ def mark_abandoned(path: str | Path) -> None:
     st = read_state(path)
     if st is not None and st.state in ("starting", "running", "stopping"):
         st.state = "failed"
-        st.last_exit = {"reason": "supervisor exited without cleanup", "at": now()}
+        st.last_exit = {
+            "reason": "supervisor exited without cleanup",
+            "cause": "abandoned",
+            "clean": False,
+            "at": now(),
+        }
         st.supervisor_pid = st.vmm_pid = None
         write_state(path, st)
