@@ -71,8 +71,9 @@ _PASS = object()
 class StrictApp(App):
     """A lifecycle app that does nothing but check its calls against the expected ones.
 
-    ``expect("stop", "work", with_clients=True, kill=False, returns=True)`` — the method, the VM's name (``"*"``
-    for ``images_in_use``) and the keyword arguments must match the next call exactly.
+    ``expect("stop", "work", with_clients=True, kill=False, returns=True)``: the method, the
+    VM's name (``"*"`` for ``images_in_use``) and the keyword arguments must match the next
+    call exactly.
     ``running_plan`` returns the plan it was given unless told otherwise; ``raises`` makes the
     call raise.
     """

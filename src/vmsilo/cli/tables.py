@@ -122,7 +122,7 @@ def print_status(rows: Sequence[dict[str, Any]], out: TextIO) -> None:
             state,
             _with_config(str(r["id"]), r, "id"),
             _with_config(str(r["hypervisor"]), r, "hypervisor"),
-            _with_config(f"{r['memory']} MiB", r, "memory"),
+            _with_config(f"{r['memory']} MiB", r, "memory", " MiB"),
             _with_config(str(r["cpus"]), r, "cpus"),
             str(r.get("pid") or ""),
             human_duration(uptime) if uptime is not None else "",
