@@ -11,7 +11,9 @@ prove the same paths against real QEMU.
 Environment: ``FAKE_QEMU_LOG`` — a file that gets one line per launch (to count starts);
 ``FAKE_QEMU_ARGV`` — a file that gets the launch's argv as one JSON line (``argv[0]`` as the
 supervisor executed it, passed on by the wrapper as ``FAKE_QEMU_ARGV0``);
-``FAKE_QEMU_FAIL`` — exit with this status right away (a VMM that crashes at start);
+``autoShutdown`` on the kernel command line is passed on to the agent, whose idle power-off
+ends the fake (exit 0). ``FAKE_QEMU_FAIL`` — exit with this status right away (a VMM that
+crashes at start);
 ``FAKE_AGENT_VERSION`` — announce this protocol version instead of running the agent (an
 image built by another vmsilo); ``FAKE_HELLO_FIRST`` — send the hello itself before the agent
 has connected the channel (the supervisor must still wait for the channel).
@@ -99,6 +101,11 @@ async def main() -> int:
         early.sendall(json.dumps(hello).encode() + b"\n")
         ready_args = ["--ready-port", ""]  # the agent announces nothing itself
     libc = ctypes.CDLL(None, use_errno=True)
+    # the guest init passes autoShutdown from the kernel command line on to the agent
+    cmdline = argv[argv.index("-append") + 1].split() if "-append" in argv else []
+    if "autoShutdown.enable=1" in cmdline:
+        after = next(w.split("=", 1)[1] for w in cmdline if w.startswith("autoShutdown.after="))
+        ready_args += ["--auto-shutdown-after", after]
     agent = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

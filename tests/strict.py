@@ -71,8 +71,9 @@ _PASS = object()
 class StrictApp(App):
     """A lifecycle app that does nothing but check its calls against the expected ones.
 
-    ``expect("stop", "work", force=True, returns=True)`` — the method, the VM's name (``"*"``
-    for ``images_in_use``) and the keyword arguments must match the next call exactly.
+    ``expect("stop", "work", with_clients=True, kill=False, returns=True)``: the method, the
+    VM's name (``"*"`` for ``images_in_use``) and the keyword arguments must match the next
+    call exactly.
     ``running_plan`` returns the plan it was given unless told otherwise; ``raises`` makes the
     call raise.
     """
@@ -114,8 +115,10 @@ class StrictApp(App):
         result: StartWatch | None = self._call("start_for_client", vm)
         return result
 
-    def stop(self, plan: Plan, vm: VmPlan, *, force: bool = False) -> bool:
-        return bool(self._call("stop", vm, default=True, force=force))
+    def stop(
+        self, plan: Plan, vm: VmPlan, *, with_clients: bool = False, kill: bool = False
+    ) -> bool:
+        return bool(self._call("stop", vm, default=True, with_clients=with_clients, kill=kill))
 
     def is_running(self, vm: VmPlan) -> bool:
         return bool(self._call("is_running", vm, default=False))

@@ -153,3 +153,17 @@ def test_status_from_returncode() -> None:
     assert status_from_returncode(3) == 3
     assert status_from_returncode(-signal.SIGTERM) == 143
     assert status_from_returncode(-signal.SIGKILL) == 137
+
+
+def test_farewell_line_round_trips_and_is_not_a_hello() -> None:
+    """The agent's last line before an idle power-off (issue 15.5: status tells it apart)."""
+    from vmsilo.channel.protocol import encode_farewell, encode_ready, parse_farewell, parse_ready
+
+    line = encode_farewell("auto-shutdown", 600)
+    assert line == b'{"bye":"vmsilo-agent","reason":"auto-shutdown","idle_s":600}\n'
+    assert parse_farewell(line) == ("auto-shutdown", 600.0)
+    with pytest.raises(ValueError):
+        parse_ready(line)
+    for noise in (encode_ready("channel"), b"login: ", b'{"bye":"other","reason":"x"}'):
+        with pytest.raises(ValueError):
+            parse_farewell(noise)

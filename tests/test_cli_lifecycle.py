@@ -70,9 +70,11 @@ def test_vmsilo_start_stop_status_go_through_the_app(cfg: Path, app: StrictApp) 
     assert vmsilo(cfg, app, "start", "work")[:2] == (0, "work: running\n")
     app.expect("start", "work", wait=False)
     assert vmsilo(cfg, app, "start", "--no-wait", "work")[:2] == (0, "work: starting\n")
-    app.expect("running_plan", "netvm").expect("stop", "netvm", force=True, returns=True)
+    app.expect("running_plan", "netvm")
+    app.expect("stop", "netvm", with_clients=True, kill=False, returns=True)
     assert vmsilo(cfg, app, "stop", "--force", "netvm")[:2] == (0, "netvm: stopped\n")
-    app.expect("running_plan", "work").expect("stop", "work", force=False, returns=False)
+    app.expect("running_plan", "work")
+    app.expect("stop", "work", with_clients=False, kill=False, returns=False)
     assert vmsilo(cfg, app, "stop", "work")[:2] == (0, "work: not running\n")
     app.expect("status", "netvm", returns={"name": "netvm", "state": "running"})
     app.expect("status", "work", returns={"name": "work", "state": "stopped"})
@@ -121,9 +123,9 @@ def test_vm_start_usage(args: list[str], app: StrictApp) -> None:
 def test_vm_start_and_stop_ask_the_app(cfg: Path, app: StrictApp) -> None:
     app.expect("start", "work", wait=True)
     assert tool(vm_start.main, "-c", str(cfg), "work", users=USERS, app=app) == (0, "")
-    app.expect("running_plan", "work").expect("stop", "work", force=True)
+    app.expect("running_plan", "work").expect("stop", "work", with_clients=True, kill=False)
     assert tool(vm_stop.main, "-c", str(cfg), "--force", "work", users=USERS, app=app)[0] == 0
-    app.expect("running_plan", "work").expect("stop", "work", force=True)
+    app.expect("running_plan", "work").expect("stop", "work", with_clients=True, kill=False)
     assert tool(vm_stop.main, "--config", str(cfg), "work", "--force", users=USERS, app=app)[0] == 0
 
 
@@ -133,14 +135,23 @@ def test_vm_tools_name_an_unknown_vm(cfg: Path, app: StrictApp) -> None:
         assert tool(main, "-c", str(cfg), "x", users=USERS, app=app) == expected
 
 
-@pytest.mark.parametrize("args", [[], ["a", "b"], ["--force"], ["--forc", "x"]])
+@pytest.mark.parametrize(
+    "args",
+    [[], ["a", "b"], ["--force"], ["--forc", "x"], ["--kill"], ["--with-clients"], ["-h"]],
+)
 def test_vm_stop_usage(args: list[str], app: StrictApp) -> None:
-    assert tool(vm_stop.main, *args, app=app) == (1, "Usage: vm-stop [--force] <vm-name>\n")
+    # issue 15.8: the usage names --with-clients (was --force, still accepted) and --kill
+    assert tool(vm_stop.main, *args, app=app) == (
+        1,
+        "Usage: vm-stop [--with-clients] [--kill] <vm-name>\n",
+    )
 
 
 def test_vm_stop_failure_is_one_line_exit_1(cfg: Path, app: StrictApp) -> None:
     app.expect("running_plan", "work")
-    app.expect("stop", "work", force=False, raises=VMStartError("boom", "a hint"))
+    app.expect(
+        "stop", "work", with_clients=False, kill=False, raises=VMStartError("boom", "a hint")
+    )
     assert tool(vm_stop.main, "-c", str(cfg), "work", users=USERS, app=app) == (
         1,
         "vm-stop: boom (hint: a hint)\n",

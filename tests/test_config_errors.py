@@ -597,7 +597,7 @@ def test_mount_point_clash_names_both_paths_and_side_by_side_is_fine(tmp_path: P
         "more = { path = '/m', mountPoint = '/mnt/docs2' }\n"
         "opt = { path = '/o', mountPoint = '/opt/tools' }\n"
     )
-    assert run_vmsilo(["-c", str(cfg), "check"])[:2] == (0, "ok: 1 VMs\n")
+    assert run_vmsilo(["-c", str(cfg), "check"])[:2] == (0, "ok: 1 VM\n")
 
 
 def test_no_pydantic_wording_leaks(tmp_path: Path) -> None:

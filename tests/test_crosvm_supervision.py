@@ -201,7 +201,8 @@ def test_start_run_and_powerbtn_stop(cv: CrosvmInstall) -> None:
     assert cv.next_event("exit")["code"] == 0
     st = cv.status()
     assert st["state"] == "stopped", st
-    assert st["last_exit"]["reason"] == "stopped" and st["last_exit"]["code"] == 0
+    assert st["last_exit"]["reason"] == "stopped on request (power button)"
+    assert st["last_exit"]["code"] == 0 and st["last_exit"]["cause"] == "stop"
     assert not cv.disk.exists()
     assert not vsock.exists()
     # the supervisor has read the console to its end: what crosvm's console said is logged
@@ -253,7 +254,9 @@ def test_crosvm_stop_command_is_a_clean_stop(cv: CrosvmInstall) -> None:
     assert cv.next_event("control")["command"] == ["stop"]
     cv.wait_supervisor_gone()
     st = cv.status()
-    assert st["state"] == "stopped" and st["last_exit"]["reason"] == "stopped"
+    # crosvm exits 0 for a guest poweroff and for `crosvm stop` alike; nobody asked us to stop
+    assert st["state"] == "stopped" and st["last_exit"]["cause"] == "guest-poweroff"
+    assert st["last_exit"]["reason"] == "guest powered off (or crosvm stop)"
     assert not cv.disk.exists()
 
 
@@ -301,7 +304,7 @@ def test_crash_codes_mark_the_vm_failed(cv: CrosvmInstall, code: int, reason: st
     st = cv.status()
     assert st["state"] == "failed", st
     assert st["last_exit"]["reason"] == f"crosvm: {reason}"
-    assert st["last_exit"]["code"] == code
+    assert st["last_exit"]["code"] == code and st["last_exit"]["cause"] == "crash"
     assert not cv.disk.exists()
     assert not (cv.vsock_dir / "3-5000.sock").exists()
     assert not (cv.inst.run_dir / f"{VM}-crosvm-control.socket").exists()

@@ -287,7 +287,9 @@ def test_a_vm_without_installed_units_runs_embedded(monkeypatch: pytest.MonkeyPa
     app = SystemdApp("/etc/vmsilo/vmsilo.toml", ["vmsilo-netvm-vm.service"])
     calls: list[tuple[str, str]] = []
 
-    def embedded_stop(_plan: object, vm: Any, *, force: bool = False) -> bool:
+    def embedded_stop(
+        _plan: object, vm: Any, *, with_clients: bool = False, kill: bool = False
+    ) -> bool:
         calls.append(("stop", vm.name))
         return False
 
@@ -311,7 +313,7 @@ def test_systemd_stop_refuses_a_netvm_in_use_unless_forced(
     ctl.expect(["systemctl", "stop", "vmsilo-banking-vm.service"])
     ctl.expect(["systemctl", "stop", "vmsilo-work-vm.service"])
     ctl.expect(["systemctl", "stop", "vmsilo-netvm-vm.service"])
-    assert app.stop(plan, plan.vms["netvm"], force=True)
+    assert app.stop(plan, plan.vms["netvm"], with_clients=True)
     ctl.done()
     assert ctl.calls == [
         ["systemctl", "stop", "vmsilo-banking-vm.service"],

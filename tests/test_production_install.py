@@ -129,7 +129,7 @@ def test_make_install_gives_the_desktop_user_the_commands(
         )
 
     p = as_user("vmsilo.cli.vmsilo", "check")
-    assert (p.returncode, p.stdout) == (0, "ok: 1 VMs\n"), p.stderr
+    assert (p.returncode, p.stdout) == (0, "ok: 1 VM\n"), p.stderr
     p = as_user("vmsilo.cli.vm_run", "--help")
     assert p.returncode == 0 and "vm-run" in p.stdout, p.stderr
 

@@ -44,7 +44,8 @@ def test_start_run_status_stop(fake: FakeInstall) -> None:
     stop = fake.cmd("vmsilo", "stop", "fake")
     assert stop.returncode == 0, stop.stderr
     st = fake.status("fake")
-    assert st["state"] == "stopped" and st["last_exit"]["reason"] == "stopped"
+    assert st["state"] == "stopped" and st["last_exit"]["cause"] == "stop"
+    assert st["last_exit"]["reason"] == "stopped on request (power button)"
     assert not disk.exists()
     assert not (fake.run_dir / "fake-command.socket").exists()
     assert not (fake.run_dir / "fake.plan.json").exists()
@@ -183,7 +184,9 @@ def test_status_flags_a_config_changed_since_start(fake: FakeInstall) -> None:
     assert fake.status("fake")["config_changed"] is False
     fake.config.write_text(fake.config.read_text().replace("memory = 64", "memory = 96"))
     st = fake.status("fake")
-    assert st["config_changed"] is True and st["memory"] == 96  # the config's new value
+    # issue 15.5: what runs is the truth; the config's new value is shown as such
+    assert st["config_changed"] is True and st["memory"] == 64
+    assert st["config_values"] == {"memory": 96} and "memory" in st["config_changes"]
     # runtime actions still use what runs: stop finds the VM through its snapshot
     assert fake.cmd("vmsilo", "stop", "fake").returncode == 0
     assert fake.status("fake")["state"] == "stopped"
@@ -295,3 +298,63 @@ def test_vmsilo_argv_is_the_argv_the_supervisor_ran(fake: FakeInstall) -> None:
     ran = [json.loads(line) for line in record.read_text().splitlines()]
     shown = fake.cmd("vmsilo", "argv", "fake", check=True)
     assert ran == [json.loads(shown.stdout)]
+
+
+# ---------------------------------------------------------------- issue 15.5 / 15.8: why it ended
+
+
+def test_stop_kill_kills_at_once_and_says_so(fake: FakeInstall) -> None:
+    """`vmsilo stop --kill`: no power button (SIGQUIT to the supervisor), cleanup still runs."""
+    assert fake.cmd("vmsilo", "start", "fake").returncode == 0
+    disk = fake.state_dir / "fake-ephemeral.raw"
+    assert disk.exists()
+    stop = fake.cmd("vmsilo", "stop", "--kill", "fake")
+    assert (stop.returncode, stop.stdout) == (0, b"fake: stopped\n"), stop.stderr
+    st = fake.status("fake")
+    assert st["state"] == "stopped" and st["last_exit"]["cause"] == "kill"
+    assert st["last_exit"]["reason"] == "killed on request (stop --kill)"
+    # the fake QEMU says so on its console when it gets the power button: it never did
+    log = (fake.state_dir / "fake-console.log").read_bytes()
+    assert b"fake-qemu: booting" in log and b"fake-qemu: power button" not in log
+    assert not disk.exists() and not (fake.run_dir / "fake-command.socket").exists()
+    # vm-stop reports like vmsilo stop
+    again = fake.cmd("vm-stop", "--kill", "fake")
+    assert (again.returncode, again.stdout) == (0, b"fake: not running\n"), again.stderr
+
+
+def test_auto_shutdown_is_told_apart_from_a_stop(tmp_path: Path) -> None:
+    """The agent powers the guest off after its idle timeout and says so first."""
+    inst = make_fake_install(
+        tmp_path / "inst", "[vms.idle]\nautoShutdown = { enable = true, after = 1 }\n@VM@"
+    )
+    try:
+        start = inst.cmd("vm-start", "idle")
+        assert (start.returncode, start.stdout) == (0, b"idle: running\n"), start.stderr
+        from vmsilo.supervisor.state import wait_unlocked
+
+        wait_unlocked(inst.run_dir / "idle.lock")  # the supervisor ends with the guest
+        st = inst.status("idle")
+        assert st["state"] == "stopped", st
+        assert st["last_exit"]["cause"] == "auto-shutdown"
+        assert st["last_exit"]["reason"] == "auto-shutdown: idle for 1 s"
+        assert st["last_exit"]["clean"] is True
+    finally:
+        inst.cmd("vmsilo", "stop", "idle", timeout=60)
+
+
+def test_a_failed_start_does_not_stick_after_a_good_one(tmp_path: Path) -> None:
+    inst = make_fake_install(tmp_path / "inst", "[vms.flaky]\n@VM@")
+    try:
+        bad = inst.cmd("vmsilo", "start", "flaky", env=inst.env(FAKE_QEMU_FAIL="7"))
+        assert bad.returncode == 2
+        st = inst.status("flaky")
+        assert st["state"] == "failed" and st["last_exit"]["cause"] == "start-failure"
+        assert "exit status 7" in st["last_exit"]["reason"]
+        good = inst.cmd("vmsilo", "start", "flaky")
+        assert good.returncode == 0, good.stderr
+        st = inst.status("flaky")
+        assert st["state"] == "running" and st["last_exit"] is None, st
+        human = inst.cmd("vmsilo", "status", "flaky").stdout.decode()
+        assert "exit status 7" not in human and "running" in human
+    finally:
+        inst.cmd("vmsilo", "stop", "flaky", timeout=60)

@@ -70,8 +70,10 @@ def test_commands_that_need_root_say_so_in_one_line(setup: Setup) -> None:
     )
     needs_root = [
         ("vm-stop", VM),
-        ("vm-stop", "--force", VM),
+        ("vm-stop", "--with-clients", VM),  # --force, its old name, adds a deprecation note
+        ("vm-stop", "--kill", VM),
         ("vmsilo", "stop", VM),
+        ("vmsilo", "stop", "--kill", VM),
         ("vmsilo", "image", "build"),
         ("vmsilo", "image", "gc"),
         ("vmsilo", "install"),

@@ -29,7 +29,8 @@ class CrosvmVmm(Vmm):
 
     def classify(self, code: int) -> VmmExit:
         if code == 0:
-            return VmmExit(0, "stopped", clean=True)
+            # the guest powered off, or someone ran `crosvm stop` on the control socket
+            return VmmExit(0, "guest powered off (or crosvm stop)", clean=True)
         if code in CROSVM_EXITS:
             return VmmExit(code, f"crosvm: {CROSVM_EXITS[code]}", clean=False, restart=code == 32)
         return VmmExit(code, f"crosvm {describe_status(code)}", clean=False)

@@ -29,6 +29,9 @@ class VmmExit:
     reason: str
     clean: bool  # guest powered off or stopped on request
     restart: bool = False  # crosvm reset: boot again with a fresh ephemeral disk
+    #: why, in one word, for ``vmsilo status`` (the supervisor fills it in: see
+    #: :mod:`vmsilo.supervisor.stopping`); empty as a backend classifies the exit code
+    cause: str = ""
 
 
 async def wait_process(proc: subprocess.Popen[bytes]) -> int:

@@ -465,6 +465,31 @@ def parse_ready(data: bytes) -> ReadyHello:
     )
 
 
+def encode_farewell(reason: str, idle_s: float | None = None) -> bytes:
+    """The agent's last line on ``org.vmsilo.ready`` before it has the guest power off, so
+    that the host can tell why (``vmsilo status``):
+    ``{"bye":"vmsilo-agent","reason":"auto-shutdown","idle_s":600}\n``."""
+    obj: dict[str, object] = {"bye": READY_MAGIC, "reason": reason}
+    if idle_s is not None:
+        obj["idle_s"] = idle_s
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def parse_farewell(data: bytes) -> tuple[str, float | None]:
+    """(reason, idle seconds) of a farewell line; ValueError if it is not one."""
+    try:
+        obj = json.loads(data.strip().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"not a vmsilo farewell line: {data[:80]!r}") from None
+    if not isinstance(obj, dict) or obj.get("bye") != READY_MAGIC:
+        raise ValueError(f"not a vmsilo farewell line: {data[:80]!r}")
+    reason, idle = obj.get("reason"), obj.get("idle_s")
+    if not isinstance(reason, str):
+        raise ValueError("farewell line without a reason")
+    ok_idle = isinstance(idle, int | float) and not isinstance(idle, bool)
+    return reason, float(idle) if ok_idle else None  # type: ignore[arg-type]
+
+
 def accept_vsock_peer(cid: int) -> bool:
     """Whether the agent serves a vsock connection from ``cid``: only the host (CID 2).
 

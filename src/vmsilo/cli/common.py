@@ -10,6 +10,7 @@ line too, with the command's usual error status.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import sys
@@ -113,3 +114,30 @@ def guarded(body: Callable[[], int], error_status: int, stream: TextIO | None = 
         return error_status
     except KeyboardInterrupt:
         return 130
+
+
+# ------------------------------------------------ stopping (vmsilo stop, vm-stop)
+
+WITH_CLIENTS_HELP = (
+    "for a netvm whose client VMs run: stop those clients first, then the netvm (refused"
+    " without it)"
+)
+KILL_HELP = "kill the VM now: no power button, no stopTimeout wait (its supervisor still cleans up)"
+
+
+def add_stop_options(parser: argparse.ArgumentParser) -> None:
+    """``--with-clients`` and ``--kill``; ``--force`` is the old, hidden name of the first."""
+    parser.add_argument("--with-clients", action="store_true", help=WITH_CLIENTS_HELP)
+    parser.add_argument("--kill", action="store_true", help=KILL_HELP)
+    parser.add_argument("--force", dest="old_force", action="store_true", help=argparse.SUPPRESS)
+
+
+def stop_with_clients(args: argparse.Namespace, prog: str, err: TextIO) -> bool:
+    """Whether to stop a netvm's clients first; a note on ``err`` for the deprecated --force."""
+    if args.old_force:
+        print(
+            f"{prog}: note: --force is deprecated, it means --with-clients (stop a netvm's"
+            " clients first); --kill stops at once",
+            file=err,
+        )
+    return bool(args.with_clients or args.old_force)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from vmsilo.cli.common import Loaded, load, select_vm
+from vmsilo.cli.common import Loaded, add_stop_options, load, select_vm, stop_with_clients
 from vmsilo.config.load import parse_config
 from vmsilo.config.location import config_path
 from vmsilo.config.users import UserLookup, system_users
@@ -24,31 +24,79 @@ if TYPE_CHECKING:
     from vmsilo.lifecycle.base import App
 
 
+RAW = argparse.RawDescriptionHelpFormatter
+
+
 def register(sub: Any) -> None:
     from vmsilo.cli import verbs_doctor, verbs_image_gc
 
     verbs_doctor.register(sub)
-    p = sub.add_parser("start", help="start a VM (embedded supervisor) and wait until ready")
-    p.add_argument("vm")
-    p.add_argument("--no-wait", action="store_true", help="return once the supervisor runs")
+    p = sub.add_parser(
+        "start",
+        help="start a VM and wait until it is ready",
+        description=(
+            "Start a VM (its netvm first) and wait until its guest is ready to run programs;"
+            " prints `VM: running`. Under systemd (after `vmsilo install`) this starts the VM's"
+            " service; otherwise it spawns the VM's supervisor, detached, which needs root."
+            " A VM that already runs is left as it is."
+        ),
+    )
+    p.add_argument("vm", help="the VM, by its name in the config")
+    p.add_argument(
+        "--no-wait", action="store_true", help="return once the start is under way (`VM: starting`)"
+    )
     p.set_defaults(handler=cmd_start)
 
-    p = sub.add_parser("stop", help="stop a VM gracefully (power button, then kill)")
-    p.add_argument("vm")
-    p.add_argument("--force", action="store_true", help="stop a netvm's running clients first")
+    p = sub.add_parser(
+        "stop",
+        help="stop a VM (power button, then kill after stopTimeout; or --kill)",
+        description=(
+            "Stop a VM and wait until it has stopped; prints `VM: stopped` or `VM: not running`."
+            " Gracefully by default: the power button, then the VM is killed if its guest has"
+            " not powered off within stopTimeout. A netvm whose clients run is refused unless"
+            " --with-clients. The stop of a running VM uses the plan it was started with."
+        ),
+    )
+    p.add_argument("vm", help="the VM, by its name in the config")
+    add_stop_options(p)
     p.set_defaults(handler=cmd_stop)
 
-    p = sub.add_parser("status", help="list VMs and their state")
-    p.add_argument("vm", nargs="?")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "status",
+        help="list VMs and their state",
+        formatter_class=RAW,
+        description=(
+            "The state of every VM (or one): stopped, starting, running, stopping or failed,"
+            "\nwith its id, hypervisor, memory, cpus, VMM pid, uptime, netvm and colour, and"
+            "\nwhy it last stopped. A running VM shows the values it was started with; where"
+            "\nthe config has changed since, the config's value is shown beside it."
+        ),
+        epilog=(
+            "last exit: stopped on request | killed on request | killed after stopTimeout |"
+            "\nauto-shutdown | guest powered off | a crash (the VMM's exit) | a failed start"
+        ),
+    )
+    p.add_argument("vm", nargs="?", help="only this VM")
+    p.add_argument("--json", action="store_true", help="machine-readable output (SPEC fields)")
     p.set_defaults(handler=cmd_status)
 
-    p = sub.add_parser("logs", help="show a VM's console log")
-    p.add_argument("vm")
-    p.add_argument("-f", "--follow", action="store_true")
+    p = sub.add_parser(
+        "logs",
+        help="show a VM's console log",
+        description=(
+            "Print the console log of a VM (kernel, init and console sessions), with terminal"
+            " escape sequences filtered out. The log outlives the VM."
+        ),
+    )
+    p.add_argument("vm", help="the VM, by its name in the config")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing what is appended")
     p.set_defaults(handler=cmd_logs)
 
-    svc = sub.add_parser("service", help="internal: the per-VM supervisor (systemd runs it)")
+    svc = sub.add_parser(
+        "service",
+        help="internal: the per-VM supervisor (systemd runs it)",
+        description="Internal: what systemd units and `vmsilo start` run; not for daily use.",
+    )
     ssub = svc.add_subparsers(dest="service_verb", required=True, metavar="ACTION")
     p = ssub.add_parser("vm", help="run the supervisor of a VM in the foreground")
     p.add_argument("vm")
@@ -59,15 +107,34 @@ def register(sub: Any) -> None:
     p.add_argument("vm")
     p.set_defaults(handler=cmd_service_cleanup)
 
-    img = sub.add_parser("image", help="build and list guest images")
+    img = sub.add_parser(
+        "image",
+        help="build and list guest images",
+        description="Guest images: built from Debian packages into stateDir, one version each.",
+    )
     isub = img.add_subparsers(dest="image_verb", required=True, metavar="ACTION")
-    p = isub.add_parser("build", help="build an image (default: 'default')")
-    p.add_argument("name", nargs="?", default="default")
+    p = isub.add_parser(
+        "build",
+        help="build an image (default: 'default')",
+        description=(
+            "Build a guest image from its config (suite, packages). The version is a hash of"
+            " every input: an unchanged image is not rebuilt (`unchanged`); a new version"
+            " becomes current for VMs started afterwards, running VMs keep theirs."
+        ),
+    )
+    p.add_argument("name", nargs="?", default="default", help="the image (default: default)")
     p.add_argument("--force", action="store_true", help="rebuild even if unchanged")
     p.add_argument("--cache-dir", help="download/root cache (default: $VMSILO_CACHE_DIR)")
     p.set_defaults(handler=cmd_image_build)
-    p = isub.add_parser("list", help="list built images")
-    p.add_argument("--json", action="store_true")
+    p = isub.add_parser(
+        "list",
+        help="list built images",
+        description=(
+            "Every built image version: size, build date, whether it is the current version"
+            " of its image and whether a running VM uses it."
+        ),
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output (raw values)")
     p.set_defaults(handler=cmd_image_list)
     verbs_image_gc.register(isub)
 
@@ -118,8 +185,9 @@ def cmd_stop(
 ) -> int:
     loaded = _load(args, users)
     lifecycle = _app(app, loaded)
+    with_clients = stop_with_clients(args, "vmsilo stop", err)
     plan, vm = lifecycle.running_plan(loaded.plan, select_vm(loaded.plan, args.vm), users)
-    stopped = lifecycle.stop(plan, vm, force=args.force)
+    stopped = lifecycle.stop(plan, vm, with_clients=with_clients, kill=args.kill)
     print(f"{vm.name}: stopped" if stopped else f"{vm.name}: not running", file=out)
     return 0
 
@@ -140,27 +208,9 @@ def cmd_status(
         json.dump({"vms": rows}, out, indent=2)
         out.write("\n")
         return 0
-    from rich.console import Console
-    from rich.table import Table
+    from vmsilo.cli.tables import print_status
 
-    table = Table(title="vmsilo status")
-    for col in ("VM", "state", "id", "hypervisor", "memory", "cpus", "pid", "uptime", "last exit"):
-        table.add_column(col)
-    for r in rows:
-        last = r["last_exit"]["reason"] if r["last_exit"] else ""
-        state = r["state"] + (" (config changed)" if r["config_changed"] else "")
-        table.add_row(
-            r["name"],
-            state,
-            str(r["id"]),
-            r["hypervisor"],
-            f"{r['memory']} MiB",
-            str(r["cpus"]),
-            str(r["pid"] or ""),
-            f"{r['uptime_s']:.0f} s" if r["uptime_s"] is not None else "",
-            last,
-        )
-    Console(file=out, highlight=False, width=120).print(table)
+    print_status(rows, out)
     return 0
 
 
@@ -278,7 +328,8 @@ def cmd_service_cleanup(
 def _progress(console_file: TextIO) -> Any:
     from rich.console import Console
 
-    return Console(file=console_file, highlight=False)
+    # log_path: no `verbs.py:306` on every line (the time stays)
+    return Console(file=console_file, highlight=False, log_path=False)
 
 
 def cmd_image_build(
@@ -344,6 +395,8 @@ def cmd_image_list(
     if not images:
         print("no images built yet (vmsilo image build)", file=out)
         return 0
-    for i in images:
-        print(" ".join(str(v) for v in asdict(i).values()), file=out)
+    from vmsilo.cli.tables import print_images
+
+    in_use, _notes = _app(app, loaded).images_in_use(loaded.plan)
+    print_images(images, out, in_use)
     return 0

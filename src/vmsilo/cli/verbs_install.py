@@ -27,7 +27,9 @@ def register(sub: Any) -> None:
     p.add_argument("--root", default="/", metavar="DIR", help="the root installed into")
     p.set_defaults(handler=cmd_uninstall)
 
-    p = sub.add_parser("_complete", help=argparse.SUPPRESS)
+    # no help=: a sub-parser added without one is not listed in `vmsilo --help` at all
+    # (help=argparse.SUPPRESS would list it as "_complete ==SUPPRESS==")
+    p = sub.add_parser("_complete")
     p.add_argument("what", choices=["verbs", "vms"])
     # the verb names are read off this very sub-parser table when asked (all registered by
     # then), so completion needs no second parser and no import of the command module

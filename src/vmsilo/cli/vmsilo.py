@@ -37,9 +37,26 @@ def vmm_argv(plan: Plan, vm: VmPlan, backend: str | None = None) -> list[str]:
     return registry.launch_argv(plan, vm, probe=False, backend=chosen)
 
 
+EXAMPLES = """\
+examples:
+  vmsilo check                   validate the config, every problem at once
+  vmsilo status                  every VM: state, memory, uptime, why it last stopped
+  vmsilo stop --kill work        kill the VM `work` now (no power button)
+  vmsilo plan work               every value derived for `work`
+
+exit status: 0 done, 2 bad input (config, usage, unknown VM) or the verb failed.
+Run `vmsilo VERB --help` for a verb's options. Programs in VMs: vm-run, vm-shell."""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from vmsilo.cli.helptext import VersionAction
+
     parser = argparse.ArgumentParser(
-        prog="vmsilo", description="Run programs in isolated VMs (crosvm or QEMU)."
+        prog="vmsilo",
+        description="Run programs in isolated VMs (crosvm or QEMU): configure, start, stop and"
+        " inspect them.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "-c",
@@ -47,21 +64,48 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="config file (default: $VMSILO_CONFIG, else /etc/vmsilo/vmsilo.toml)",
     )
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    sub.add_parser("check", help="validate the configuration")
+    sub.add_parser(
+        "check",
+        help="validate the configuration",
+        description=(
+            "Validate the config: every problem at once as `path: what is wrong (hint: …)`,"
+            " exit 2; else `ok: N VMs`. Warns (stderr, exit 0) about what the config names"
+            " but this host lacks yet, such as a share directory that does not exist."
+        ),
+    )
 
-    p = sub.add_parser("plan", help="show the resolved plan")
+    p = sub.add_parser(
+        "plan",
+        help="show the resolved plan",
+        description=(
+            "Every value derived from the config, per VM: ids, MACs, taps, PCI slots, kernel"
+            " parameters, disks, shares, runtime paths."
+        ),
+    )
     p.add_argument("vm", nargs="?", help="only this VM")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help="machine-readable output (one line)")
 
-    p = sub.add_parser("argv", help="print the VMM argv of a VM as a JSON array")
-    p.add_argument("vm")
+    p = sub.add_parser(
+        "argv",
+        help="print the VMM argv of a VM as a JSON array",
+        description="The exact VMM command line the supervisor would run, as one JSON array.",
+    )
+    p.add_argument("vm", help="the VM, by its name in the config")
     p.add_argument("--backend", choices=HYPERVISORS, help="default: the VM's hypervisor")
 
-    p = sub.add_parser("render-launcher", help="write the VMM argv as a shell script")
-    p.add_argument("vm")
-    p.add_argument("--backend", choices=HYPERVISORS)
+    p = sub.add_parser(
+        "render-launcher",
+        help="write the VMM argv as a shell script",
+        description=(
+            "The VMM command line as a standalone shell script, every word quoted (to run a VM"
+            " by hand, without vmsilo's supervisor: no taps, shares or cleanup)."
+        ),
+    )
+    p.add_argument("vm", help="the VM, by its name in the config")
+    p.add_argument("--backend", choices=HYPERVISORS, help="default: the VM's hypervisor")
     p.add_argument("-o", "--output", metavar="FILE", help="default: standard output")
 
     from vmsilo.cli import verbs
@@ -88,15 +132,29 @@ def main(
             status: int = args.handler(args, out=out, err=err, users=users, app=app)
             return status
         loaded = load(args.config, users)
-        return _dispatch(args, loaded, out)
+        return _dispatch(args, loaded, out, err)
 
     return guarded(body, EXIT_BAD_INPUT, err)
 
 
-def _dispatch(args: argparse.Namespace, loaded: Loaded, out: TextIO) -> int:
+def plural(n: int, word: str) -> str:
+    """``1 VM``, ``2 VMs``, ``0 VMs``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _dispatch(args: argparse.Namespace, loaded: Loaded, out: TextIO, err: TextIO) -> int:
     plan = loaded.plan
     if args.verb == "check":
-        print(f"ok: {len(plan.vms)} VMs", file=out)
+        from vmsilo.host.preflight import missing_share_dirs, share_setting
+
+        for vm in plan.vms.values():
+            for share in missing_share_dirs(vm):
+                print(
+                    f"warning: vms.{vm.name}.{share_setting(share)}: {share.host_path} does"
+                    f" not exist yet: VM {vm.name} cannot start until it does",
+                    file=err,
+                )
+        print(f"ok: {plural(len(plan.vms), 'VM')}", file=out)
         return 0
     if args.verb == "plan":
         if args.vm is not None:

@@ -20,8 +20,11 @@ Readiness: once the transport is listening, the agent writes one line
 whenever the host side reconnects.
 
 Return value of :func:`main`: 0 means "power off" (``--auto-shutdown-after`` expired with no
-session); non-zero means the agent failed (the init may restart it). With ``--channel-path`` to
-a Unix socket (tests on the host) the agent returns 1 when that socket closes.
+session; the agent first says so on the ready port,
+:func:`vmsilo.channel.protocol.encode_farewell`, so that ``vmsilo status`` can tell an
+auto-shutdown from another poweroff); non-zero means the agent failed (the init may restart
+it). With ``--channel-path`` to a Unix socket (tests on the host) the agent returns 1 when that
+socket closes.
 
 No sleeps or polling: sessions, idle timeouts and host reconnects are all events (asyncio
 timers; SIGIO from virtio_console when the host end of a port opens).
@@ -47,7 +50,7 @@ from pathlib import Path
 
 from vmsilo.channel.mux import ChannelMux, Link, MuxSession, StreamLink
 from vmsilo.channel.pipes import open_fd_streams
-from vmsilo.channel.protocol import accept_vsock_peer, encode_ready
+from vmsilo.channel.protocol import accept_vsock_peer, encode_farewell, encode_ready
 from vmsilo.contracts.ports import CHANNEL_PORT, READY_PORT
 from vmsilo.guest.agent_exec import ExecSession
 from vmsilo.guest.ports import find_ready_console, find_virtio_port
@@ -180,6 +183,19 @@ async def send_ready(path: Path, transport: str) -> None:
     log.info("ready (%s) sent on %s", transport, path)
 
 
+async def send_farewell(path: Path | None, agent: Agent) -> None:
+    """Tell the host the guest powers off because it was idle (best effort, bounded)."""
+    if path is None:
+        return
+    data = encode_farewell("auto-shutdown", agent.auto_shutdown_after)
+    try:
+        rest = data[_write_ready_at_once(path, data) :]
+        if rest:
+            await asyncio.wait_for(asyncio.to_thread(_write_ready_blocking, path, rest), 2)
+    except (OSError, TimeoutError) as e:
+        log.warning("cannot say goodbye on %s: %s", path, e)
+
+
 # --------------------------------------------------------------------------- vsock
 
 
@@ -300,6 +316,7 @@ async def serve_channel(agent: Agent, channel: Path, ready: Path | None, *, reco
         stop = asyncio.create_task(agent.shutdown.wait())
         await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
         if stop.done():
+            await send_farewell(ready, agent)
             await mux.aclose()
             return 0
         stop.cancel()
@@ -373,6 +390,7 @@ async def serve(args: argparse.Namespace) -> int:
             if ready is not None:
                 await send_ready(ready, "vsock")
             await agent.shutdown.wait()
+            await send_farewell(ready, agent)
         return 0
     if channel is None:
         log.error("virtio port %s not found and vsock unusable", args.channel_port)

@@ -39,9 +39,15 @@ class App(abc.ABC):
         supervisor (its last words explain a start that fails after the socket is bound)."""
 
     @abc.abstractmethod
-    def stop(self, plan: Plan, vm: VmPlan, *, force: bool = False) -> bool:
-        """Stop ``vm`` gracefully (a netvm's running clients first with ``force``, refused
-        without it); False if it was not running."""
+    def stop(
+        self, plan: Plan, vm: VmPlan, *, with_clients: bool = False, kill: bool = False
+    ) -> bool:
+        """Stop ``vm``; False if it was not running.
+
+        Gracefully (the power button, then kill after ``stopTimeout``), or with ``kill`` at
+        once (the VMM is killed, no power button; the supervisor still cleans up). A netvm
+        whose clients run is refused unless ``with_clients``: then they are stopped first, the
+        same way."""
 
     # ------------------------------------------------------------------ what is shared
 

@@ -7,8 +7,10 @@ does not manage the VMs. Concurrency is settled by locks, never by sleeping and 
   holds it until the supervisor reports its command socket is bound; the others wake up when
   it is released, find the socket live and just connect. Ten concurrent ``vm-run``s on a
   stopped VM therefore start exactly one VM.
-* ``R/<vm>.lock`` is held by the supervisor for its whole life; ``stop`` sends SIGTERM and then
-  blocks on that lock until the kernel hands it over, i.e. until the supervisor has exited.
+* ``R/<vm>.lock`` is held by the supervisor for its whole life; ``stop`` sends SIGTERM (the
+  graceful stop) or SIGQUIT (kill the VMM now, :data:`vmsilo.supervisor.state.KILL_SIGNAL`)
+  and then blocks on that lock until the kernel hands it over, i.e. until the supervisor has
+  exited.
 
 Only root may do either here (the supervisor creates taps, binds sockets in the runtime
 directory, signals root's processes): others get one line saying so, never a traceback.
@@ -46,6 +48,14 @@ def _flock(path: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def netvm_in_use(vm: VmPlan, clients: list[str]) -> VMInUseError:
+    """The refusal to stop a netvm whose clients run (without ``--with-clients``)."""
+    return VMInUseError(
+        f"VM {vm.name} is the netvm of running VMs: {', '.join(clients)}",
+        f"stop them first, or use --with-clients to stop them and {vm.name}",
+    )
 
 
 class _Alarm(Exception):
@@ -120,15 +130,14 @@ class EmbeddedApp(App):
             if watch is not None:
                 watch.close()
 
-    def stop(self, plan: Plan, vm: VmPlan, *, force: bool = False) -> bool:
+    def stop(
+        self, plan: Plan, vm: VmPlan, *, with_clients: bool = False, kill: bool = False
+    ) -> bool:
         clients = self.running_clients(plan, vm)
-        if clients and not force:
-            raise VMInUseError(
-                f"VM {vm.name} is the netvm of running VMs: {', '.join(clients)}",
-                f"stop them first, or use --force to stop them and {vm.name}",
-            )
+        if clients and not with_clients:
+            raise netvm_in_use(vm, clients)
         for client in clients:
-            self.stop(plan, plan.vms[client], force=True)
+            self.stop(plan, plan.vms[client], with_clients=True, kill=kill)
         if not self.is_running(vm):
             return False
         from vmsilo.supervisor.state import read_state
@@ -137,8 +146,10 @@ class EmbeddedApp(App):
         pid = state.supervisor_pid if state else None
         if pid is None:
             raise VmsiloError(f"VM {vm.name}: supervisor pid unknown", f"see {vm.paths.state_file}")
+        from vmsilo.supervisor.state import KILL_SIGNAL
+
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, KILL_SIGNAL if kill else signal.SIGTERM)
         except ProcessLookupError:
             pass
         except PermissionError:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmsilo.errors import VmsiloError
 from vmsilo.plan.model import Plan, VmPlan
+from vmsilo.plan.serialize import vm_to_json
 from vmsilo.supervisor.snapshot import changed_since, plan_from_snapshot, read_snapshot
 from vmsilo.supervisor.state import read_state
 
@@ -21,8 +22,25 @@ if TYPE_CHECKING:
 _IN_FLIGHT = ("starting", "running", "stopping")
 
 
+#: The status fields a running VM takes from its plan snapshot (the values it runs with),
+#: by the snapshot's JSON key.
+_FROM_SNAPSHOT = {
+    "id": "id",
+    "hypervisor": "hypervisor",
+    "memory": "memory",
+    "cpus": "cpus",
+    "netvm": "netvm",
+    "color": "color",
+}
+
+
 def vm_status(vm: VmPlan, *, running: bool) -> dict[str, Any]:
-    """SPEC §6's status fields for ``vm``, whose supervisor runs or not (``running``)."""
+    """SPEC §6's status fields for ``vm``, whose supervisor runs or not (``running``).
+
+    A running VM's values are those it was started with (its plan snapshot, SPEC §6); when
+    the config has changed since, ``config_changed`` is true, ``config_changes`` lists what
+    changed (the plan's top-level keys) and ``config_values`` has the config's values of the
+    status fields that differ."""
     st = read_state(vm.paths.state_file)
     if running and st is not None:
         state = st.state
@@ -35,26 +53,45 @@ def vm_status(vm: VmPlan, *, running: bool) -> dict[str, Any]:
     uptime = None
     if running and st is not None and st.ready_at is not None:
         uptime = round(time.time() - st.ready_at, 1)
-    config_changed = False
-    if running:
-        snap = read_snapshot(vm.paths.plan_snapshot)
-        config_changed = snap is not None and changed_since(snap, vm)
-    last_exit = st.last_exit if st is not None else None
-    if st is not None and not running and st.state in _IN_FLIGHT:
-        last_exit = {"reason": "supervisor exited without cleanup", "at": None}
-    return {
-        "name": vm.name,
-        "state": state,
+    values: dict[str, Any] = {
         "id": vm.id,
         "hypervisor": vm.hypervisor,
         "memory": vm.memory,
         "cpus": vm.cpus,
+        "netvm": vm.netvm,
+        "color": vm.color,
+    }
+    changes: list[str] = []
+    config_values: dict[str, Any] = {}
+    if running:
+        snap = read_snapshot(vm.paths.plan_snapshot)
+        if snap is not None and changed_since(snap, vm):
+            current = vm_to_json(vm)
+            keys = sorted(set(snap.vm_json) | set(current))
+            changes = [k for k in keys if snap.vm_json.get(k) != current.get(k)]
+            for field, key in _FROM_SNAPSHOT.items():
+                if key in snap.vm_json and snap.vm_json[key] != values[field]:
+                    config_values[field] = values[field]
+                    values[field] = snap.vm_json[key]
+    last_exit = st.last_exit if st is not None else None
+    if st is not None and not running and st.state in _IN_FLIGHT:
+        last_exit = {
+            "reason": "supervisor exited without cleanup",
+            "cause": "abandoned",
+            "clean": False,
+            "at": None,
+        }
+    return {
+        "name": vm.name,
+        "state": state,
+        **values,
         "pid": st.vmm_pid if running and st is not None else None,
         "supervisor_pid": st.supervisor_pid if running and st is not None else None,
         "uptime_s": uptime,
-        "netvm": vm.netvm,
-        "color": vm.color,
-        "config_changed": config_changed,
+        "config_changed": bool(changes),
+        # what changed (the plan's keys), and the config's values of the fields above
+        "config_changes": changes,
+        "config_values": config_values,
         "last_exit": last_exit,
         "detail": st.detail if running and st is not None else None,
     }

@@ -8,7 +8,11 @@ vmsilo-<vm>-vm.service`` (polkit lets the configured user do that).
 ``systemctl start`` of a ``Type=notify`` unit returns when the supervisor sends ``READY=1``,
 i.e. when the guest is ready — the same promise as the embedded start. The netvm-in-use check
 is ours, not systemd's: a plain ``systemctl stop`` of a netvm would stop its clients silently
-(they ``Requires=`` it), so without ``--force`` the stop is refused first.
+(they ``Requires=`` it), so without ``--with-clients`` the stop is refused first.
+
+``--kill`` sends the supervisor :data:`~vmsilo.supervisor.state.KILL_SIGNAL` through
+``systemctl kill --kill-whom=main`` (it kills the VMM at once, no power button), then ``systemctl
+stop`` waits for the unit to end as usual (its ``ExecStopPost`` cleans up).
 
 A VM added to the config since the last ``vmsilo install`` has no units yet; it runs with the
 embedded supervisor, as it would on a host without systemd.
@@ -19,12 +23,13 @@ from __future__ import annotations
 from collections.abc import Collection
 from pathlib import Path
 
-from vmsilo.errors import VMInUseError, VmsiloError, VMStartError
+from vmsilo.errors import VmsiloError, VMStartError
 from vmsilo.lifecycle.base import App
-from vmsilo.lifecycle.embedded import EmbeddedApp
+from vmsilo.lifecycle.embedded import EmbeddedApp, netvm_in_use
 from vmsilo.lifecycle.spawn import StartWatch
 from vmsilo.plan.model import Plan, VmPlan
 from vmsilo.runcmd import run
+from vmsilo.supervisor.state import KILL_SIGNAL
 
 #: systemctl itself waits for the job; this only bounds a wedged systemd.
 SYSTEMCTL_MARGIN_S = 60
@@ -69,26 +74,33 @@ class SystemdApp(App):
         self.start(plan, vm, wait=True)
         return None
 
-    def stop(self, plan: Plan, vm: VmPlan, *, force: bool = False) -> bool:
-        """``systemctl stop`` the VM (clients first with ``force``); False if it was not
-        running. A netvm whose clients run is refused without ``force``, as embedded."""
+    def stop(
+        self, plan: Plan, vm: VmPlan, *, with_clients: bool = False, kill: bool = False
+    ) -> bool:
+        """``systemctl stop`` the VM (clients first with ``with_clients``); False if it was
+        not running. A netvm whose clients run is refused without ``with_clients``, as
+        embedded; ``kill`` kills each VMM at once before its unit is stopped."""
         if not self.manages(vm):
-            return self.embedded.stop(plan, vm, force=force)
+            return self.embedded.stop(plan, vm, with_clients=with_clients, kill=kill)
         clients = self.running_clients(plan, vm)
-        if clients and not force:
-            raise VMInUseError(
-                f"VM {vm.name} is the netvm of running VMs: {', '.join(clients)}",
-                f"stop them first, or use --force to stop them and {vm.name}",
-            )
+        if clients and not with_clients:
+            raise netvm_in_use(vm, clients)
         was_running = self.is_running(vm)
-        units = [plan.vms[c].service_unit for c in clients] + [vm.service_unit]
-        for unit in units:  # one at a time: the clients' power buttons before the netvm's
+        stopping = [plan.vms[c] for c in clients] + [vm]
+        for each in stopping:  # one at a time: the clients' power buttons before the netvm's
+            unit = each.service_unit
+            if kill and self.is_running(each):
+                self._systemctl(["kill", "--kill-whom=main", f"--signal={KILL_SIGNAL.name}", unit])
             timeout = max(v.stop_timeout for v in plan.vms.values()) + 2 * SYSTEMCTL_MARGIN_S
-            proc = run(["systemctl", "stop", unit], check=False, timeout=timeout)
-            if proc.returncode != 0:
-                detail = (proc.stderr or b"").decode(errors="replace").strip()
-                raise VmsiloError(
-                    f"systemctl stop {unit} failed: {detail or f'exit {proc.returncode}'}",
-                    f"see `journalctl -u {unit}`",
-                )
+            self._systemctl(["stop", unit], timeout=timeout)
         return was_running
+
+    def _systemctl(self, args: list[str], timeout: int = SYSTEMCTL_MARGIN_S) -> None:
+        unit = args[-1]
+        proc = run(["systemctl", *args], check=False, timeout=timeout)
+        if proc.returncode != 0:
+            detail = (proc.stderr or b"").decode(errors="replace").strip()
+            raise VmsiloError(
+                f"systemctl {args[0]} {unit} failed: {detail or f'exit {proc.returncode}'}",
+                f"see `journalctl -u {unit}`",
+            )

@@ -13,8 +13,9 @@ starts next find the VMM already waiting on their sockets. Nobody races a server
 up yet, and nobody retries.
 
 A failure is recorded in ``failure``, never raised: the supervisor's single cleanup path then
-undoes whatever was done. SIGTERM, SIGINT and SIGHUP are remembered meanwhile (the supervisor
-stops the VM as soon as its loop runs) and keep the VMM from being started at all.
+undoes whatever was done. SIGTERM, SIGINT and SIGHUP (and SIGQUIT, the kill-now request) are
+remembered meanwhile (the supervisor stops the VM as soon as its loop runs) and keep the VMM
+from being started at all.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from vmsilo.host.sockets import bind_listening
 from vmsilo.plan.model import Plan, VmPlan
 from vmsilo.supervisor.notify import SpawnerPipe, sd_notify
 from vmsilo.supervisor.snapshot import write_snapshot
-from vmsilo.supervisor.state import VmLock, VmState, now, read_state, write_state
+from vmsilo.supervisor.state import KILL_SIGNAL, VmLock, VmState, now, read_state, write_state
 
 #: Signals that stop a VM (the supervisor's loop takes them over from the prelaunch).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -78,6 +79,7 @@ class Prelaunch:
         self.state = VmState(state="starting", supervisor_pid=os.getpid(), hypervisor=vm.hypervisor)
         self.failure: str | None = None
         self.stop_requested = False
+        self.kill_requested = False  # KILL_SIGNAL: no power button once the loop runs
         self.owns_command_socket = options.listen_fd is None
         self.command_sock: socket.socket | None = None
         #: listening sockets the VMM connects to, by path
@@ -192,10 +194,12 @@ class Prelaunch:
     def _remember_stop_signals(self) -> None:
         """Until the supervisor's loop takes the stop signals over, only remember them."""
 
-        def remember(_signum: int, _frame: FrameType | None) -> None:
+        def remember(signum: int, _frame: FrameType | None) -> None:
             self.stop_requested = True
+            if signum == KILL_SIGNAL:
+                self.kill_requested = True
 
-        for sig in STOP_SIGNALS:
+        for sig in (*STOP_SIGNALS, KILL_SIGNAL):
             signal.signal(sig, remember)
 
     def close_unserved(self) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 
 from vmsilo.channel.mux import ChannelMux
-from vmsilo.channel.protocol import ReadyHello, parse_ready
+from vmsilo.channel.protocol import ReadyHello, parse_farewell, parse_ready
 
 
 class Readiness:
@@ -26,6 +26,9 @@ class Readiness:
         self.operational = asyncio.Event()  # and the start is complete (netvm routing too)
         self.finished = asyncio.Event()  # the supervisor is ending: waiters give up
         self.hello: ReadyHello | None = None
+        #: what the guest agent said it is doing as it has the guest power off (its farewell
+        #: line), e.g. "auto-shutdown: idle for 600 s"
+        self.farewell: str | None = None
         self.mux: ChannelMux | None = None
 
     def reset(self) -> None:
@@ -33,6 +36,7 @@ class Readiness:
         self.ready.clear()
         self.channel_up.clear()
         self.hello = None
+        self.farewell = None
 
     async def wait_for(self, event: asyncio.Event) -> bool:
         """Wait for ``event`` unless the supervisor finishes first; whether it came."""
@@ -55,6 +59,7 @@ class Readiness:
                 try:
                     hello = parse_ready(line)
                 except ValueError:
+                    self._farewell(line)
                     continue
                 # (an agent of another protocol version is "ready" at once: clients are told)
                 channel = hello.compatible() and hello.transport == "channel"
@@ -64,6 +69,16 @@ class Readiness:
                 self.ready.set()
         finally:
             writer.close()
+
+    def _farewell(self, line: bytes) -> None:
+        try:
+            reason, idle = parse_farewell(line)
+        except ValueError:
+            return  # console noise
+        if reason == "auto-shutdown" and idle is not None:
+            self.farewell = f"auto-shutdown: idle for {idle:g} s"
+        else:
+            self.farewell = reason
 
     async def on_channel_port(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

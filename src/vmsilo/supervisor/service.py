@@ -6,7 +6,8 @@ home, ephemeral disk, the VMM). :class:`Supervisor` then takes that launch over 
 the bound sockets, starts the shares' virtiofsd daemons (the VMM is already waiting on their
 sockets), waits for the guest's ``hello`` on ``org.vmsilo.ready`` (READY=1 for systemd),
 relays every ``vm-run`` connection to the guest agent, and on SIGTERM stops the guest with the
-power button, then the VMM after ``stopTimeout``. Whatever way it ends — guest poweroff, stop,
+power button, then the VMM after ``stopTimeout`` (on SIGQUIT, ``vmsilo stop --kill``, it kills
+the VMM at once). Whatever way it ends — guest poweroff, stop,
 VMM crash, start failure — the same cleanup runs and the exit reason is kept in the state file
 for ``vmsilo status``.
 
@@ -23,6 +24,7 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Awaitable
+from dataclasses import replace
 from typing import Any
 
 from vmsilo.backends.vmm import Vmm, VmmExit
@@ -34,7 +36,7 @@ from vmsilo.supervisor.prelaunch import STOP_SIGNALS, Prelaunch, failure_of
 from vmsilo.supervisor.readiness import Readiness
 from vmsilo.supervisor.sessions import Sessions, refuse_queued
 from vmsilo.supervisor.sidecars import Sidecars
-from vmsilo.supervisor.state import now
+from vmsilo.supervisor.state import KILL_SIGNAL, now
 
 
 class Supervisor:
@@ -48,11 +50,17 @@ class Supervisor:
         #: a VMM exit that failed the start (its code is kept for ``status``, e.g. crosvm 33/34)
         self.start_exit: VmmExit | None = None
         self.stop_requested = asyncio.Event()
+        #: ``vmsilo stop --kill``: kill the VMM now (no power button, or no more waiting)
+        self.kill_now = asyncio.Event()
         self.sessions = Sessions(launch.vm, self.readiness, lambda: self.failure)
         self.servers: list[asyncio.Server] = []
         self.tasks: set[asyncio.Task[Any]] = set()
         self.console = ConsoleRelay(ConsoleLog(launch.vm.paths.console_log))
         self.sidecars = Sidecars(on_failure=self._share_failed)
+
+    def _kill_requested(self) -> None:
+        self.kill_now.set()
+        self.stop_requested.set()
 
     @property
     def vmm(self) -> Vmm | None:
@@ -71,8 +79,11 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self.stop_requested.set)
+        loop.add_signal_handler(KILL_SIGNAL, self._kill_requested)
         if launch.stop_requested:  # signalled before the loop ran
             self.stop_requested.set()
+        if launch.kill_requested:
+            self._kill_requested()
         exit_info: VmmExit | None = None
         try:
             if launch.failure is not None:
@@ -85,7 +96,7 @@ class Supervisor:
             self.failure = failure_of(e)
         finally:
             await self._shutdown(exit_info)
-            for sig in STOP_SIGNALS:
+            for sig in (*STOP_SIGNALS, KILL_SIGNAL):
                 loop.remove_signal_handler(sig)
             launch.lock.release()
         return 0 if self.failure is None else 1
@@ -112,7 +123,8 @@ class Supervisor:
                 return exit_info
             # crosvm reset: a fresh ephemeral disk, then boot again
             self.readiness.reset()  # the new VMM connects anew (after start_vmm below)
-            launch.set_state("starting", last_exit=stopping.exit_dict(exit_info), ready_at=None)
+            reset = replace(exit_info, cause="reset")
+            launch.set_state("starting", last_exit=stopping.exit_dict(reset), ready_at=None)
             self.console.log.mark_boot()
             launch.start_vmm()
 
@@ -167,7 +179,9 @@ class Supervisor:
                 )
             return result
         if stop.done():
-            return await stopping.stop_vmm(launch, vmm, vmm_exit, graceful=ready.is_set())
+            return await stopping.stop_vmm(
+                launch, vmm, vmm_exit, graceful=ready.is_set(), kill_now=self.kill_now
+            )
         if not ready.is_set():
             await stopping.stop_vmm(launch, vmm, vmm_exit, graceful=False)
             raise VmsiloError(
@@ -178,15 +192,19 @@ class Supervisor:
             detail = await guest_tasks.configure_netvm(vm)
             if detail is not None:
                 launch.state.detail = detail
+        # the end of the previous run stays in `status`; a failed start does not stick
+        last = launch.state.last_exit
+        if last is not None and last.get("cause") == "start-failure":
+            launch.state.last_exit = None
         launch.set_state("running", ready_at=now())
         self.readiness.operational.set()
         sd_notify("READY=1")
         launch.spawner.send("ready")
         launch.spawner.close()
         await asyncio.wait({vmm_exit, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if vmm_exit.done():
-            return vmm_exit.result()  # type: ignore[no-any-return]
-        return await stopping.stop_vmm(launch, vmm, vmm_exit, graceful=True)
+        if vmm_exit.done():  # the guest (or the VMM) ended by itself
+            return stopping.with_cause(vmm_exit.result(), self.readiness.farewell)
+        return await stopping.stop_vmm(launch, vmm, vmm_exit, graceful=True, kill_now=self.kill_now)
 
     async def _shutdown(self, exit_info: VmmExit | None) -> None:
         await stopping.reap(self.vmm)

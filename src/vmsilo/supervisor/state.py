@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +28,11 @@ from vmsilo.errors import VMAlreadyRunningError, VmsiloError
 
 #: Mode of the lock, state and snapshot files: root writes, the desktop user's group reads.
 PRIVATE = 0o640
+
+#: The signal that tells a supervisor "kill the VM now" (``vmsilo stop --kill``): the VMM is
+#: killed without the power button; the supervisor still cleans up and records why. SIGTERM
+#: (also SIGINT, SIGHUP) is the graceful stop.
+KILL_SIGNAL = signal.SIGQUIT
 
 State = Literal["stopped", "starting", "running", "stopping", "failed"]
 
@@ -138,6 +144,11 @@ def mark_abandoned(path: str | Path) -> None:
     st = read_state(path)
     if st is not None and st.state in ("starting", "running", "stopping"):
         st.state = "failed"
-        st.last_exit = {"reason": "supervisor exited without cleanup", "at": now()}
+        st.last_exit = {
+            "reason": "supervisor exited without cleanup",
+            "cause": "abandoned",
+            "clean": False,
+            "at": now(),
+        }
         st.supervisor_pid = st.vmm_pid = None
         write_state(path, st)
