@@ -9,7 +9,8 @@ read-only at the same paths, so the container runs exactly the code under test. 
   from install on, 0600 and owned by ``user``; a second user cannot connect;
 * ``vm-run VM uname -a`` as ``user`` starts the VM's service by socket activation and returns
   the guest's output and exit status;
-* ``systemctl stop`` stops the guest gracefully (power button: last exit "stopped"), the
+* ``systemctl stop`` stops the guest gracefully (the power button: last exit "stopped on request
+  (power button)"), the
   ExecStopPost cleanup runs, the ephemeral disk is gone and the socket keeps listening;
 * ``vm-start``/``vm-stop`` go through systemd; the real polkitd lets ``user`` (and nobody else)
   start and stop exactly the vmsilo units with the installed rule;
@@ -188,7 +189,7 @@ def test_systemctl_stop_is_graceful_and_cleans_up(box: Container) -> None:
     took = time.monotonic() - t
     st = state_of(box, "solo")
     assert st["state"] == "stopped"
-    assert st["last_exit"]["reason"] == "stopped"  # the power button, not a kill
+    assert st["last_exit"]["reason"] == "stopped on request (power button)"  # not a kill
     assert took < 30, took  # well within stopTimeout: the guest powered off by itself
     assert box.run("test", "-e", "/var/lib/vmsilo/solo-ephemeral.raw").returncode == 1
     assert box.run("test", "-e", "/run/vmsilo/solo-qmp.socket").returncode == 1
@@ -216,7 +217,7 @@ def test_vm_start_and_stop_go_through_systemd_with_polkit(box: Container) -> Non
     p = box.run(str(BIN / "vm-stop"), "solo", user=USER, timeout=120)
     assert p.returncode == 0, p.stderr.decode()
     assert active(box, "vmsilo-solo-vm.service") == ["inactive"]
-    assert state_of(box, "solo")["last_exit"]["reason"] == "stopped"
+    assert state_of(box, "solo")["last_exit"]["reason"] == "stopped on request (power button)"
 
 
 def test_vm_run_with_the_socket_unit_stopped_starts_through_systemd(box: Container) -> None:
@@ -299,4 +300,4 @@ def test_client_pulls_up_its_netvm_and_the_netvm_is_protected(box: Container) ->
         "inactive",
         "inactive",
     ]
-    assert state_of(box, "client")["last_exit"]["reason"] == "stopped"
+    assert state_of(box, "client")["last_exit"]["reason"] == "stopped on request (power button)"

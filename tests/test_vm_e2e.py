@@ -114,7 +114,7 @@ def test_ephemeral_disk_lifecycle_and_root_is_disposable(inst: Install) -> None:
     # stop: graceful, disk gone
     p = inst.cmd("vmsilo", "stop", "demo")
     assert p.returncode == 0, p.stderr
-    assert inst.status()["last_exit"]["reason"] == "stopped"
+    assert inst.status()["last_exit"]["reason"] == "stopped on request (power button)"
     assert not disk.exists()
     # restart: the file written to / is gone
     assert inst.cmd("vmsilo", "start", "demo").returncode == 0

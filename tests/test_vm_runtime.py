@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import re
 import select
 import shlex
 import shutil
@@ -215,7 +216,8 @@ def test_auto_shutdown_after_idle(image: Any, state_dir: Path) -> None:
         wait_unlocked(inst.run_dir / "idle.lock")
         down_after = time.monotonic() - detached_at
         st = inst.status("idle")
-        assert st["state"] == "stopped" and st["last_exit"]["reason"] == "guest powered off"
+        assert st["state"] == "stopped" and st["last_exit"]["cause"] == "auto-shutdown"
+        assert re.fullmatch(r"auto-shutdown: idle for \d+ s", st["last_exit"]["reason"])
         # about 6 s of detached program + 5 s idle (+ the guest's shutdown)
         assert 10 <= down_after <= 20, down_after
         # the next vm-run starts it again
@@ -243,7 +245,7 @@ def test_netvm_stays_up_while_a_client_runs(image: Any, state_dir: Path) -> None
         stopped_at = time.monotonic()
         wait_unlocked(inst.run_dir / "gate.lock")
         idle = time.monotonic() - stopped_at
-        assert inst.status("gate")["last_exit"]["reason"] == "guest powered off"
+        assert inst.status("gate")["last_exit"]["cause"] == "auto-shutdown"
         assert 3 <= idle <= 15, idle
 
 
@@ -263,4 +265,5 @@ def test_vm_start_debug_runs_in_the_foreground(image: Any, state_dir: Path) -> N
         )
         assert b"DEBUG-9" in out
         st = inst.status("dbg")
-        assert st["state"] == "stopped" and st["last_exit"]["reason"] == "stopped"
+        assert st["state"] == "stopped"
+        assert st["last_exit"]["reason"] == "stopped on request (power button)"
