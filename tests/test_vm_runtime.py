@@ -10,6 +10,7 @@ import shlex
 import shutil
 import struct
 import subprocess
+import sys
 import termios
 import time
 from collections.abc import Iterator
@@ -116,6 +117,46 @@ def _pty_run(argv: list[str], script: list[tuple[bytes, bytes]], timeout: float 
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0, seen[-500:]
     return seen
+
+
+def _status_lines(out: bytes) -> list[str]:
+    """The distinct status lines drawn in ``out`` (escape sequences and times left out)."""
+    import re
+
+    plain = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", out).decode(errors="replace")
+    found = re.findall(r"starting demo: ([^\r\n…]*)…", plain)
+    return list(dict.fromkeys(found))
+
+
+def test_a_cold_start_on_a_terminal_says_what_it_is_doing(inst: Install) -> None:
+    """vm-run, vm-start and vmsilo start on a terminal: a status line while the VM starts,
+    gone before the program's output (vm-run) or when ready; nothing without a terminal, and
+    nothing (not even rich loaded) on vm-run's warm path."""
+    env = ["env", f"VMSILO_CONFIG={inst.config}"]
+    for tool, args, last in (
+        ("vm-run", ["demo", "echo", "HELLO-$((6*7))"], b"HELLO-$((6*7))\r\n"),
+        ("vm-start", ["demo"], b""),
+        ("vmsilo", ["start", "demo"], b"demo: running\r\n"),
+    ):
+        assert inst.cmd("vmsilo", "stop", "demo").returncode == 0
+        out = _pty_run([*env, *inst.argv(tool, *args)], [])
+        assert "booting the guest" in _status_lines(out), (tool, out[-500:])
+        # erased: after the last status line only the erasing and what the command printed
+        tail = out.rsplit(b"booting the guest", 1)[1]
+        assert tail.rstrip(b"\r\n").endswith(b"\x1b[2K" + last.rstrip(b"\r\n")), (tool, tail)
+    # warm: no status line and no rich
+    out = _pty_run([*env, *inst.argv("vm-run", "demo", "echo", "WARM")], [])
+    assert out == b"WARM\r\n", out
+    p = subprocess.run(
+        [*env, sys.executable, "-X", "importtime", "-m", "vmsilo.cli.vm_run", "demo", "true"],
+        capture_output=True,
+    )
+    assert p.returncode == 0 and b"vmsilo.channel.client" in p.stderr
+    assert b" rich" not in p.stderr and b"start_status" not in p.stderr
+    # no terminal: a cold start prints nothing but the program's output
+    assert inst.cmd("vmsilo", "stop", "demo").returncode == 0
+    p = inst.cmd("vm-run", "demo", "echo", "COLD")
+    assert (p.returncode, p.stdout, p.stderr) == (0, b"COLD\n", b"")
 
 
 def test_vm_shell_ssh_gives_a_pty(inst: Install) -> None:

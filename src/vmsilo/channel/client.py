@@ -237,8 +237,10 @@ class _Session:
         tty_fd: int | None,
         output_filter: Callable[[bytes], bytes] | None,
         prog: str = "vm-run",
+        on_output: Callable[[], None] | None = None,
     ) -> None:
         self.prog = prog
+        self.on_output = on_output
         self.link = link
         self.request = request
         self.stdin_fd = stdin
@@ -361,6 +363,9 @@ class _Session:
             if frame is None:
                 raise ChannelError("the connection to the VM was lost")
             t = frame.type
+            if self.on_output is not None and t in _OUTPUT_OR_END:
+                self.on_output()
+                self.on_output = None
             if t == FrameType.STDOUT:
                 self._deliver(self.stdout_fd, frame.payload, frame.cost)
             elif t == FrameType.STDERR:
@@ -452,6 +457,8 @@ class _Session:
 
 
 _background: set[asyncio.Task[None]] = set()
+#: Frames after which the program's output, or a message about its end, may be written.
+_OUTPUT_OR_END = frozenset({FrameType.STDOUT, FrameType.STDERR, FrameType.EXIT, FrameType.ERROR})
 
 
 async def connect(target: Target) -> StreamLink:
@@ -477,6 +484,7 @@ async def run_session(
     tty_fd: int | None = None,
     output_filter: Callable[[bytes], bytes] | None = None,
     prog: str = "vm-run",
+    on_output: Callable[[], None] | None = None,
 ) -> int:
     """Run ``request`` in the VM behind ``target``; return the exit status for vm-run.
 
@@ -492,6 +500,8 @@ async def run_session(
     (vm-run's escape filter when it runs without ``-t``); output to pipes and files is exact.
     ``prog``: the tool named in the messages written to ``stderr`` (the agent's, e.g. "not
     found").
+    ``on_output``: called once, before the first output or message is written (vm-run's
+    start status line is erased then).
 
     Returns the program's exit status (126/127 when it could not be executed / found, 128+N
     when killed by signal N; 0 once started with ``detach``; 141 if our stdout broke).
@@ -503,7 +513,16 @@ async def run_session(
     link = await connect(target)
     try:
         return await _Session(
-            link, request, stdin, stdout, stderr, forward_signals, tty_fd, output_filter, prog
+            link,
+            request,
+            stdin,
+            stdout,
+            stderr,
+            forward_signals,
+            tty_fd,
+            output_filter,
+            prog,
+            on_output,
         ).run()
     finally:
         await link.aclose()

@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 from vmsilo.errors import UsageError, VmsiloError
 
 if TYPE_CHECKING:
+    from vmsilo.cli.start_status import StartStatus
     from vmsilo.config.users import UserLookup
     from vmsilo.lifecycle.base import App
+    from vmsilo.lifecycle.spawn import StartWatch
 
 # Imports are deliberately late in this module: on a cold start vm-run forks the VM's
 # supervisor, whose path to the VMM is vmsilo's share of the start-up; asyncio and the client
@@ -270,34 +272,56 @@ def _run(args: RunArgs, users: UserLookup | None, err: TextIO, app: App | None, 
     from vmsilo.host.sockets import socket_live
 
     watch = None
+    status: StartStatus | None = None  # only on a start: the warm path never loads it (nor rich)
     socket_path: str | None = None
     look = quick_look(args.config, args.vm) if users is None else None
-    if look is not None:
-        candidate = command_socket(look.runtime_dir, args.vm)
-        if socket_live(candidate):
-            socket_path = candidate
-        elif args.autostart and os.geteuid() == 0:
+    try:
+        if look is not None:
+            candidate = command_socket(look.runtime_dir, args.vm)
+            if socket_live(candidate):
+                socket_path = candidate
+            elif args.autostart and os.geteuid() == 0:
+                from vmsilo.cli.start_status import start_status
+                from vmsilo.lifecycle.app import open_app
+                from vmsilo.plan.cache import load_plan
+
+                cached = load_plan(look.runtime_dir, look.text, look.user)
+                if cached is not None and args.vm in cached.vms:
+                    socket_path = cached.vms[args.vm].paths.command_socket
+                    lifecycle = app or open_app(look.path, state_dir=cached.state_dir)
+                    status = start_status(args.vm, err)
+                    watch = lifecycle.start_for_client(cached, cached.vms[args.vm], progress=status)
+        if socket_path is None:
+            from vmsilo.cli.common import load, select_vm
             from vmsilo.lifecycle.app import open_app
-            from vmsilo.plan.cache import load_plan
 
-            cached = load_plan(look.runtime_dir, look.text, look.user)
-            if cached is not None and args.vm in cached.vms:
-                socket_path = cached.vms[args.vm].paths.command_socket
-                lifecycle = app or open_app(look.path, state_dir=cached.state_dir)
-                watch = lifecycle.start_for_client(cached, cached.vms[args.vm])
-    if socket_path is None:
-        from vmsilo.cli.common import load, select_vm
-        from vmsilo.lifecycle.app import open_app
+            loaded = load(args.config, users, cache=True)
+            vm = select_vm(loaded.plan, args.vm)
+            socket_path = vm.paths.command_socket
+            lifecycle = app or open_app(loaded.path, state_dir=loaded.plan.state_dir)
+            if not lifecycle.command_socket_live(vm):
+                if not args.autostart:
+                    raise VmsiloError(
+                        f"VM {vm.name} is not running", f"start it: vm-start {vm.name}"
+                    )
+                from vmsilo.cli.start_status import start_status
 
-        loaded = load(args.config, users, cache=True)
-        vm = select_vm(loaded.plan, args.vm)
-        socket_path = vm.paths.command_socket
-        lifecycle = app or open_app(loaded.path, state_dir=loaded.plan.state_dir)
-        if not lifecycle.command_socket_live(vm):
-            if not args.autostart:
-                raise VmsiloError(f"VM {vm.name} is not running", f"start it: vm-start {vm.name}")
-            watch = lifecycle.start_for_client(loaded.plan, vm)
+                status = start_status(vm.name, err)
+                watch = lifecycle.start_for_client(loaded.plan, vm, progress=status)
+        return _session(args, socket_path, watch, status, prog, err)
+    finally:
+        if status is not None:
+            status.done()  # before any message about the outcome
 
+
+def _session(
+    args: RunArgs,
+    socket_path: str,
+    watch: StartWatch | None,
+    status: StartStatus | None,
+    prog: str,
+    err: TextIO,
+) -> int:
     import asyncio
 
     from vmsilo.channel.client import run_session, terminal_size
@@ -339,6 +363,7 @@ def _run(args: RunArgs, users: UserLookup | None, err: TextIO, app: App | None, 
             tty_fd=tty_fd,
             output_filter=out_filter,
             prog=prog,
+            on_output=None if status is None else status.done,
         )
         if args.timeout is None:
             return await coro
@@ -346,6 +371,8 @@ def _run(args: RunArgs, users: UserLookup | None, err: TextIO, app: App | None, 
             return await asyncio.wait_for(coro, timeout=args.timeout)
         except TimeoutError:
             # the session is cancelled, which hangs up the guest program: its outcome
+            if status is not None:
+                status.done()
             print(f"{prog}: timed out after {args.timeout:g} s", file=err)
             return EXIT_TIMEOUT
 
