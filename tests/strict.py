@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from vmsilo.lifecycle.base import App
+from vmsilo.lifecycle.progress import StartProgress
 from vmsilo.lifecycle.spawn import StartWatch
 from vmsilo.plan.model import Plan, VmPlan
 
@@ -108,10 +109,16 @@ class StrictApp(App):
     def done(self) -> None:
         assert not self.expected, f"expected lifecycle calls never made: {list(self.expected)}"
 
-    def start(self, plan: Plan, vm: VmPlan, *, wait: bool = True) -> None:
+    def start(
+        self, plan: Plan, vm: VmPlan, *, wait: bool = True, progress: StartProgress | None = None
+    ) -> None:
+        if progress is not None:
+            progress.done()  # a caller's status line ends with the start, whatever it was
         self._call("start", vm, wait=wait)
 
-    def start_for_client(self, plan: Plan, vm: VmPlan) -> StartWatch | None:
+    def start_for_client(
+        self, plan: Plan, vm: VmPlan, *, progress: StartProgress | None = None
+    ) -> StartWatch | None:
         result: StartWatch | None = self._call("start_for_client", vm)
         return result
 

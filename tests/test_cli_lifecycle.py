@@ -16,6 +16,7 @@ import pytest
 
 from fleet import USERS
 from strict import StrictApp
+from vmsilo import __version__
 from vmsilo.cli import vm_run, vm_shell, vm_start, vm_start_debug, vm_stop
 from vmsilo.cli.common import guarded
 from vmsilo.cli.vmsilo import main as vmsilo_main
@@ -189,6 +190,35 @@ def test_vm_run_passes_everything_after_the_vm_verbatim() -> None:
     args = vm_run.parse_args(["--user", "bob", "--root", "--no-autostart", "VM", "x"])
     assert args is not None and args.user == "root" and not args.autostart
     assert vm_run.parse_args(["--help", "--bogus"]) is None
+
+
+def test_vm_run_help_teaches() -> None:
+    """``vm-run --help`` (the real entry point): every option, the exit statuses, examples."""
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [sys.executable, "-m", "vmsilo.cli.vm_run", "--help"], capture_output=True, text=True
+    )
+    assert (p.returncode, p.stderr) == (0, "")
+    text = p.stdout
+    assert text.startswith("vm-run [OPTIONS...] VM COMMAND [ARGUMENT...]\n")
+    for action in vm_run.build_parser()._actions:
+        for option in action.option_strings:
+            assert f" {option} " in text or f" {option}\n" in text, option
+    statuses = text.split("Exit status:", 1)[1].split("Examples:", 1)[0]
+    for status in ("126", "127", "128+N", "124 if --timeout", "255"):
+        assert status in statuses, status
+    examples = text.split("Examples:", 1)[1]
+    assert examples.count("    vm-run ") == 2
+    assert "/etc/vmsilo/vmsilo.toml" in text
+    p = subprocess.run(
+        [sys.executable, "-m", "vmsilo.cli.vm_run", "--version"], capture_output=True, text=True
+    )
+    assert (p.returncode, p.stdout) == (0, f"vm-run (vmsilo) {__version__}\n")
+    # after the VM, --help and --version are the guest command's
+    args = vm_run.parse_args(["VM", "ls", "--version"])
+    assert not isinstance(args, str) and args is not None and args.argv == ["ls", "--version"]
 
 
 @pytest.mark.parametrize(

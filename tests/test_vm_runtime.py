@@ -11,6 +11,7 @@ import shlex
 import shutil
 import struct
 import subprocess
+import sys
 import termios
 import time
 from collections.abc import Iterator
@@ -59,7 +60,8 @@ def test_env_cwd_user_options(inst: Install) -> None:
 def test_timeout_ends_the_guest_program(inst: Install) -> None:
     start = time.monotonic()
     p = inst.cmd("vm-run", "--timeout", "1", "demo", "sleep", "30")
-    assert p.returncode == 255 and b"timed out after 1 s" in p.stderr
+    # the program's outcome, as timeout(1) reports it (SPEC §6: not a failure of vm-run)
+    assert p.returncode == 124 and p.stderr == b"vm-run: timed out after 1 s\n"
     assert time.monotonic() - start < 10
     # the guest program was hung up: no sleep 30 left behind
     p = inst.cmd("vm-run", "demo", "sh", "-c", "sleep 0.5; pgrep -x sleep || true")
@@ -118,6 +120,46 @@ def _pty_run(argv: list[str], script: list[tuple[bytes, bytes]], timeout: float 
     return seen
 
 
+def _status_lines(out: bytes) -> list[str]:
+    """The distinct status lines drawn in ``out`` (escape sequences and times left out)."""
+    import re
+
+    plain = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", out).decode(errors="replace")
+    found = re.findall(r"starting demo: ([^\r\n…]*)…", plain)
+    return list(dict.fromkeys(found))
+
+
+def test_a_cold_start_on_a_terminal_says_what_it_is_doing(inst: Install) -> None:
+    """vm-run, vm-start and vmsilo start on a terminal: a status line while the VM starts,
+    gone before the program's output (vm-run) or when ready; nothing without a terminal, and
+    nothing (not even rich loaded) on vm-run's warm path."""
+    env = ["env", f"VMSILO_CONFIG={inst.config}"]
+    for tool, args, last in (
+        ("vm-run", ["demo", "echo", "HELLO-$((6*7))"], b"HELLO-$((6*7))\r\n"),
+        ("vm-start", ["demo"], b""),
+        ("vmsilo", ["start", "demo"], b"demo: running\r\n"),
+    ):
+        assert inst.cmd("vmsilo", "stop", "demo").returncode == 0
+        out = _pty_run([*env, *inst.argv(tool, *args)], [])
+        assert "booting the guest" in _status_lines(out), (tool, out[-500:])
+        # erased: after the last status line only the erasing and what the command printed
+        tail = out.rsplit(b"booting the guest", 1)[1]
+        assert tail.rstrip(b"\r\n").endswith(b"\x1b[2K" + last.rstrip(b"\r\n")), (tool, tail)
+    # warm: no status line and no rich
+    out = _pty_run([*env, *inst.argv("vm-run", "demo", "echo", "WARM")], [])
+    assert out == b"WARM\r\n", out
+    p = subprocess.run(
+        [*env, sys.executable, "-X", "importtime", "-m", "vmsilo.cli.vm_run", "demo", "true"],
+        capture_output=True,
+    )
+    assert p.returncode == 0 and b"vmsilo.channel.client" in p.stderr
+    assert b" rich" not in p.stderr and b"start_status" not in p.stderr
+    # no terminal: a cold start prints nothing but the program's output
+    assert inst.cmd("vmsilo", "stop", "demo").returncode == 0
+    p = inst.cmd("vm-run", "demo", "echo", "COLD")
+    assert (p.returncode, p.stdout, p.stderr) == (0, b"COLD\n", b"")
+
+
 def test_vm_shell_ssh_gives_a_pty(inst: Install) -> None:
     env_argv = ["env", f"VMSILO_CONFIG={inst.config}", *inst.argv("vm-shell", "--ssh", "demo")]
     out = _pty_run(
@@ -135,6 +177,44 @@ def test_vm_shell_ssh_gives_a_pty(inst: Install) -> None:
     assert "/dev/pts/" in text, text
     assert "33 101" in text
     assert "NOT-INTERRUPTED" not in text.replace("; echo NOT-INTERRUPTED", "")
+
+
+def test_vm_shell_ssh_without_a_terminal_speaks_for_itself(inst: Install) -> None:
+    p = inst.cmd("vm-shell", "--ssh", "demo", input=b"id\n")
+    assert p.returncode == 1
+    assert p.stderr.decode() == (
+        "vm-shell: --ssh needs a terminal on standard input\n"
+        "For a non-interactive shell: vm-run demo sh (e.g. echo 'id' | vm-run demo sh)\n"
+    )
+    p = inst.cmd("vm-run", "demo", "sh", input=b"echo SH-$((3*3))\n")
+    assert (p.returncode, p.stdout) == (0, b"SH-9\n"), p.stderr
+
+
+def test_no_stray_nul_from_script(inst: Install) -> None:
+    """``script`` gives vm-run a pty and, its own input ending at once, sends Ctrl-D while
+    vm-run is still starting (cooked mode): the guest must see that EOF, never a NUL."""
+    if shutil.which("script") is None:
+        pytest.skip("script (util-linux) not installed")
+    cmd = shlex.join(inst.argv("vm-run", "-t", "demo", "od", "-c"))
+    p = subprocess.run(
+        ["script", "-qec", cmd, "/dev/null"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=inst.env(),
+        timeout=60,
+    )
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    # od saw no input at all (the EOF ended it), and the guest's pty echoed no ^@
+    assert p.stdout == b"0000000\r\n", p.stdout
+    p = subprocess.run(
+        ["script", "-qec", cmd, "/dev/null"],
+        input=b"abc\n",
+        capture_output=True,
+        env=inst.env(),
+        timeout=60,
+    )
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert b"a   b   c  \\n" in p.stdout and b"\\0" not in p.stdout and b"^@" not in p.stdout
 
 
 def test_vm_shell_console_and_ctrl_bracket(inst: Install) -> None:
@@ -188,6 +268,54 @@ def test_vm_shell_with_tmux(inst: Install) -> None:
         assert screen_has("TMUX-42")
         subprocess.run(["tmux", "send-keys", "-t", session, "-H", "1d"], check=True)  # Ctrl-]
         assert screen_has("LEFT")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], check=False)
+
+
+def test_console_shell_has_the_terminal_size(inst: Install) -> None:
+    """The console is a byte stream: vm-shell gives it the terminal's size, and follows it."""
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux not installed")
+    session = f"vmsilo-size-{os.getpid()}"
+    shell = shlex.join(["env", f"VMSILO_CONFIG={inst.config}", *inst.argv("vm-shell", "demo")])
+    subprocess.run(
+        ["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30", f"{shell}; sleep 60"],
+        check=True,
+    )
+
+    def tmux(*args: str) -> str:
+        return subprocess.run(
+            ["tmux", *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    def screen_has(text: str, timeout: float = 30) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in tmux("capture-pane", "-p", "-t", session):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def guest_reports(size: str) -> bool:
+        """The console's size is set beside the byte stream, a moment after the terminal's
+        changed: ask the guest until it reports ``size`` (a few times at most)."""
+        for n in range(10):
+            tmux("send-keys", "-t", session, f"clear; echo SIZE{n}=$(stty size)=", "Enter")
+            if screen_has(f"SIZE{n}={size}=", timeout=3):
+                return True
+        return False
+
+    try:
+        assert screen_has("Escape character is CTRL+]")
+        tmux("send-keys", "-t", session, "Enter")
+        size = tmux("display", "-p", "-t", session, "#{pane_height} #{pane_width}")
+        assert size.endswith(" 120")
+        assert guest_reports(size), tmux("capture-pane", "-p", "-t", session)
+        tmux("resize-window", "-t", session, "-x", "97", "-y", "23")
+        size = tmux("display", "-p", "-t", session, "#{pane_height} #{pane_width}")
+        assert size.endswith(" 97")
+        assert guest_reports(size), tmux("capture-pane", "-p", "-t", session)
+        tmux("send-keys", "-t", session, "-H", "1d")  # Ctrl-]
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], check=False)
 

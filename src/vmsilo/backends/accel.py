@@ -23,7 +23,7 @@ from vmsilo.backends.features import Accel
 from vmsilo.contracts.fs import atomic_write
 from vmsilo.plan.model import Plan, VmPlan
 
-__all__ = ["CACHE_NAME", "Accel", "cached_accel", "probe_kvm", "resolve_accel"]
+__all__ = ["CACHE_NAME", "Accel", "cached_accel", "needs_probe", "probe_kvm", "resolve_accel"]
 PROBE_TIMEOUT = 5.0
 CACHE_NAME = "qemu-accel.json"
 
@@ -75,6 +75,24 @@ def probe_kvm(binary: str, kernel: str, timeout: float = PROBE_TIMEOUT) -> bool:
     return b"Kernel panic" in proc.stdout or b"VFS: Unable to mount root" in proc.stdout
 
 
+def _cached_verdict(plan: Plan, vm: VmPlan) -> Accel | None:
+    with contextlib.suppress(OSError, ValueError):
+        cached = json.loads((Path(plan.state_dir) / CACHE_NAME).read_text())
+        verdict = cached.get(_cache_key(plan.qemu.binary, vm.kernel))
+        if verdict in ("kvm", "tcg"):
+            return "kvm" if verdict == "kvm" else "tcg"
+    return None
+
+
+def needs_probe(plan: Plan, vm: VmPlan) -> bool:
+    """Whether :func:`resolve_accel` will run the test boot (no cached verdict yet)."""
+    return (
+        plan.qemu.accel == "auto"
+        and os.access("/dev/kvm", os.R_OK | os.W_OK)
+        and _cached_verdict(plan, vm) is None
+    )
+
+
 def resolve_accel(plan: Plan, vm: VmPlan) -> Accel:
     """The accelerator to use for ``vm`` (probing and caching when ``auto``)."""
     if plan.qemu.accel != "auto":
@@ -83,10 +101,9 @@ def resolve_accel(plan: Plan, vm: VmPlan) -> Accel:
         return "tcg"
     cache = Path(plan.state_dir) / CACHE_NAME
     key = _cache_key(plan.qemu.binary, vm.kernel)
-    with contextlib.suppress(OSError, ValueError):
-        cached = json.loads(cache.read_text())
-        if cached.get(key) in ("kvm", "tcg"):
-            return "kvm" if cached[key] == "kvm" else "tcg"
+    known = _cached_verdict(plan, vm)
+    if known is not None:
+        return known
     verdict: Accel = "kvm" if probe_kvm(plan.qemu.binary, vm.kernel) else "tcg"
     with contextlib.suppress(OSError, ValueError):
         data = {}

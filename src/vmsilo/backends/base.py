@@ -73,6 +73,11 @@ class Backend(ABC):
         """The host facts :meth:`argv` needs; ``probe`` may run a test boot (else: cached)."""
         return HostFacts(nameservers=dns_facts(vm))
 
+    def probe_step(self, plan: Plan, vm: VmPlan) -> str | None:
+        """What ``host_facts(probe=True)`` will spend noticeable time on (a start says it on a
+        terminal), or None when it only reads cached or cheap facts."""
+        return None
+
     @abstractmethod
     def argv(self, plan: Plan, vm: VmPlan, facts: HostFacts) -> list[str]:
         """The VMM's command line (pure: a function of the plan and the facts)."""

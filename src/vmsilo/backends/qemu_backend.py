@@ -71,6 +71,11 @@ class QemuBackend(Backend):
         verdict = accel.resolve_accel(plan, vm) if probe else accel.cached_accel(plan, vm)
         return HostFacts(accel=verdict, vsock=vsock_available(), nameservers=dns_facts(vm))
 
+    def probe_step(self, plan: Plan, vm: VmPlan) -> str | None:
+        if accel.needs_probe(plan, vm):
+            return "probing KVM (a test boot, once per kernel and QEMU build)"
+        return None
+
     def argv(self, plan: Plan, vm: VmPlan, facts: HostFacts) -> list[str]:
         return qemu_argv(plan, vm, facts.accel, vsock=facts.vsock, extra_params=facts.kernel_params)
 

@@ -186,6 +186,45 @@ def terminal_size(fd: int) -> tuple[int, int]:
     return size.lines, size.columns
 
 
+#: Bound on the lines read back from the line discipline before raw mode.
+_TYPEAHEAD_READS = 64
+
+
+def enter_raw_mode(fd: int, saved: list[Any]) -> bytes:
+    """Put the terminal ``fd`` in raw mode; return what was typed ahead in cooked mode.
+
+    In canonical mode the line discipline stores an EOF character (Ctrl-D, or the one ``script``
+    sends when its input ends) as a NUL byte marking the end of a line; switching to raw mode
+    hands that NUL to the reader as data. So EOF is first made an ordinary character (nothing
+    arriving from now on is turned into a NUL), the complete lines already queued are read in
+    canonical mode, where such an EOF reads as an empty read, and given back with each EOF as
+    the terminal's EOF character (the guest's pty then sees the Ctrl-D the user typed); only
+    then is the terminal put in raw mode. Partial lines stay queued and are read raw.
+    """
+    import select
+
+    veof = saved[6][termios.VEOF]
+    eof_char = veof if isinstance(veof, bytes) else bytes([veof])
+    typed = b""
+    if saved[3] & termios.ICANON:
+        quiet = [*saved[:6], list(saved[6])]
+        quiet[6][termios.VEOF] = b"\0" if isinstance(veof, bytes) else 0  # _POSIX_VDISABLE
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+        for _ in range(_TYPEAHEAD_READS):
+            if not select.select([fd], [], [], 0)[0]:
+                break
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                break
+            if not data:  # an EOF; a hung-up terminal reads as one for ever
+                typed += eof_char
+                break
+            typed += data
+    ttymod.setraw(fd, termios.TCSANOW)
+    return typed
+
+
 class _Session:
     def __init__(
         self,
@@ -197,7 +236,11 @@ class _Session:
         forward_signals: bool,
         tty_fd: int | None,
         output_filter: Callable[[bytes], bytes] | None,
+        prog: str = "vm-run",
+        on_output: Callable[[], None] | None = None,
     ) -> None:
+        self.prog = prog
+        self.on_output = on_output
         self.link = link
         self.request = request
         self.stdin_fd = stdin
@@ -218,6 +261,8 @@ class _Session:
         self.reader: _ThreadReader | None = None
         self._signals: list[int] = []
         self._saved_tty: list[Any] | None = None
+        #: complete lines typed before raw mode (see enter_raw_mode), sent before the rest
+        self._typeahead = b""
 
     async def run(self) -> int:
         req = self.request
@@ -301,7 +346,7 @@ class _Session:
         if fd is None:
             return
         writer = self.writers.get(fd)
-        data = f"vm-run: {text}\n".encode(errors="replace")
+        data = f"{self.prog}: {text}\n".encode(errors="replace")
         if writer is not None:
             writer.submit(data, 0)
             await writer.flush()
@@ -318,6 +363,9 @@ class _Session:
             if frame is None:
                 raise ChannelError("the connection to the VM was lost")
             t = frame.type
+            if self.on_output is not None and t in _OUTPUT_OR_END:
+                self.on_output()
+                self.on_output = None
             if t == FrameType.STDOUT:
                 self._deliver(self.stdout_fd, frame.payload, frame.cost)
             elif t == FrameType.STDERR:
@@ -340,8 +388,10 @@ class _Session:
 
     async def _stdin_pump(self) -> None:
         assert self.reader is not None
+        data, self._typeahead = self._typeahead, b""
         while True:
-            data = await self.reader.read()
+            if not data:
+                data = await self.reader.read()
             if not data:
                 await self.link.send(FrameType.STDIN_EOF)
                 return
@@ -354,6 +404,7 @@ class _Session:
                 self.credit -= n + FRAME_COST
                 await self.link.send(FrameType.STDIN, bytes(view[:n]))
                 view = view[n:]
+            data = b""
 
     # -- signals and terminal
 
@@ -391,9 +442,12 @@ class _Session:
             return
         try:
             self._saved_tty = termios.tcgetattr(fd)
-            ttymod.setraw(fd, termios.TCSANOW)
+            typeahead = enter_raw_mode(fd, self._saved_tty)
         except termios.error:
             self._saved_tty = None
+            return
+        if fd == self.stdin_fd:
+            self._typeahead = typeahead
 
     def _leave_raw_mode(self) -> None:
         if self._saved_tty is not None and self.tty_fd is not None:
@@ -403,6 +457,8 @@ class _Session:
 
 
 _background: set[asyncio.Task[None]] = set()
+#: Frames after which the program's output, or a message about its end, may be written.
+_OUTPUT_OR_END = frozenset({FrameType.STDOUT, FrameType.STDERR, FrameType.EXIT, FrameType.ERROR})
 
 
 async def connect(target: Target) -> StreamLink:
@@ -427,6 +483,8 @@ async def run_session(
     forward_signals: bool = True,
     tty_fd: int | None = None,
     output_filter: Callable[[bytes], bytes] | None = None,
+    prog: str = "vm-run",
+    on_output: Callable[[], None] | None = None,
 ) -> int:
     """Run ``request`` in the VM behind ``target``; return the exit status for vm-run.
 
@@ -440,6 +498,10 @@ async def run_session(
     forwarded.
     ``output_filter``: applied before writing to whichever of stdout/stderr is a terminal
     (vm-run's escape filter when it runs without ``-t``); output to pipes and files is exact.
+    ``prog``: the tool named in the messages written to ``stderr`` (the agent's, e.g. "not
+    found").
+    ``on_output``: called once, before the first output or message is written (vm-run's
+    start status line is erased then).
 
     Returns the program's exit status (126/127 when it could not be executed / found, 128+N
     when killed by signal N; 0 once started with ``detach``; 141 if our stdout broke).
@@ -451,7 +513,16 @@ async def run_session(
     link = await connect(target)
     try:
         return await _Session(
-            link, request, stdin, stdout, stderr, forward_signals, tty_fd, output_filter
+            link,
+            request,
+            stdin,
+            stdout,
+            stderr,
+            forward_signals,
+            tty_fd,
+            output_filter,
+            prog,
+            on_output,
         ).run()
     finally:
         await link.aclose()

@@ -170,7 +170,10 @@ def cmd_start(
 ) -> int:
     loaded = load(args.config, users, cache=True)
     vm = select_vm(loaded.plan, args.vm)
-    _app(app, loaded).start(loaded.plan, vm, wait=not args.no_wait)
+    from vmsilo.cli.start_status import start_status
+
+    status = None if args.no_wait else start_status(vm.name, err)
+    _app(app, loaded).start(loaded.plan, vm, wait=not args.no_wait, progress=status)
     print(f"{vm.name}: running" if not args.no_wait else f"{vm.name}: starting", file=out)
     return 0
 

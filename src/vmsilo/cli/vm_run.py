@@ -2,7 +2,8 @@
 
 Options only before VM; everything from CMD on is passed to the guest byte for byte. The exit
 status is the guest program's (126/127 when it cannot be executed / found, 128+N when killed by
-signal N); every failure of vm-run itself exits 255 with a message.
+signal N, 124 when ``--timeout`` ended it, as with ``timeout(1)``); every failure of vm-run
+itself exits 255 with a message.
 """
 
 from __future__ import annotations
@@ -17,16 +18,57 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 from vmsilo.errors import UsageError, VmsiloError
 
 if TYPE_CHECKING:
+    from vmsilo.cli.start_status import StartStatus
     from vmsilo.config.users import UserLookup
     from vmsilo.lifecycle.base import App
+    from vmsilo.lifecycle.spawn import StartWatch
 
 # Imports are deliberately late in this module: on a cold start vm-run forks the VM's
 # supervisor, whose path to the VMM is vmsilo's share of the start-up; asyncio and the client
 # library load in vm-run after the fork, on the other CPU, while the supervisor works.
 
 EXIT_FAILURE = 255
+#: The program's outcome when ``--timeout`` ended it (SPEC §6 leaves it to the program's
+#: status; ``timeout(1)`` says 124, so do we).
+EXIT_TIMEOUT = 124
 USAGE = """usage: vm-run [-t] [--detach] [--user NAME | --root] [--env K=V]... [--cwd DIR]
               [--no-autostart] [--timeout S] [-c FILE] VM CMD [ARG...]"""
+HELP = """vm-run [OPTIONS...] VM COMMAND [ARGUMENT...]
+
+Run COMMAND in the vmsilo VM named VM, starting the VM first if it is not running.
+Options go before VM; from COMMAND on, every word goes to the guest exactly as given
+(no shell in between, nothing after VM is read as an option).
+
+Options:
+  -h --help            Show this help
+     --version         Show the version
+  -t                   Run COMMAND on a terminal (pty) in the guest; needs a terminal
+                       here; window size changes and signals are forwarded
+     --detach          Return as soon as COMMAND started (0, or 127 if not found);
+                       its input and output are /dev/null
+     --user NAME       Run as the guest user NAME (default: the guest user "user")
+     --root            Run as root in the guest
+     --env K=V         Set an environment variable (may be repeated)
+     --cwd DIR         Run in the guest directory DIR (default: the user's home)
+     --no-autostart    Fail instead of starting a VM that is not running
+     --timeout S       End COMMAND after S seconds (it is hung up; exit status 124)
+  -c --config FILE     The config file (default: $VMSILO_CONFIG, else %(config)s)
+
+Output to a terminal is filtered of terminal escape sequences unless -t is given;
+output to a pipe or file is passed on byte for byte.
+
+Exit status:
+  COMMAND's own exit status; 126 if it cannot be executed, 127 if it is not found,
+  128+N if it was killed by signal N, 124 if --timeout ended it, and 255 for every
+  failure of vm-run itself (usage, unknown VM, the VM failed to start or was not ready
+  in time, the connection to the VM was lost), with a message on standard error.
+
+Examples:
+  Run a browser in the VM "work" (started if needed):
+    vm-run work firefox
+  An interactive root shell, giving up after ten minutes:
+    vm-run -t --root --timeout 600 work bash --login
+"""
 
 
 @dataclass
@@ -79,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     p = _Parser(prog="vm-run", usage=USAGE, add_help=False, allow_abbrev=False)
     p.add_argument("-h", "--help", action="store_true")
+    p.add_argument("--version", action="store_true")
     p.add_argument("-t", dest="tty", action="store_true")
     p.add_argument("--detach", action="store_true")
     p.add_argument("--user")
@@ -92,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str]) -> RunArgs | None:
-    """vm-run's arguments; None for ``--help``. Usage errors raise :class:`UsageError`."""
+def parse_args(argv: list[str]) -> RunArgs | str | None:
+    """vm-run's arguments; None for ``--help``, "version" for ``--version``. Usage errors raise
+    :class:`UsageError`."""
     try:
         ns, unknown = build_parser().parse_known_args(argv)
     except _BadUsage as e:
@@ -102,6 +146,8 @@ def parse_args(argv: list[str]) -> RunArgs | None:
         raise UsageError(e.message, USAGE) from None
     if ns.help:
         return None
+    if ns.version:
+        return "version"
     if unknown:
         raise UsageError(f"unknown option {unknown[0]}", USAGE)
     words: list[str] = ns.words
@@ -137,27 +183,40 @@ def _usage_message(message: str, argv: list[str]) -> str:
     return message
 
 
+def help_text() -> str:
+    from vmsilo.defaults import CONFIG_FILE
+
+    return HELP % {"config": CONFIG_FILE}
+
+
 def main(
     argv: list[str] | None = None,
     *,
     users: UserLookup | None = None,
     stderr: TextIO | None = None,
     app: App | None = None,
+    prog: str = "vm-run",
 ) -> int:
+    """vm-run; ``prog`` names the tool in messages (``vm-shell --ssh`` runs through here)."""
     err = stderr or sys.stderr
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         if args is None:
-            print(USAGE, file=sys.stdout)
+            print(help_text(), end="", file=sys.stdout)
             return 0
-        return _run(args, users, err, app)
+        if isinstance(args, str):
+            from vmsilo import __version__
+
+            print(f"vm-run (vmsilo) {__version__}", file=sys.stdout)
+            return 0
+        return _run(args, users, err, app, prog)
     except VmsiloError as e:
-        print(f"vm-run: {e}", file=err)
+        print(f"{prog}: {e}", file=err)
         return EXIT_FAILURE
     except OSError as e:  # e.g. PermissionError: one line, never a traceback
         from vmsilo.cli.common import os_error
 
-        print(f"vm-run: {os_error(e)}", file=err)
+        print(f"{prog}: {os_error(e)}", file=err)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
@@ -208,39 +267,61 @@ def quick_look(config: str | None, name: str) -> QuickLook | None:
     )
 
 
-def _run(args: RunArgs, users: UserLookup | None, err: TextIO, app: App | None) -> int:
+def _run(args: RunArgs, users: UserLookup | None, err: TextIO, app: App | None, prog: str) -> int:
     from vmsilo.defaults import command_socket
     from vmsilo.host.sockets import socket_live
 
     watch = None
+    status: StartStatus | None = None  # only on a start: the warm path never loads it (nor rich)
     socket_path: str | None = None
     look = quick_look(args.config, args.vm) if users is None else None
-    if look is not None:
-        candidate = command_socket(look.runtime_dir, args.vm)
-        if socket_live(candidate):
-            socket_path = candidate
-        elif args.autostart and os.geteuid() == 0:
+    try:
+        if look is not None:
+            candidate = command_socket(look.runtime_dir, args.vm)
+            if socket_live(candidate):
+                socket_path = candidate
+            elif args.autostart and os.geteuid() == 0:
+                from vmsilo.cli.start_status import start_status
+                from vmsilo.lifecycle.app import open_app
+                from vmsilo.plan.cache import load_plan
+
+                cached = load_plan(look.runtime_dir, look.text, look.user)
+                if cached is not None and args.vm in cached.vms:
+                    socket_path = cached.vms[args.vm].paths.command_socket
+                    lifecycle = app or open_app(look.path, state_dir=cached.state_dir)
+                    status = start_status(args.vm, err)
+                    watch = lifecycle.start_for_client(cached, cached.vms[args.vm], progress=status)
+        if socket_path is None:
+            from vmsilo.cli.common import load, select_vm
             from vmsilo.lifecycle.app import open_app
-            from vmsilo.plan.cache import load_plan
 
-            cached = load_plan(look.runtime_dir, look.text, look.user)
-            if cached is not None and args.vm in cached.vms:
-                socket_path = cached.vms[args.vm].paths.command_socket
-                lifecycle = app or open_app(look.path, state_dir=cached.state_dir)
-                watch = lifecycle.start_for_client(cached, cached.vms[args.vm])
-    if socket_path is None:
-        from vmsilo.cli.common import load, select_vm
-        from vmsilo.lifecycle.app import open_app
+            loaded = load(args.config, users, cache=True)
+            vm = select_vm(loaded.plan, args.vm)
+            socket_path = vm.paths.command_socket
+            lifecycle = app or open_app(loaded.path, state_dir=loaded.plan.state_dir)
+            if not lifecycle.command_socket_live(vm):
+                if not args.autostart:
+                    raise VmsiloError(
+                        f"VM {vm.name} is not running", f"start it: vm-start {vm.name}"
+                    )
+                from vmsilo.cli.start_status import start_status
 
-        loaded = load(args.config, users, cache=True)
-        vm = select_vm(loaded.plan, args.vm)
-        socket_path = vm.paths.command_socket
-        lifecycle = app or open_app(loaded.path, state_dir=loaded.plan.state_dir)
-        if not lifecycle.command_socket_live(vm):
-            if not args.autostart:
-                raise VmsiloError(f"VM {vm.name} is not running", f"start it: vm-start {vm.name}")
-            watch = lifecycle.start_for_client(loaded.plan, vm)
+                status = start_status(vm.name, err)
+                watch = lifecycle.start_for_client(loaded.plan, vm, progress=status)
+        return _session(args, socket_path, watch, status, prog, err)
+    finally:
+        if status is not None:
+            status.done()  # before any message about the outcome
 
+
+def _session(
+    args: RunArgs,
+    socket_path: str,
+    watch: StartWatch | None,
+    status: StartStatus | None,
+    prog: str,
+    err: TextIO,
+) -> int:
     import asyncio
 
     from vmsilo.channel.client import run_session, terminal_size
@@ -281,13 +362,19 @@ def _run(args: RunArgs, users: UserLookup | None, err: TextIO, app: App | None) 
             stderr=2,
             tty_fd=tty_fd,
             output_filter=out_filter,
+            prog=prog,
+            on_output=None if status is None else status.done,
         )
         if args.timeout is None:
             return await coro
         try:
             return await asyncio.wait_for(coro, timeout=args.timeout)
         except TimeoutError:
-            raise VmsiloError(f"timed out after {args.timeout:g} s") from None
+            # the session is cancelled, which hangs up the guest program: its outcome
+            if status is not None:
+                status.done()
+            print(f"{prog}: timed out after {args.timeout:g} s", file=err)
+            return EXIT_TIMEOUT
 
     try:
         return asyncio.run(go())

@@ -57,8 +57,10 @@ def main(
         vm = resolve(loaded, args.vm, stream)
         if vm is None:
             return EXIT_USAGE
+        from vmsilo.cli.start_status import start_status
+
         (app or open_app(loaded.path, state_dir=loaded.plan.state_dir)).start(
-            loaded.plan, vm, wait=True
+            loaded.plan, vm, wait=True, progress=start_status(vm.name, stream)
         )
         print(f"{vm.name}: running", file=out or sys.stdout)
         return 0

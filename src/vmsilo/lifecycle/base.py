@@ -16,6 +16,7 @@ from vmsilo.plan.model import Plan, VmPlan
 
 if TYPE_CHECKING:
     from vmsilo.config.users import UserLookup
+    from vmsilo.lifecycle.progress import StartProgress
     from vmsilo.lifecycle.spawn import StartWatch
 
 
@@ -28,15 +29,27 @@ class App(abc.ABC):
     # ------------------------------------------------------------------ what differs
 
     @abc.abstractmethod
-    def start(self, plan: Plan, vm: VmPlan, *, wait: bool = True) -> None:
-        """Start ``vm``; with ``wait``, return once the guest is ready."""
+    def start(
+        self,
+        plan: Plan,
+        vm: VmPlan,
+        *,
+        wait: bool = True,
+        progress: StartProgress | None = None,
+    ) -> None:
+        """Start ``vm``; with ``wait``, return once the guest is ready. ``progress`` hears
+        what a start this call makes is doing, and ``done`` when it is over."""
 
     @abc.abstractmethod
-    def start_for_client(self, plan: Plan, vm: VmPlan) -> StartWatch | None:
+    def start_for_client(
+        self, plan: Plan, vm: VmPlan, *, progress: StartProgress | None = None
+    ) -> StartWatch | None:
         """Start ``vm`` for a client about to connect to its command socket (``vm-run``).
 
         Returns a :class:`~vmsilo.lifecycle.spawn.StartWatch` when this call spawned the
-        supervisor (its last words explain a start that fails after the socket is bound)."""
+        supervisor (its last words explain a start that fails after the socket is bound).
+        ``progress`` hears the start's steps until the guest is ready (the client ends it
+        sooner when the program's output begins)."""
 
     @abc.abstractmethod
     def stop(

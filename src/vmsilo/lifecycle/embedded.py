@@ -27,6 +27,7 @@ from pathlib import Path
 
 from vmsilo.errors import VMInUseError, VMNotRunningError, VmsiloError, VMStartError
 from vmsilo.lifecycle.base import App
+from vmsilo.lifecycle.progress import StartProgress
 from vmsilo.lifecycle.spawn import StartWatch, spawn_supervisor
 from vmsilo.plan.model import Plan, VmPlan
 
@@ -92,7 +93,9 @@ class EmbeddedApp(App):
 
         return start_netvm
 
-    def start_for_client(self, plan: Plan, vm: VmPlan) -> StartWatch | None:
+    def start_for_client(
+        self, plan: Plan, vm: VmPlan, *, progress: StartProgress | None = None
+    ) -> StartWatch | None:
         """Make sure a supervisor serves ``vm``'s command socket (spawning one if needed);
         returns as soon as the socket is bound, the supervisor holding the client's session
         until the guest is ready."""
@@ -110,10 +113,23 @@ class EmbeddedApp(App):
             if self.is_running(vm):
                 # a supervisor is shutting down (socket closed, lock still held): let it finish
                 wait_unlocked_for(vm.paths.lock, vm.stop_timeout + 15)
-            return spawn_supervisor(str(self.config_path), vm, plan, self._start_netvm(plan))
+            return spawn_supervisor(
+                str(self.config_path), vm, plan, self._start_netvm(plan), progress
+            )
 
-    def start(self, plan: Plan, vm: VmPlan, *, wait: bool = True) -> None:
-        watch = self.start_for_client(plan, vm)
+    def start(
+        self,
+        plan: Plan,
+        vm: VmPlan,
+        *,
+        wait: bool = True,
+        progress: StartProgress | None = None,
+    ) -> None:
+        try:
+            watch = self.start_for_client(plan, vm, progress=progress if wait else None)
+        finally:
+            if progress is not None and not wait:
+                progress.done()
         try:
             if wait:
                 import asyncio
@@ -127,6 +143,8 @@ class EmbeddedApp(App):
                         raise
                     raise VMStartError(f"VM {vm.name} failed to start: {reason}") from None
         finally:
+            if progress is not None:
+                progress.done()
             if watch is not None:
                 watch.close()
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 import io
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import IO
 
 from vmsilo.errors import VMStartError
+from vmsilo.lifecycle.progress import StartProgress
 from vmsilo.plan.model import Plan, VmPlan
 
 
@@ -33,8 +35,32 @@ class StartWatch:
     def __init__(self, pipe: IO[bytes], vm: VmPlan) -> None:
         self.pipe = pipe
         self.vm = vm
+        self._follower: threading.Thread | None = None
+        self._failure: str | None = None
 
     def failure(self) -> str | None:
+        if self._follower is not None:
+            self._follower.join()
+            return self._failure
+        return self._read(None)
+
+    def follow(self, progress: StartProgress) -> None:
+        """Report the supervisor's steps to ``progress`` from a thread of its own, until the
+        guest is ready or the start failed (:meth:`failure` then waits for that thread)."""
+        self._follower = threading.Thread(
+            target=self._follow, args=(progress,), name="start-steps", daemon=True
+        )
+        self._follower.start()
+
+    def _follow(self, progress: StartProgress) -> None:
+        try:
+            self._failure = self._read(progress)
+        except (OSError, ValueError):  # closed under us: the caller is done with the start
+            pass
+        finally:
+            progress.done()
+
+    def _read(self, progress: StartProgress | None) -> str | None:
         with self.pipe:
             for raw in self.pipe:
                 line = raw.decode(errors="replace").strip()
@@ -42,17 +68,27 @@ class StartWatch:
                     return None
                 if line.startswith("failed "):
                     return line[7:]
+                if line.startswith("step ") and progress is not None:
+                    progress.step(line[5:])
         return None
 
     def close(self) -> None:
-        self.pipe.close()
+        """Done with the start (the follower, if any, closes the pipe when the supervisor
+        reports its end; closing it under that thread's read would wait for the read)."""
+        if self._follower is None:
+            self.pipe.close()
 
 
 def spawn_supervisor(
-    config_path: str, vm: VmPlan, plan: Plan, start_netvm: Callable[[str], None]
+    config_path: str,
+    vm: VmPlan,
+    plan: Plan,
+    start_netvm: Callable[[str], None],
+    progress: StartProgress | None = None,
 ) -> StartWatch:
     """Fork the supervisor from this process (which already planned the config); return
-    once its command socket is bound. ``start_netvm`` runs in the child."""
+    once its command socket is bound. ``start_netvm`` runs in the child; ``progress`` hears
+    the steps until then, and, following the watch, until the guest is ready."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     path = os.path.abspath(config_path)
     with open(path) as f:
@@ -66,7 +102,12 @@ def spawn_supervisor(
     for raw in pipe:
         line = raw.decode(errors="replace").strip()
         if line == "bound":
-            return StartWatch(pipe, vm)
+            watch = StartWatch(pipe, vm)
+            if progress is not None:
+                watch.follow(progress)
+            return watch
+        if line.startswith("step ") and progress is not None:
+            progress.step(line[5:])
         if line.startswith("failed "):
             pipe.close()
             raise VMStartError(f"VM {vm.name} failed to start: {line[7:]}")

@@ -26,6 +26,7 @@ from pathlib import Path
 from vmsilo.errors import VmsiloError, VMStartError
 from vmsilo.lifecycle.base import App
 from vmsilo.lifecycle.embedded import EmbeddedApp, netvm_in_use
+from vmsilo.lifecycle.progress import StartProgress
 from vmsilo.lifecycle.spawn import StartWatch
 from vmsilo.plan.model import Plan, VmPlan
 from vmsilo.runcmd import run
@@ -46,19 +47,33 @@ class SystemdApp(App):
     def manages(self, vm: VmPlan) -> bool:
         return vm.service_unit in self.units
 
-    def start(self, plan: Plan, vm: VmPlan, *, wait: bool = True) -> None:
+    def start(
+        self,
+        plan: Plan,
+        vm: VmPlan,
+        *,
+        wait: bool = True,
+        progress: StartProgress | None = None,
+    ) -> None:
         """``systemctl start`` the VM's service; returns once the guest is ready (READY=1), or
         at once with ``wait=False`` (the job is queued; systemd reports failures in the
-        journal)."""
+        journal). ``progress`` hears one step: systemd's job (its own steps are in the
+        unit's status)."""
         if not self.manages(vm):
-            self.embedded.start(plan, vm, wait=wait)
+            self.embedded.start(plan, vm, wait=wait, progress=progress)
             return
-        proc = run(
-            ["systemctl", "start", *([] if wait else ["--no-block"]), vm.service_unit],
-            check=False,
-            timeout=vm.start_timeout + SYSTEMCTL_MARGIN_S,
-            hint=f"see `journalctl -u {vm.service_unit}`",
-        )
+        if progress is not None and wait and not self.is_running(vm):
+            progress.step(f"systemctl start {vm.service_unit}")
+        try:
+            proc = run(
+                ["systemctl", "start", *([] if wait else ["--no-block"]), vm.service_unit],
+                check=False,
+                timeout=vm.start_timeout + SYSTEMCTL_MARGIN_S,
+                hint=f"see `journalctl -u {vm.service_unit}`",
+            )
+        finally:
+            if progress is not None:
+                progress.done()
         if proc.returncode != 0:
             detail = (proc.stderr or b"").decode(errors="replace").strip()
             raise VMStartError(
@@ -66,12 +81,14 @@ class SystemdApp(App):
                 f"see `journalctl -u {vm.service_unit}` and {vm.paths.console_log}",
             )
 
-    def start_for_client(self, plan: Plan, vm: VmPlan) -> StartWatch | None:
+    def start_for_client(
+        self, plan: Plan, vm: VmPlan, *, progress: StartProgress | None = None
+    ) -> StartWatch | None:
         """Returns once the guest is ready: the socket unit may be stopped as well, so there
         may be nothing to connect to before that (polkit lets the configured user)."""
         if not self.manages(vm):
-            return self.embedded.start_for_client(plan, vm)
-        self.start(plan, vm, wait=True)
+            return self.embedded.start_for_client(plan, vm, progress=progress)
+        self.start(plan, vm, wait=True, progress=progress)
         return None
 
     def stop(

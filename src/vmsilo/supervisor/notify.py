@@ -2,9 +2,10 @@
 
 Under systemd the supervisor sends ``READY=1`` once the guest said hello and ``STATUS=`` on the
 way. In embedded mode, the spawner (``vm-run`` autostart, ``vmsilo start``) passes a pipe; the
-supervisor writes one line per milestone (``bound``, ``ready``, ``failed <message>``) and the
-spawner reads them: no polling, and a supervisor that dies early closes the pipe, which the
-spawner sees as EOF at once.
+supervisor writes one line per milestone (``bound``, ``ready``, ``failed <message>``, and
+``step <what it is doing>`` on the way, which a start on a terminal shows) and the spawner
+reads them: no polling, and a supervisor that dies early closes the pipe, which the spawner
+sees as EOF at once.
 """
 
 from __future__ import annotations

@@ -120,10 +120,12 @@ class Prelaunch:
             group=self.plan.user.gid,
         )
         self.state.config_hash = snap.config_hash
+        self.spawner.send("step checking the host")
         backend_for(vm).preflight(self.plan, vm)
         self._bind_command_socket()
         self.spawner.send("bound")
         if vm.netvm not in (None, "host") and self.opts.start_netvm is not None:
+            self.spawner.send(f"step starting its netvm {vm.netvm}")
             self.opts.start_netvm(str(vm.netvm))
         p = vm.paths
         for path in (p.console_backend, p.ready_socket, p.channel_socket):
@@ -143,12 +145,18 @@ class Prelaunch:
             create_ephemeral_disk(vm.paths.ephemeral_disk, vm.root_overlay_size)
         for path in (vm.paths.qmp, vm.paths.crosvm_control):
             remove_file(path)
+        backend = backend_for(vm)
+        slow = backend.probe_step(self.plan, vm)
+        if slow is not None:
+            self.spawner.send(f"step {slow}")
         # the very call `vmsilo argv` makes (there with the accelerator verdict cached)
-        argv = launch_argv(self.plan, vm, probe=True)
-        self.vmm = backend_for(vm).vmm(self.plan, vm, argv)
+        argv = launch_argv(self.plan, vm, probe=True, backend=backend)
+        self.vmm = backend.vmm(self.plan, vm, argv)
+        self.spawner.send(f"step starting {backend.name}")
         pid = self.vmm.start()
         self.state.extra["vmm_started_at"] = now()
         self.set_state("starting", vmm_pid=pid)
+        self.spawner.send("step booting the guest")
         return self.vmm
 
     # ------------------------------------------------------------------ steps
@@ -166,6 +174,7 @@ class Prelaunch:
         vm = self.vm
         if not vm.interfaces:
             return
+        self.spawner.send("step setting up the network")
         from vmsilo.host.nat import setup_host_nat
         from vmsilo.host.network import attach_to_bridge, setup_interfaces
 

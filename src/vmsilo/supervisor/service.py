@@ -189,6 +189,7 @@ class Supervisor:
                 f"see the console log {vm.paths.console_log}; raise startTimeout if it is slow",
             )
         if vm.is_netvm:
+            launch.spawner.send("step configuring the netvm")
             detail = await guest_tasks.configure_netvm(vm)
             if detail is not None:
                 launch.state.detail = detail
