@@ -211,7 +211,10 @@ class TapConfig(Model):
         json_schema_extra=shown("`<vm>-<ifIndex>` (cut to 15 characters)"),
     )
     host_address: Ipv4Interface | None = Field(
-        None, description="address of the host end (not with `bridge`)"
+        None,
+        description="address of the host end (not with `bridge`); the host's services are"
+        " then open to the VM on this tap as your firewall allows (vmsilo closes the host's"
+        " input only on the netvm links it makes)",
     )
     bridge: IfName | None = Field(
         None, description="a host bridge the tap joins (not with `hostAddress`)"

@@ -21,8 +21,12 @@ from vmsilo.runcmd import run
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
 
+def nat_table_name(vm_id: int) -> str:
+    return f"vmsilo_{vm_id}"
+
+
 def table_name(vm: VmPlan) -> str:
-    return f"vmsilo_{vm.id}"
+    return nat_table_name(vm.id)
 
 
 def host_link(plan: Plan, vm: VmPlan) -> NetvmLink | None:
@@ -47,11 +51,13 @@ def ruleset(plan: Plan, vm: VmPlan, link: NetvmLink) -> str:
 """
 
 
-def _nft() -> str:
+def nft_binary() -> str:
+    """The host's ``nft``; VMs with netvm links cannot start without it."""
     found = shutil.which("nft")
     if found is None:
         raise VmsiloError(
-            "nft not found: VMs with network.netvm = 'host' need nftables for NAT",
+            "nft not found: VMs with netvm links need nftables on the host"
+            " (NAT for network.netvm = 'host', the input filter on every link)",
             "apt-get install nftables",
         )
     return found
@@ -61,7 +67,7 @@ def setup_host_nat(plan: Plan, vm: VmPlan) -> None:
     link = host_link(plan, vm)
     if link is None:
         return
-    nft = _nft()
+    nft = nft_binary()
     teardown_host_nat(vm)
     run([nft, "-f", "-"], input=ruleset(plan, vm, link).encode(), hint="check `nft list ruleset`")
     IP_FORWARD.write_text("1\n")

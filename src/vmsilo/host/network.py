@@ -79,13 +79,16 @@ def _setup_one(ipr: Any, i: InterfacePlan) -> None:
     ipr.link("set", index=tap, state="up")
 
 
-def teardown_interfaces(vm: VmPlan, keep_bridges: Iterable[str] = ()) -> None:
-    """Remove the VM's taps, and its link bridges unless another running VM still uses them."""
+def teardown_interfaces(vm: VmPlan, keep: Iterable[str] = ()) -> None:
+    """Remove the VM's taps and link bridges, except ``keep``: those another running VM still
+    uses (a link bridge shared with a running peer, or a tap after a config edit)."""
     if not vm.interfaces:
         return
-    keep = set(keep_bridges)
+    kept = set(keep)
     with _iproute() as ipr:
-        for name in [i.tap for i in vm.interfaces] + [b for b in bridges_of(vm) if b not in keep]:
+        for name in [i.tap for i in vm.interfaces] + bridges_of(vm):
+            if name in kept:
+                continue
             idx = _index(ipr, name)
             if idx is None:
                 continue

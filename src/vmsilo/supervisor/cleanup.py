@@ -1,10 +1,17 @@
 """Undoing a VM's launch: what a supervisor removes after any kind of exit (and what
-``vmsilo service cleanup`` removes after a supervisor that could not)."""
+``vmsilo service cleanup`` removes after a supervisor that could not).
+
+Cleanup goes by the VM's plan, and after a config edit that plan may name what another running
+VM holds (a start refused for that reason is cleaned up too, and so is systemd's
+``ExecStopPost`` after it): whatever another running VM holds is left to it
+(:mod:`vmsilo.supervisor.identities`).
+"""
 
 from __future__ import annotations
 
 from vmsilo.host.disks import remove_file
 from vmsilo.plan.model import Plan, VmPlan
+from vmsilo.supervisor.identities import held_by_others
 from vmsilo.supervisor.state import is_locked
 
 
@@ -39,18 +46,25 @@ def cleanup_vm(plan: Plan, vm: VmPlan, *, remove_command_socket: bool) -> list[s
 
     Returns the problems met (cleanup carries on past each one)."""
     problems: list[str] = []
-    remove_file(vm.paths.ephemeral_disk)
-    for path in runtime_sockets(vm) + ([vm.paths.command_socket] if remove_command_socket else []):
-        remove_file(path)
-    remove_file(vm.paths.plan_snapshot)
+    held = held_by_others(plan, vm)
+    paths = [vm.paths.ephemeral_disk, *runtime_sockets(vm)]
+    paths += [vm.paths.command_socket] if remove_command_socket else []
+    for path in [*paths, vm.paths.plan_snapshot]:
+        if ("path", path) not in held and ("disk", path) not in held:
+            remove_file(path)
     if not vm.interfaces:
         return problems
-    from vmsilo.host.nat import teardown_host_nat
+    from vmsilo.host.input_filter import input_table_name, teardown_input_filter
+    from vmsilo.host.nat import table_name, teardown_host_nat
     from vmsilo.host.network import teardown_interfaces
 
+    keep = {value for kind, value in held if kind == "interface"}
     try:
-        teardown_interfaces(vm, keep_bridges=peer_bridges_in_use(plan, vm))
-        teardown_host_nat(vm)
+        teardown_interfaces(vm, keep=[*peer_bridges_in_use(plan, vm), *keep])
+        if ("nft table", table_name(vm)) not in held:
+            teardown_host_nat(vm)
+        if ("nft table", input_table_name(vm.id)) not in held:
+            teardown_input_filter(vm)
     except Exception as e:  # cleanup must go on; report what failed
         problems.append(f"network teardown: {e}")
     return problems

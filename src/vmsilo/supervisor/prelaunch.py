@@ -2,10 +2,11 @@
 
 A cold ``vm-run`` waits for exactly this path, so it is synchronous and imports neither asyncio
 nor the channel code; those load afterwards, in :mod:`vmsilo.supervisor.service`, while the
-guest boots. Under the VM's lock it writes the state file and the plan snapshot, runs the
-preflight checks, binds the command socket (``bound`` to the spawner), starts the netvm, binds
-every socket the VMM connects to, creates taps, host NAT and the shared home, binds the share
-sockets, creates a fresh ephemeral disk and starts the VMM.
+guest boots. Under the VM's lock it writes the state file and the plan snapshot, refuses to
+take identities a running VM holds (:mod:`.identities`), runs the preflight checks, binds the
+command socket (``bound`` to the spawner), starts the netvm, binds every socket the VMM
+connects to, closes the host's input from the VM's links, creates taps, host NAT and the shared
+home, binds the share sockets, creates a fresh ephemeral disk and starts the VMM.
 
 Every socket is listening before the VMM starts, so the VMM's connections (and vm-run's) wait
 in their backlog until the supervisor's loop accepts them; the virtiofsd daemons the supervisor
@@ -37,6 +38,7 @@ from vmsilo.errors import VmsiloError
 from vmsilo.host.disks import create_ephemeral_disk, remove_file
 from vmsilo.host.sockets import bind_listening
 from vmsilo.plan.model import Plan, VmPlan
+from vmsilo.supervisor.identities import refuse_shared_identities
 from vmsilo.supervisor.notify import SpawnerPipe, sd_notify
 from vmsilo.supervisor.snapshot import write_snapshot
 from vmsilo.supervisor.state import KILL_SIGNAL, VmLock, VmState, now, read_state, write_state
@@ -120,6 +122,10 @@ class Prelaunch:
             group=self.plan.user.gid,
         )
         self.state.config_hash = snap.config_hash
+        # after our own snapshot is written (two racing starts see each other) and before
+        # anything of the host is touched: a config edit must not hand us a running VM's
+        # CID, taps, bridge, /31 or nft tables (SPEC §11.6)
+        refuse_shared_identities(self.plan, vm)
         self.spawner.send("step checking the host")
         backend_for(vm).preflight(self.plan, vm)
         self._bind_command_socket()
@@ -175,9 +181,11 @@ class Prelaunch:
         if not vm.interfaces:
             return
         self.spawner.send("step setting up the network")
+        from vmsilo.host.input_filter import setup_input_filter
         from vmsilo.host.nat import setup_host_nat
         from vmsilo.host.network import attach_to_bridge, setup_interfaces
 
+        setup_input_filter(vm)  # before a tap exists: the host is closed to it from the start
         setup_interfaces(vm)
         setup_host_nat(self.plan, vm)
         # re-join a running peer's tap to a link bridge we just (re)created
