@@ -23,6 +23,12 @@ from vmsilo.plan.model import Plan, VmPlan
 VHOST_VSOCK = "/dev/vhost-vsock"
 
 
+def runas_ids(plan: Plan) -> tuple[int, int] | None:
+    """Whom QEMU drops to after opening its devices (SPEC §11.7): the config's user, when we
+    are root (an unprivileged supervisor's QEMU is unprivileged already)."""
+    return (plan.user.uid, plan.user.gid) if os.geteuid() == 0 else None
+
+
 def vsock_available() -> bool:
     """Whether QEMU can give the guest a vhost-vsock device on this host."""
     return os.path.exists(VHOST_VSOCK)
@@ -69,10 +75,22 @@ class QemuBackend(Backend):
 
     def host_facts(self, plan: Plan, vm: VmPlan, *, probe: bool) -> HostFacts:
         verdict = accel.resolve_accel(plan, vm) if probe else accel.cached_accel(plan, vm)
-        return HostFacts(accel=verdict, vsock=vsock_available(), nameservers=dns_facts(vm))
+        return HostFacts(
+            accel=verdict,
+            vsock=vsock_available(),
+            nameservers=dns_facts(vm),
+            runas=runas_ids(plan),
+        )
 
     def argv(self, plan: Plan, vm: VmPlan, facts: HostFacts) -> list[str]:
-        return qemu_argv(plan, vm, facts.accel, vsock=facts.vsock, extra_params=facts.kernel_params)
+        return qemu_argv(
+            plan,
+            vm,
+            facts.accel,
+            vsock=facts.vsock,
+            extra_params=facts.kernel_params,
+            runas=facts.runas,
+        )
 
     def vmm(self, plan: Plan, vm: VmPlan, argv: list[str]) -> Vmm:
         return QemuVmm(plan, vm, argv)
