@@ -154,3 +154,21 @@ def test_qemu_runs_as_the_user_under_seccomp(config: Path, host_user: pwd.struct
     p = vmsilo(config, "status", VM, "--json")
     assert json.loads(p.stdout)["vms"][0]["state"] == "stopped"
     assert not Path(f"/proc/{pid}").exists()
+
+
+def test_writable_paths_keep_awkward_names() -> None:
+    """ProtectSystem=strict leaves exactly runtimeDir, stateDir and rw shares writable, even
+    with blanks, ``%`` or ``$`` in their names (a path-list setting expands no ``$``)."""
+    plan = plan_of(
+        """
+user = "alice"
+runtimeDir = "/run/vm silo %h"
+stateDir = "/var/lib/vm silo $HOME"
+[vms.work]
+"""
+    )
+    text = render_host_files(plan, ["/usr/bin/vmsilo"], "/x.toml")[
+        f"{SYSTEMD_DIR}/{plan.vms['work'].service_unit}"
+    ]
+    line = next(x for x in text.splitlines() if x.startswith("ReadWritePaths="))
+    assert line == ('ReadWritePaths="-/run/vm silo %%h" "-/var/lib/vm silo $HOME" -/shared/work')

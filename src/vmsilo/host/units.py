@@ -84,6 +84,14 @@ def systemd_exec_arg(arg: str) -> str:
     return f'"{quoted}"'
 
 
+def systemd_path_word(path: str) -> str:
+    """One word of a path-list setting (``ReadWritePaths=`` …): split on blanks, unquoted,
+    specifiers expanded, but no ``$`` expansion (unlike ``Exec*=``)."""
+    if path and all(ch in _EXEC_PLAIN for ch in path):
+        return path
+    return '"' + _c_escape(path.replace("%", "%%"), '"') + '"'
+
+
 def systemd_exec_line(argv: Sequence[str]) -> str:
     return " ".join(systemd_exec_arg(a) for a in argv)
 
@@ -174,7 +182,7 @@ def _writable_paths(plan: Plan, vm: VmPlan) -> list[str]:
     paths += [s.host_path for s in vm.shares if not s.read_only]
     if vm.netvm == "host":
         paths.append("/proc/sys/net/ipv4/ip_forward")
-    return ["-" + systemd_exec_arg(p) for p in dict.fromkeys(paths)]
+    return [systemd_path_word("-" + p) for p in dict.fromkeys(paths)]
 
 
 def render_service(plan: Plan, vm: VmPlan, exe: Sequence[str], config: str) -> str:
