@@ -10,6 +10,7 @@ under seccomp filter mode and the guest still works.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pwd
@@ -172,3 +173,17 @@ stateDir = "/var/lib/vm silo $HOME"
     ]
     line = next(x for x in text.splitlines() if x.startswith("ReadWritePaths="))
     assert line == ('ReadWritePaths="-/run/vm silo %%h" "-/var/lib/vm silo $HOME" -/shared/work')
+
+
+def test_runas_only_from_root_to_someone_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmsilo.backends import qemu_backend
+
+    plan = plan_of(HOSTILE)
+    monkeypatch.setattr(qemu_backend.os, "geteuid", lambda: 0)
+    assert qemu_backend.runas_ids(plan) == (plan.user.uid, plan.user.gid)
+    monkeypatch.setattr(qemu_backend.os, "geteuid", lambda: 1000)
+    assert qemu_backend.runas_ids(plan) is None
+    # a root desktop user: QEMU refuses -runas 0:0, and there is nothing to drop to
+    monkeypatch.setattr(qemu_backend.os, "geteuid", lambda: 0)
+    as_root = dataclasses.replace(plan, user=dataclasses.replace(plan.user, uid=0, gid=0))
+    assert qemu_backend.runas_ids(as_root) is None

@@ -25,8 +25,11 @@ VHOST_VSOCK = "/dev/vhost-vsock"
 
 def runas_ids(plan: Plan) -> tuple[int, int] | None:
     """Whom QEMU drops to after opening its devices (SPEC §11.7): the config's user, when we
-    are root (an unprivileged supervisor's QEMU is unprivileged already)."""
-    return (plan.user.uid, plan.user.gid) if os.geteuid() == 0 else None
+    are root (an unprivileged supervisor's QEMU is unprivileged already) and the user is not
+    root itself (QEMU refuses ``-runas 0:0``; there is nothing to drop to)."""
+    if os.geteuid() != 0 or plan.user.uid == 0:
+        return None
+    return plan.user.uid, plan.user.gid
 
 
 def vsock_available() -> bool:
