@@ -211,7 +211,8 @@ def sharing_install(tmp_path: Path, virtiofsd_script: str) -> tuple[FakeInstall,
 
 
 FAILING_VIRTIOFSD = """#!/bin/sh
-case "$*" in *--help*) echo "--shared-dir --fd --readonly"; exit 0;; esac
+case "$*" in *--help*) echo "--shared-dir --fd --readonly --translate-uid --translate-gid"
+    exit 0;; esac
 echo "fuse: unknown option(s): -o bogus" >&2
 exit 1
 """
@@ -266,7 +267,8 @@ def test_a_share_daemon_that_dies_while_the_vm_runs_is_shown_in_status(tmp_path:
     inst, env = sharing_install(
         tmp_path,
         "#!/bin/sh\n"
-        'case "$*" in *--help*) echo "--shared-dir --fd --readonly"; exit 0;; esac\n'
+        'case "$*" in *--help*) echo "--shared-dir --fd --readonly --translate-uid"\n'
+        '    echo "--translate-gid"; exit 0;; esac\n'
         'echo "[INFO virtiofsd] Waiting for vhost-user socket connection..." >&2\n'
         f"read _ < {fifo}\n"
         'echo "lost the shared directory" >&2\n'

@@ -32,8 +32,13 @@ Usage: virtiofsd [OPTIONS]
       --fd <FD>                  File descriptor for the listening socket
       --readonly                 Prevent write accesses from the guest
       --sandbox <SANDBOX>        [default: namespace]
+      --translate-uid <TRANSLATE_UID>  Map guest UIDs to host UIDs
+      --translate-gid <TRANSLATE_GID>  Map guest GIDs to host GIDs
 """
-OLD_RUST_HELP = "\n".join(line for line in RUST_HELP.splitlines() if "--readonly" not in line)
+NO_TRANSLATE_HELP = "\n".join(line for line in RUST_HELP.splitlines() if "--translate-" not in line)
+OLD_RUST_HELP = "\n".join(
+    line for line in NO_TRANSLATE_HELP.splitlines() if "--readonly" not in line
+)
 C_HELP = """usage: /usr/lib/qemu/virtiofsd [options]
     -o source=PATH             shared directory tree
     --fd=FDNUM                 fd number of vhost-user socket
@@ -66,14 +71,19 @@ def fake_help(directory: Path, name: str, help_text: str) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("help_text", "flavor", "readonly"),
-    [(RUST_HELP, "rust", True), (OLD_RUST_HELP, "rust", False), (C_HELP, "c", False)],
+    ("help_text", "flavor", "readonly", "translate"),
+    [
+        (RUST_HELP, "rust", True, True),
+        (NO_TRANSLATE_HELP, "rust", True, False),
+        (OLD_RUST_HELP, "rust", False, False),
+        (C_HELP, "c", False, False),
+    ],
 )
 def test_flavor_from_fake_binaries(
-    short_dir: Path, help_text: str, flavor: str, readonly: bool
+    short_dir: Path, help_text: str, flavor: str, readonly: bool, translate: bool
 ) -> None:
     fake = fake_help(short_dir, "virtiofsd", help_text)
-    assert virtiofsd.detect(str(fake)) == VirtiofsdBinary(str(fake), flavor, readonly)  # type: ignore[arg-type]
+    assert virtiofsd.detect(str(fake)) == VirtiofsdBinary(str(fake), flavor, readonly, translate)  # type: ignore[arg-type]
 
 
 def test_real_qemu_c_virtiofsd_is_recognised() -> None:
@@ -109,13 +119,15 @@ def test_missing_virtiofsd_is_a_clear_error(short_dir: Path) -> None:
 
 # --- argv ---------------------------------------------------------------------------------------
 
-RUST = VirtiofsdBinary("/usr/libexec/virtiofsd", "rust", True)
-OLD_RUST = VirtiofsdBinary("/usr/libexec/virtiofsd", "rust", False)
+RUST = VirtiofsdBinary("/usr/libexec/virtiofsd", "rust", True, True)
+RUST_1_11 = VirtiofsdBinary("/usr/libexec/virtiofsd", "rust", True, False)
+OLD_RUST_TRANSLATING = VirtiofsdBinary("/usr/libexec/virtiofsd", "rust", False, True)
 C = VirtiofsdBinary("/usr/lib/qemu/virtiofsd", "c", False)
+OWNER = (1000, 1001)
 
 
-def test_rust_argv() -> None:
-    assert virtiofsd.launch_argv(RUST, SHARE_RW, 7) == [
+def test_rust_argv_squashes_every_guest_id_onto_the_user() -> None:
+    assert virtiofsd.launch_argv(RUST, SHARE_RW, 7, OWNER) == [
         "/usr/libexec/virtiofsd",
         "--fd=7",
         "--shared-dir=/shared/work",
@@ -123,22 +135,39 @@ def test_rust_argv() -> None:
         "--cache=auto",
         "--announce-submounts",
         "--log-level=info",
+        "--translate-uid=squash-guest:0:1000:4294967295",
+        "--translate-gid=squash-guest:0:1001:4294967295",
     ]
-    assert virtiofsd.launch_argv(RUST, SHARE_RO, 7) == [
-        *virtiofsd.daemon_argv(RUST, SHARE_RO, 7)[:7],
+    assert virtiofsd.launch_argv(RUST, SHARE_RO, 7, OWNER) == [
+        *virtiofsd.daemon_argv(RUST, SHARE_RO, 7, OWNER)[:9],
         "--readonly",
     ]
-    assert virtiofsd.launch_argv(RUST, SHARE_RO, 7)[2] == "--shared-dir=/srv/data"
+    assert virtiofsd.launch_argv(RUST, SHARE_RO, 7, OWNER)[2] == "--shared-dir=/srv/data"
 
 
-def test_c_argv() -> None:
-    assert virtiofsd.launch_argv(C, SHARE_RW, 9) == [
+def test_rust_without_id_translation_is_refused() -> None:
+    """Guest root would be host root in the share (SPEC §11.4): no silent fallback."""
+    with pytest.raises(VmsiloError, match="cannot map guest ids") as e:
+        virtiofsd.launch_argv(RUST_1_11, SHARE_RW, 7, OWNER)
+    assert e.value.hint is not None and "1.13" in e.value.hint
+
+
+def test_c_argv_runs_as_the_user_in_a_user_namespace() -> None:
+    assert virtiofsd.launch_argv(C, SHARE_RW, 9, OWNER, python="/usr/bin/python3") == [
+        "/usr/bin/python3",
+        "-m",
+        "vmsilo.host.virtiofsd",
+        "jail",
+        "--as",
+        "1000:1001",
+        "/shared/work",
+        "--",
         "/usr/lib/qemu/virtiofsd",
         "--fd=9",
         "-o",
         "source=/shared/work",
         "-o",
-        "sandbox=namespace",
+        "sandbox=chroot",
         "-o",
         "cache=auto",
         "-o",
@@ -148,9 +177,25 @@ def test_c_argv() -> None:
     ]
 
 
-@pytest.mark.parametrize("binary", [C, OLD_RUST])
-def test_read_only_without_a_daemon_option_goes_through_ro_exec(binary: VirtiofsdBinary) -> None:
-    argv = virtiofsd.launch_argv(binary, SHARE_RO, 9, python="/usr/bin/python3")
+def test_c_read_only_share_is_a_read_only_view_in_the_jail() -> None:
+    argv = virtiofsd.launch_argv(C, SHARE_RO, 9, OWNER, python="/usr/bin/python3")
+    assert argv == [
+        "/usr/bin/python3",
+        "-m",
+        "vmsilo.host.virtiofsd",
+        "jail",
+        "--as",
+        "1000:1001",
+        "--ro",
+        "/srv/data",
+        "--",
+        *virtiofsd.daemon_argv(C, SHARE_RO, 9, OWNER),
+    ]
+    assert "ro" not in argv
+
+
+def test_read_only_without_a_daemon_option_goes_through_ro_exec() -> None:
+    argv = virtiofsd.launch_argv(OLD_RUST_TRANSLATING, SHARE_RO, 9, OWNER, "/usr/bin/python3")
     assert argv == [
         "/usr/bin/python3",
         "-m",
@@ -158,7 +203,7 @@ def test_read_only_without_a_daemon_option_goes_through_ro_exec(binary: Virtiofs
         "ro-exec",
         "/srv/data",
         "--",
-        *virtiofsd.daemon_argv(binary, SHARE_RO, 9),
+        *virtiofsd.daemon_argv(OLD_RUST_TRANSLATING, SHARE_RO, 9, OWNER),
     ]
     assert "--readonly" not in argv and "ro" not in argv
 
@@ -203,7 +248,7 @@ FAKE_DAEMON = """#!{python}
 import os, socket, sys
 args = sys.argv[1:]
 if "--help" in args:
-    print("--shared-dir --fd --readonly")
+    print("--shared-dir --fd --readonly --translate-uid --translate-gid")
     sys.exit(0)
 mode = {mode!r}
 if mode == "die-early":
@@ -233,7 +278,7 @@ def fake_daemon(directory: Path, mode: str) -> tuple[VirtiofsdBinary, Path]:
     path = directory / f"fake-{mode}"
     path.write_text(FAKE_DAEMON.format(python=sys.executable, mode=mode, log=str(log)))
     path.chmod(0o755)
-    return VirtiofsdBinary(str(path), "rust", True), log
+    return VirtiofsdBinary(str(path), "rust", True, True), log
 
 
 def share_plan(directory: Path) -> tuple[Plan, VmPlan]:

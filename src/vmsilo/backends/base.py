@@ -32,6 +32,8 @@ class HostFacts:
     vsock: bool = False  # QEMU: /dev/vhost-vsock exists (else the virtio-serial channel)
     #: the host's resolvers, for a VM behind the host's NAT that names none of its own
     nameservers: tuple[str, ...] = ()
+    #: QEMU: the (uid, gid) to drop to once its devices are open (None: we are not root)
+    runas: tuple[int, int] | None = None
 
     @property
     def kernel_params(self) -> list[str]:

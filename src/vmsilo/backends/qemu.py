@@ -17,7 +17,14 @@ from vmsilo.backends.features import QEMU_VHOST_USER_DEVICES, Accel
 from vmsilo.contracts.ports import CHANNEL_PORT, CONSOLE_PORT, READY_PORT
 from vmsilo.plan.model import Plan, VmPlan
 
-__all__ = ["QEMU_VHOST_USER_DEVICES", "q", "qemu_argv"]
+__all__ = ["QEMU_VHOST_USER_DEVICES", "SANDBOX", "q", "qemu_argv"]
+
+#: QEMU's seccomp filter (SPEC §11.7): no obsolete syscalls, no fork/exec (QEMU spawns nothing:
+#: taps come without scripts, migration to a file gets its fd through QMP ``getfd``), no
+#: scheduler or resource changes. ``elevateprivileges`` stays allowed because ``-runas`` itself
+#: calls setuid/setgid after the filter is in place (QEMU dies of SIGSYS otherwise); once it
+#: ran, QEMU holds no privilege a set*id call could regain.
+SANDBOX = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
 
 
 def q(value: str) -> str:
@@ -32,8 +39,13 @@ def qemu_argv(
     *,
     vsock: bool = False,
     extra_params: Sequence[str] = (),
+    runas: tuple[int, int] | None = None,
 ) -> list[str]:
-    """QEMU's argv; ``extra_params`` are kernel parameters from host facts (after the plan's)."""
+    """QEMU's argv; ``extra_params`` are kernel parameters from host facts (after the plan's).
+
+    ``runas``: (uid, gid) QEMU switches to once every device, disk, tap and socket is open
+    (``-runas UID:GID``, no passwd entry needed), so a guest that escapes into QEMU is that
+    user, not root."""
     p = vm.paths
     argv = [
         plan.qemu.binary,
@@ -43,6 +55,12 @@ def qemu_argv(
         "-no-user-config",
         "-nographic",
         "-no-reboot",
+        "-sandbox",
+        SANDBOX,
+    ]
+    if runas is not None:
+        argv += ["-runas", f"{runas[0]}:{runas[1]}"]
+    argv += [
         "-machine",
         f"q35,accel={accel}" + (",memory-backend=mem" if vm.shares else ""),
         "-cpu",

@@ -23,6 +23,15 @@ from vmsilo.plan.model import Plan, VmPlan
 VHOST_VSOCK = "/dev/vhost-vsock"
 
 
+def runas_ids(plan: Plan) -> tuple[int, int] | None:
+    """Whom QEMU drops to after opening its devices (SPEC §11.7): the config's user, when we
+    are root (an unprivileged supervisor's QEMU is unprivileged already) and the user is not
+    root itself (QEMU refuses ``-runas 0:0``; there is nothing to drop to)."""
+    if os.geteuid() != 0 or plan.user.uid == 0:
+        return None
+    return plan.user.uid, plan.user.gid
+
+
 def vsock_available() -> bool:
     """Whether QEMU can give the guest a vhost-vsock device on this host."""
     return os.path.exists(VHOST_VSOCK)
@@ -69,7 +78,12 @@ class QemuBackend(Backend):
 
     def host_facts(self, plan: Plan, vm: VmPlan, *, probe: bool) -> HostFacts:
         verdict = accel.resolve_accel(plan, vm) if probe else accel.cached_accel(plan, vm)
-        return HostFacts(accel=verdict, vsock=vsock_available(), nameservers=dns_facts(vm))
+        return HostFacts(
+            accel=verdict,
+            vsock=vsock_available(),
+            nameservers=dns_facts(vm),
+            runas=runas_ids(plan),
+        )
 
     def probe_step(self, plan: Plan, vm: VmPlan) -> str | None:
         if accel.needs_probe(plan, vm):
@@ -77,7 +91,14 @@ class QemuBackend(Backend):
         return None
 
     def argv(self, plan: Plan, vm: VmPlan, facts: HostFacts) -> list[str]:
-        return qemu_argv(plan, vm, facts.accel, vsock=facts.vsock, extra_params=facts.kernel_params)
+        return qemu_argv(
+            plan,
+            vm,
+            facts.accel,
+            vsock=facts.vsock,
+            extra_params=facts.kernel_params,
+            runas=facts.runas,
+        )
 
     def vmm(self, plan: Plan, vm: VmPlan, argv: list[str]) -> Vmm:
         return QemuVmm(plan, vm, argv)

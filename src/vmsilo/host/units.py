@@ -84,6 +84,14 @@ def systemd_exec_arg(arg: str) -> str:
     return f'"{quoted}"'
 
 
+def systemd_path_word(path: str) -> str:
+    """One word of a path-list setting (``ReadWritePaths=`` …): split on blanks, unquoted,
+    specifiers expanded, but no ``$`` expansion (unlike ``Exec*=``)."""
+    if path and all(ch in _EXEC_PLAIN for ch in path):
+        return path
+    return '"' + _c_escape(path.replace("%", "%%"), '"') + '"'
+
+
 def systemd_exec_line(argv: Sequence[str]) -> str:
     return " ".join(systemd_exec_arg(a) for a in argv)
 
@@ -110,6 +118,71 @@ def service_name(vm: VmPlan) -> str:
 
 def socket_name(vm: VmPlan) -> str:
     return vm.socket_unit
+
+
+#: The VM service's sandbox (SPEC §11.7), each setting with why the supervisor tolerates it. The
+#: supervisor stays root: it creates taps, bridges and nft tables, binds sockets under
+#: runtimeDir, writes stateDir, starts virtiofsd in a user namespace and QEMU, which drops to
+#: the user itself (``-runas``) after opening its devices. What it must still reach for the
+#: desktop features — ``/run/user/<uid>`` (Wayland, PulseAudio) and the PulseAudio cookie in
+#: ``/home`` — stays readable.
+HARDENING: tuple[tuple[str, str], ...] = (
+    (
+        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_SYS_ADMIN CAP_SETUID CAP_SETGID CAP_CHOWN"
+        " CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_FOWNER CAP_KILL CAP_SYS_RESOURCE CAP_IPC_LOCK"
+        " CAP_NET_BIND_SERVICE",
+        "taps/bridges/nft (NET_ADMIN); mount namespaces for read-only shares (SYS_ADMIN); the"
+        " id maps of virtiofsd's user namespace and QEMU's -runas (SETUID/SETGID); sockets and"
+        " the shared home handed to the user (CHOWN, FOWNER, DAC_*); stopping its children"
+        " (KILL); raising virtiofsd's fd limit and VFIO's locked memory (SYS_RESOURCE,"
+        " IPC_LOCK); the vsock port below 1024 that proves the host side (NET_BIND_SERVICE)",
+    ),
+    ("NoNewPrivileges=yes", "nothing it runs gains privileges by exec (no setuid helpers)"),
+    ("ProtectSystem=strict", "the OS is read-only; what it writes is listed below"),
+    (
+        "ProtectHome=read-only",
+        "the PulseAudio cookie under /home stays readable; shared homes are listed below",
+    ),
+    ("ProtectKernelModules=yes", "the kernel loads tun, bridge and nft modules on its own"),
+    ("ProtectKernelLogs=yes", "never reads the kernel log"),
+    ("ProtectControlGroups=yes", "never writes cgroups (systemd owns its slice)"),
+    ("ProtectHostname=yes", "never sets the host name"),
+    ("RestrictRealtime=yes", "no real-time scheduling for the VMM or sidecars"),
+    ("RestrictSUIDSGID=yes", "nothing it runs may create setuid/setgid files (shares included)"),
+    ("LockPersonality=yes", "no execution-domain changes"),
+    ("SystemCallArchitectures=native", "no foreign-ABI syscalls"),
+    (
+        "SystemCallFilter=~@clock @cpu-emulation @debug @module @obsolete @raw-io @reboot @swap",
+        "none of these is used by the supervisor, QEMU (VFIO needs no port I/O) or virtiofsd",
+    ),
+    (
+        "RestrictNamespaces=~cgroup uts",
+        "user+mnt: virtiofsd's jail and read-only shares; pid/net/ipc: the Rust virtiofsd"
+        " sandbox and crosvm's minijail",
+    ),
+    (
+        "RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6 AF_VSOCK",
+        "Unix sockets, netlink (pyroute2, nft), vsock to the guest agents; inet for ioctls on"
+        " interfaces",
+    ),
+    ("KeyringMode=private", "no access to root's session keyring"),
+    # Not set, on purpose: MemoryDenyWriteExecute (QEMU's TCG generates code); PrivateDevices,
+    # DevicePolicy and ProtectClock, which implies a device list (kvm, tun, vhost, vfio, dri
+    # must stay reachable; the clock is out of reach anyway without CAP_SYS_TIME);
+    # PrivateNetwork (taps live in the host namespace); ProtectKernelTunables (host NAT sets
+    # ip_forward); PrivateTmp (runtimeDir may be under /tmp); ProtectProc=invisible (the
+    # supervisor must still see QEMU once it dropped to the user).
+)
+
+
+def _writable_paths(plan: Plan, vm: VmPlan) -> list[str]:
+    """What ProtectSystem=strict must leave writable: runtimeDir, stateDir and rw shares
+    (``-``: a path that does not exist yet is no error)."""
+    paths = [plan.runtime_dir, plan.state_dir]
+    paths += [s.host_path for s in vm.shares if not s.read_only]
+    if vm.netvm == "host":
+        paths.append("/proc/sys/net/ipv4/ip_forward")
+    return [systemd_path_word("-" + p) for p in dict.fromkeys(paths)]
 
 
 def render_service(plan: Plan, vm: VmPlan, exe: Sequence[str], config: str) -> str:
@@ -139,6 +212,13 @@ def render_service(plan: Plan, vm: VmPlan, exe: Sequence[str], config: str) -> s
         f"TimeoutStopSec={vm.stop_timeout + STOP_MARGIN_S}",
         "Restart=no",
         f"Slice={SLICE}",
+        "# sandbox (SPEC §11.7)",
+    ]
+    for setting, why in HARDENING:
+        lines += [f"# {why}", setting]
+    lines += [
+        "# runtimeDir, stateDir, the VM's writable shares (and ip_forward for host NAT)",
+        f"ReadWritePaths={' '.join(_writable_paths(plan, vm))}",
         "",
     ]
     return "\n".join(lines)

@@ -17,11 +17,25 @@ Rust versions before 1.11 lack ``--readonly``. There the daemon is started throu
 private mount namespace, makes ``DIR`` (and every mount below it) a read-only bind mount and
 execs the daemon, so the host kernel refuses every write whatever the guest sends. The
 namespace dies with the daemon: nothing is left mounted on the host, even after a SIGKILL.
+
+Guest root is not host root in a share (SPEC §11.4). Both daemons switch to the requesting
+guest's ids for each operation; run as root with ids passed through, guest root would create
+setuid-root files and device nodes on the host. So:
+
+* the C daemon (no id translation) is started through :func:`jail_exec` (``python -m
+  vmsilo.host.virtiofsd jail --as UID:GID [--ro] DIR -- ARGV``): it runs as the config's
+  ``user`` in a user namespace that maps that account alone (:mod:`vmsilo.host.userns`), with
+  ``-o sandbox=chroot`` — the namespace sandbox would mount a fresh /proc, which the kernel
+  refuses in a user namespace once systemd's hardening has masked parts of /proc;
+* the Rust daemon translates ids itself (``--translate-uid``/``--translate-gid``, 1.13 and
+  later): every guest id becomes the user's; an older Rust daemon is refused with a hint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -46,6 +60,7 @@ from vmsilo.contracts.mount import (
     sys_mount,
 )
 from vmsilo.errors import VmsiloError
+from vmsilo.host import userns
 from vmsilo.plan.model import SharePlan
 
 Flavor = Literal["rust", "c"]
@@ -69,6 +84,7 @@ class VirtiofsdBinary:
     path: str
     flavor: Flavor
     has_readonly: bool  # the daemon itself can refuse guest writes (Rust ≥ 1.11)
+    has_translate: bool = False  # the daemon maps guest ids itself (Rust ≥ 1.13)
 
 
 def find_virtiofsd(
@@ -98,6 +114,11 @@ def flavor_from_help(text: str) -> tuple[Flavor, bool] | None:
     return None
 
 
+def translates_ids(text: str) -> bool:
+    """Whether a daemon's ``--help`` offers guest/host id translation (Rust ≥ 1.13)."""
+    return "--translate-uid" in text and "--translate-gid" in text
+
+
 def detect(path: str) -> VirtiofsdBinary:
     """Ask the daemon at ``path`` for its ``--help`` and classify it."""
     try:
@@ -118,20 +139,30 @@ def detect(path: str) -> VirtiofsdBinary:
             " nor -o source=)",
             INSTALL_HINT,
         )
-    return VirtiofsdBinary(path, found[0], found[1])
+    return VirtiofsdBinary(path, found[0], found[1], translates_ids(text))
 
 
 def locate(search_path: str | None = None) -> VirtiofsdBinary:
     return detect(find_virtiofsd(search_path))
 
 
-def daemon_argv(binary: VirtiofsdBinary, share: SharePlan, fd: int) -> list[str]:
+#: Every id a guest can send (the Rust daemon's squash ranges are first id and count).
+_ALL_IDS = 4294967295
+
+Owner = tuple[int, int]
+
+
+def daemon_argv(
+    binary: VirtiofsdBinary, share: SharePlan, fd: int, owner: Owner | None = None
+) -> list[str]:
     """The daemon's own argv for ``share`` served on the listening socket ``fd``.
 
-    Sandbox ``namespace`` (pivot_root into the shared dir; we run as root) and cache ``auto``
-    (the host may change a share behind the guest's back) are both flavors' defaults, spelled
-    out so a changed default cannot silently change the isolation. No uid translation: the
-    guest user has the host user's ids, so plain passthrough makes its files the user's.
+    Cache ``auto`` (the host may change a share behind the guest's back) is both flavors'
+    default, spelled out so a changed default cannot silently change behaviour. The Rust daemon
+    runs as root in its namespace sandbox and, given ``owner`` (the config's user), squashes
+    every guest uid/gid onto it. The C daemon runs as ``owner`` in :func:`jail_exec`'s user
+    namespace and chroots into the share (see the module docstring for why not its namespace
+    sandbox); its ids pass through, so the guest user's files are the host user's.
     """
     if binary.flavor == "rust":
         argv = [
@@ -143,6 +174,12 @@ def daemon_argv(binary: VirtiofsdBinary, share: SharePlan, fd: int) -> list[str]
             "--announce-submounts",
             "--log-level=info",
         ]
+        if owner is not None:
+            uid, gid = owner
+            argv += [
+                f"--translate-uid=squash-guest:0:{uid}:{_ALL_IDS}",
+                f"--translate-gid=squash-guest:0:{gid}:{_ALL_IDS}",
+            ]
         if share.read_only and binary.has_readonly:
             argv.append("--readonly")
         return argv
@@ -152,7 +189,7 @@ def daemon_argv(binary: VirtiofsdBinary, share: SharePlan, fd: int) -> list[str]
         "-o",
         f"source={share.host_path}",
         "-o",
-        "sandbox=namespace",
+        "sandbox=chroot",
         "-o",
         "cache=auto",
         "-o",
@@ -167,10 +204,37 @@ def needs_ro_wrapper(binary: VirtiofsdBinary, share: SharePlan) -> bool:
 
 
 def launch_argv(
-    binary: VirtiofsdBinary, share: SharePlan, fd: int, python: str = sys.executable
+    binary: VirtiofsdBinary,
+    share: SharePlan,
+    fd: int,
+    owner: Owner,
+    python: str = sys.executable,
 ) -> list[str]:
-    """What the supervisor executes: the daemon, behind :func:`ro_exec` when it must be."""
-    argv = daemon_argv(binary, share, fd)
+    """What the supervisor executes: the daemon, behind :func:`jail_exec` when it must be.
+
+    ``owner``: the config's user, whom guest root (every guest id) becomes in the share."""
+    if binary.flavor == "rust" and not binary.has_translate:
+        raise VmsiloError(
+            f"{binary.path} cannot map guest ids (no --translate-uid): guest root would be"
+            f" host root in share {share.tag}",
+            "install virtiofsd 1.13 or later, or QEMU's /usr/lib/qemu/virtiofsd",
+        )
+    argv = daemon_argv(binary, share, fd, owner)
+    if binary.flavor == "c":
+        ro = ["--ro"] if share.read_only else []
+        uid, gid = owner
+        return [
+            python,
+            "-m",
+            "vmsilo.host.virtiofsd",
+            "jail",
+            "--as",
+            f"{uid}:{gid}",
+            *ro,
+            share.host_path,
+            "--",
+            *argv,
+        ]
     if needs_ro_wrapper(binary, share):
         return [python, "-m", "vmsilo.host.virtiofsd", "ro-exec", share.host_path, "--", *argv]
     return argv
@@ -259,10 +323,68 @@ def ro_exec(argv: list[str]) -> int:
         return 127
 
 
+#: File descriptors the C daemon may keep open (one O_PATH fd per inode the guest looks up);
+#: raised here while still root, since the daemon itself may no longer raise its hard limit.
+_NOFILE = 1_000_000
+
+JAIL_USAGE = "usage: python -m vmsilo.host.virtiofsd jail --as UID:GID [--ro] DIR -- CMD [ARG…]"
+
+
+def _raise_nofile() -> None:
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            limit = min(_NOFILE, int(f.read()))
+    except (OSError, ValueError):
+        return
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < limit:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
+def jail_exec(argv: list[str]) -> int:
+    """``jail --as UID:GID [--ro] DIR -- CMD…``: exec CMD as UID:GID in a user namespace that
+    maps only that account (:func:`vmsilo.host.userns.enter`), DIR read-only if ``--ro``."""
+    try:
+        sep = argv.index("--")
+    except ValueError:
+        sep = -1
+    opts, cmd = (argv[:sep], argv[sep + 1 :]) if sep >= 0 else (argv, [])
+    read_only = "--ro" in opts
+    opts = [o for o in opts if o != "--ro"]
+    if len(opts) != 3 or opts[0] != "--as" or not cmd:
+        print(JAIL_USAGE, file=sys.stderr)
+        return 2
+    try:
+        uid, gid = (int(x) for x in opts[1].split(":", 1))
+    except ValueError:
+        print(JAIL_USAGE, file=sys.stderr)
+        return 2
+    source = opts[2]
+    try:
+        if read_only:
+            make_readonly_view(source)
+        _raise_nofile()
+        userns.enter(uid, gid)
+        # set last: a change of credentials clears it; survives the exec below
+        libc().prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except OSError as e:
+        print(f"vmsilo jail: cannot run {cmd[0]} as {uid}:{gid}: {e}", file=sys.stderr)
+        return 1
+    try:
+        os.execv(cmd[0], cmd)
+    except OSError as e:
+        print(f"vmsilo jail: cannot run {cmd[0]}: {e}", file=sys.stderr)
+        return 127
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["ro-exec"]:
         return ro_exec(argv[1:])
+    if argv[:1] == ["jail"]:
+        return jail_exec(argv[1:])
     print("usage: python -m vmsilo.host.virtiofsd ro-exec DIR -- CMD [ARG…]", file=sys.stderr)
+    print(JAIL_USAGE, file=sys.stderr)
     return 2
 
 

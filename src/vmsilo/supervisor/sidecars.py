@@ -54,10 +54,13 @@ class ShareDaemon:
         vm: str,
         share: SharePlan,
         binary: VirtiofsdBinary,
-        sock: socket.socket | None = None,
-        on_failure: Callable[[str], None] | None = None,
+        sock: socket.socket | None,
+        on_failure: Callable[[str], None] | None,
+        owner: virtiofsd.Owner,
     ) -> None:
         self.vm = vm
+        #: the config's user: the account guest ids become in the share (SPEC §11.4)
+        self.owner = owner
         #: told why the daemon died once the VM was running (the guest's mount is broken now)
         self.on_failure = on_failure
         self.share = share
@@ -80,7 +83,7 @@ class ShareDaemon:
 
     def argv(self) -> list[str]:
         assert self.sock is not None
-        return virtiofsd.launch_argv(self.binary, self.share, self.sock.fileno())
+        return virtiofsd.launch_argv(self.binary, self.share, self.sock.fileno(), self.owner)
 
     async def start(self) -> None:
         if self.sock is None:
@@ -156,9 +159,10 @@ class ShareDaemon:
 
     def _hint(self) -> str:
         return (
-            f"check that {self.share.host_path} is a directory the daemon can share; run"
-            f" `{' '.join(virtiofsd.daemon_argv(self.binary, self.share, 3))}` by hand to see"
-            " more"
+            f"check that {self.share.host_path} is a directory the daemon can share (the user"
+            f" {self.owner[0]} must be able to reach it); run"
+            f" `{' '.join(virtiofsd.daemon_argv(self.binary, self.share, 3, self.owner))}` by"
+            " hand to see more"
         )
 
     async def _watch(self) -> None:
@@ -248,7 +252,12 @@ class Sidecars:
         binary = await asyncio.to_thread(self.locate)
         for share in vm.shares:
             daemon = ShareDaemon(
-                vm.name, share, binary, (sockets or {}).get(share.tag), self.on_failure
+                vm.name,
+                share,
+                binary,
+                (sockets or {}).get(share.tag),
+                self.on_failure,
+                (plan.user.uid, plan.user.gid),
             )
             self.daemons.append(daemon)
             await daemon.start()
