@@ -37,7 +37,7 @@ def test_cli_options() -> None:
     )
     assert args.vsock_port == 5000 and args.user == (1000, 1000)
     assert args.auto_shutdown_after == 30.0
-    assert accept_vsock_peer(2) and not accept_vsock_peer(3)
+    assert accept_vsock_peer(2, 900) and not accept_vsock_peer(3, 900)
 
 
 def test_resolve_user() -> None:

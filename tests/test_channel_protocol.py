@@ -39,9 +39,9 @@ from vmsilo.channel.protocol import (
 
 
 def test_accept_vsock_peer_only_host() -> None:
-    assert accept_vsock_peer(2) is True
+    assert accept_vsock_peer(2, 1023) is True
     for cid in (0, 1, 3, 4, 1000, 0xFFFFFFFF, -1):
-        assert accept_vsock_peer(cid) is False
+        assert accept_vsock_peer(cid, 1023) is False
 
 
 def test_frame_roundtrip_and_limits() -> None:

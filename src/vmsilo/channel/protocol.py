@@ -65,6 +65,8 @@ QUEUE_LIMIT = 2 * WINDOW + 64 * FRAME_COST
 
 #: The only vsock peer the agent accepts: the host.
 VSOCK_HOST_CID = 2
+#: Source ports below this need root on the host: the supervisor connects from one (§11.1).
+VSOCK_PRIVILEGED_PORTS = 1024
 
 #: virtio port names (SPEC §4/§6), spelled once in :mod:`vmsilo.contracts.ports`.
 READY_PORT_NAME = READY_PORT
@@ -490,12 +492,16 @@ def parse_farewell(data: bytes) -> tuple[str, float | None]:
     return reason, float(idle) if ok_idle else None  # type: ignore[arg-type]
 
 
-def accept_vsock_peer(cid: int) -> bool:
-    """Whether the agent serves a vsock connection from ``cid``: only the host (CID 2).
+def accept_vsock_peer(cid: int, port: int) -> bool:
+    """Whether the agent serves a vsock connection from ``cid``:``port`` — only the host
+    (CID 2), and there only a privileged source port (SPEC §11.1).
 
-    Other guests (or a local loopback peer) reaching the agent's port must never run commands.
+    Every process on the host has CID 2 and any account may open AF_VSOCK, so the CID alone
+    would let any local user run commands as guest root; binding a port below 1024 takes root
+    (CAP_NET_BIND_SERVICE), which the supervisor has and other accounts do not. Other guests
+    (or a local loopback peer) never get in.
     """
-    return cid == VSOCK_HOST_CID
+    return cid == VSOCK_HOST_CID and 0 <= port < VSOCK_PRIVILEGED_PORTS
 
 
 def status_from_returncode(returncode: int) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 from collections.abc import Coroutine
@@ -26,6 +27,7 @@ from typing import Any
 from vmsilo.channel.mux import ChannelMux, MuxSession, StreamLink, error_code
 from vmsilo.channel.protocol import (
     VSOCK_PORT,
+    VSOCK_PRIVILEGED_PORTS,
     ChannelError,
     Frame,
     FrameType,
@@ -173,16 +175,38 @@ async def bridge_session(client: StreamLink, session: MuxSession) -> None:
 VSOCK_EMULATION_ENV = "VMSILO_VSOCK_EMULATION_DIR"
 
 
+def bind_privileged_port(sock: socket.socket) -> int:
+    """Bind ``sock`` (AF_VSOCK) to a free source port below 1024, highest first; its port.
+
+    Each session holds one for its lifetime, so about a thousand sessions may be open at once
+    across the host's VMs; past that (or without root) this fails with an error saying so.
+    """
+    for candidate in range(VSOCK_PRIVILEGED_PORTS - 1, 0, -1):
+        try:
+            sock.bind((socket.VMADDR_CID_ANY, candidate))
+            return candidate
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                continue
+            raise OSError(
+                e.errno, f"cannot bind a privileged vsock port (the agent accepts no other): {e}"
+            ) from None
+    raise OSError(errno.EADDRINUSE, "every privileged vsock port is in use")
+
+
 async def connect_vsock(
     cid: int, port: int = VSOCK_PORT
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Open a stream connection to the guest's agent over AF_VSOCK."""
+    """Open a stream connection to the guest's agent over AF_VSOCK, from a privileged source
+    port (the agent serves nothing else: any account can open AF_VSOCK, only root can bind
+    such a port; SPEC §11.1)."""
     emulation_dir = os.environ.get(VSOCK_EMULATION_ENV)
     if emulation_dir:
         return await asyncio.open_unix_connection(os.path.join(emulation_dir, f"{cid}-{port}.sock"))
     sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
+        bind_privileged_port(sock)
         await asyncio.get_running_loop().sock_connect(sock, (cid, port))
     except BaseException:
         sock.close()

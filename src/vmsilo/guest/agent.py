@@ -244,11 +244,13 @@ async def serve_vsock_emulated(agent: Agent, path: Path) -> asyncio.Server:
 async def serve_vsock_connection(
     agent: Agent, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
-    """One accepted vsock connection = one session, if the peer is the host."""
+    """One accepted vsock connection = one session, if the peer is the host's supervisor
+    (CID 2, a privileged source port); anything else is closed before a byte is read."""
     peer = writer.get_extra_info("peername")
-    cid = peer[0] if isinstance(peer, tuple) and peer and isinstance(peer[0], int) else -1
-    if not accept_vsock_peer(cid):
-        log.warning("refused vsock connection from CID %s", cid)
+    ok = isinstance(peer, tuple) and len(peer) == 2 and all(isinstance(v, int) for v in peer)
+    cid, port = peer if ok else (-1, -1)
+    if not accept_vsock_peer(cid, port):
+        log.warning("refused vsock connection from CID %s port %s", cid, port)
         writer.close()
         return
     await agent.handle_link(StreamLink(reader, writer))
