@@ -36,6 +36,7 @@ PACKAGES = (
     "qemu-system-x86",
     "busybox-static",
     "iproute2",
+    "nftables",  # NAT and the input filter of every netvm link
     "kmod",
     "procps",
     "polkitd",  # the real polkit evaluates vmsilo's rule for systemctl as the user

@@ -136,7 +136,7 @@ def test_a_cold_start_on_a_terminal_says_what_it_is_doing(inst: Install) -> None
     env = ["env", f"VMSILO_CONFIG={inst.config}"]
     for tool, args, last in (
         ("vm-run", ["demo", "echo", "HELLO-$((6*7))"], b"HELLO-$((6*7))\r\n"),
-        ("vm-start", ["demo"], b""),
+        ("vm-start", ["demo"], b"demo: running\r\n"),
         ("vmsilo", ["start", "demo"], b"demo: running\r\n"),
     ):
         assert inst.cmd("vmsilo", "stop", "demo").returncode == 0
@@ -183,8 +183,8 @@ def test_vm_shell_ssh_without_a_terminal_speaks_for_itself(inst: Install) -> Non
     p = inst.cmd("vm-shell", "--ssh", "demo", input=b"id\n")
     assert p.returncode == 1
     assert p.stderr.decode() == (
-        "vm-shell: --ssh needs a terminal on standard input\n"
-        "For a non-interactive shell: vm-run demo sh (e.g. echo 'id' | vm-run demo sh)\n"
+        "vm-shell: --ssh needs a terminal on standard input (hint: for a non-interactive"
+        " shell, echo 'id' | vm-run demo sh)\n"
     )
     p = inst.cmd("vm-run", "demo", "sh", input=b"echo SH-$((3*3))\n")
     assert (p.returncode, p.stdout) == (0, b"SH-9\n"), p.stderr

@@ -71,10 +71,9 @@ def main(
             return EXIT_USAGE
         if args.ssh:
             if not os.isatty(0):
-                print("vm-shell: --ssh needs a terminal on standard input", file=stream)
                 print(
-                    f"For a non-interactive shell: vm-run {vm.name} sh"
-                    f" (e.g. echo 'id' | vm-run {vm.name} sh)",
+                    "vm-shell: --ssh needs a terminal on standard input (hint: for a"
+                    f" non-interactive shell, echo 'id' | vm-run {vm.name} sh)",
                     file=stream,
                 )
                 return EXIT_USAGE
