@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from fleet import run_vmsilo
 
 
@@ -71,3 +73,19 @@ def test_a_missing_share_directory_fails_before_any_start(tmp_path: Path) -> Non
     _, out, _ = run_vmsilo(["-c", cfg, "doctor", "--json"])
     by_check = {f["check"]: f for f in json.loads(out)["findings"]}
     assert by_check["shares"]["level"] == "ok"
+
+
+def test_nftables_is_checked_for_netvm_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _cfg(tmp_path, '[vms.q]\nhypervisor = "qemu"\nnetwork.netvm = "host"\n')
+    _, out, _ = run_vmsilo(["-c", cfg, "doctor", "--json"])
+    nft = {f["check"]: f for f in json.loads(out)["findings"]}["nft"]
+    assert nft["level"] == "ok" and "needed by q" in nft["detail"]
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nft on PATH
+    _, out, _ = run_vmsilo(["-c", cfg, "doctor", "--json"])
+    nft = {f["check"]: f for f in json.loads(out)["findings"]}["nft"]
+    assert nft["level"] == "fail" and nft["hint"] == "apt-get install nftables"
+    alone = _cfg(tmp_path, '[vms.q]\nhypervisor = "qemu"\n')
+    _, out, _ = run_vmsilo(["-c", alone, "doctor", "--json"])
+    assert "nft" not in {f["check"] for f in json.loads(out)["findings"]}

@@ -59,3 +59,15 @@ def test_doctor_warns_when_the_host_has_only_a_loopback_resolver(
     _, out, _ = run_vmsilo(["-c", str(cfg), "doctor", "--json"])
     dns = {f["check"]: f for f in json.loads(out)["findings"]}["DNS"]
     assert dns["level"] == "ok" and "192.0.2.53" in dns["detail"]
+
+
+def test_the_hosts_own_addresses_are_skipped(tmp_path: Path) -> None:
+    """A resolver on the host itself is behind the input filter of the VM's link."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 53))  # no packet: just picks the host's outgoing address
+        own = s.getsockname()[0]
+    etc = tmp_path / "etc"
+    etc.write_text(f"nameserver {own}\nnameserver 192.0.2.53\n")
+    assert host_nameservers([etc]) == ("192.0.2.53",)

@@ -40,6 +40,21 @@ def check_tun(plan: Plan) -> Iterator[Finding]:
         )
 
 
+def check_nft(plan: Plan) -> Iterator[Finding]:
+    """nftables: the NAT of host-NAT VMs and the input filter of every netvm link."""
+    users = [vm.name for vm in plan.vms.values() if any(i.injected_for for i in vm.interfaces)]
+    if not users:
+        return
+    from vmsilo.host.nat import nft_binary
+
+    try:
+        found = nft_binary()
+    except VmsiloError as e:
+        yield Finding("nft", "fail", f"{e.message}; needed by {', '.join(users)}", e.hint or "")
+        return
+    yield Finding("nft", "ok", f"{found} (needed by {', '.join(users)})")
+
+
 def check_virtiofsd(plan: Plan) -> Iterator[Finding]:
     users = [vm.name for vm in plan.vms.values() if vm.shares]
     if not users:
@@ -202,6 +217,7 @@ def checks(vmm: VmmChecks) -> tuple[Check, ...]:
     return (
         *vmm.devices,
         check_tun,
+        check_nft,
         *vmm.programs,
         check_virtiofsd,
         check_image_tools,
