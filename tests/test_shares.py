@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from userenv import desktop_config
+
 pytestmark = pytest.mark.vm
 
 VM = "sharer"
@@ -68,24 +70,14 @@ def inst(image: Any, state_dir: Path, host_user: pwd.struct_passwd) -> Iterator[
     (data / "hello.txt").write_text("read-only hello\n")
     config = run_dir / "vmsilo.toml"
     config.write_text(
-        f"""
-user = "{host_user.pw_name}"
-stateDir = "{state_dir}"
-runtimeDir = "{run_dir}"
-sharedRoot = "{shared_root}"
-startTimeout = 120
-stopTimeout = 30
-[qemu]
-accel = "tcg"
-[vms.{VM}]
-hypervisor = "qemu"
-memory = 512
-cpus = 1
-[vms.{VM}.sharedDirectories.data]
-path = "{data}"
-mountPoint = "/mnt/data"
-readOnly = true
-"""
+        desktop_config(
+            host_user.pw_name,
+            state_dir,
+            run_dir,
+            VM,
+            more=f"[vms.{VM}.sharedDirectories.data]\n"
+            f'path = "{data}"\nmountPoint = "/mnt/data"\nreadOnly = true\n',
+        )
     )
     install = Install(config, run_dir, shared_root / VM, data, host_user.pw_uid, host_user.pw_gid)
     yield install

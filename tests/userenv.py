@@ -93,6 +93,30 @@ class Setup:
         return row
 
 
+def desktop_config(
+    user: str, state_dir: Path, run_dir: Path, vm: str = VM, *, more: str = ""
+) -> str:
+    """A config whose desktop ``user`` is ``user``: one small QEMU/TCG VM ``vm`` with its
+    shared home under ``run_dir/shared``, then ``more`` (extra keys and tables) appended."""
+    return (
+        f"""
+user = "{user}"
+stateDir = "{state_dir}"
+runtimeDir = "{run_dir}"
+sharedRoot = "{run_dir}/shared"
+startTimeout = 120
+stopTimeout = 30
+[qemu]
+accel = "tcg"
+[vms.{vm}]
+hypervisor = "qemu"
+memory = 512
+cpus = 1
+"""
+        + more
+    )
+
+
 @contextlib.contextmanager
 def user_vm(state_dir: Path, host_user: pwd.struct_passwd, tag: str) -> Iterator[Setup]:
     """A started VM ``demo`` whose config names ``host_user``; stopped afterwards."""
@@ -103,20 +127,7 @@ def user_vm(state_dir: Path, host_user: pwd.struct_passwd, tag: str) -> Iterator
     run_dir.mkdir(mode=0o755)
     config = run_dir / "vmsilo.toml"
     config.write_text(
-        f"""
-user = "{host_user.pw_name}"
-stateDir = "{state_dir}"
-runtimeDir = "{run_dir}"
-startTimeout = 120
-stopTimeout = 30
-[qemu]
-accel = "tcg"
-[vms.{VM}]
-hypervisor = "qemu"
-memory = 512
-cpus = 1
-sharedHome = false
-"""
+        desktop_config(host_user.pw_name, state_dir, run_dir, more="sharedHome = false\n")
     )
     config.chmod(0o644)
     s = Setup(config, run_dir, host_user)

@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from userenv import desktop_config
+
 VM = "rooter"
 #: ids for the VM-less jail test: need not exist in /etc/passwd
 JAIL_UID, JAIL_GID = 41234, 41235
@@ -136,22 +138,7 @@ def inst(image: Any, state_dir: Path, host_user: pwd.struct_passwd) -> Iterator[
     run_dir.mkdir()
     shared_root = run_dir / "shared"
     config = run_dir / "vmsilo.toml"
-    config.write_text(
-        f"""
-user = "{host_user.pw_name}"
-stateDir = "{state_dir}"
-runtimeDir = "{run_dir}"
-sharedRoot = "{shared_root}"
-startTimeout = 120
-stopTimeout = 30
-[qemu]
-accel = "tcg"
-[vms.{VM}]
-hypervisor = "qemu"
-memory = 512
-cpus = 1
-"""
-    )
+    config.write_text(desktop_config(host_user.pw_name, state_dir, run_dir, VM))
     install = Install(config, run_dir, shared_root / VM, host_user.pw_uid, host_user.pw_gid)
     yield install
     install.cmd("vmsilo", "stop", VM)

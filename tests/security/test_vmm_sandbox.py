@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from fleet import plan_of
+from userenv import desktop_config
 from vmsilo.backends.base import HostFacts
 from vmsilo.backends.qemu_backend import QEMU
 from vmsilo.host.units import SYSTEMD_DIR, render_host_files
@@ -95,22 +96,7 @@ def config(image: Any, state_dir: Path, host_user: pwd.struct_passwd) -> Iterato
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir()
     path = run_dir / "vmsilo.toml"
-    path.write_text(
-        f"""
-user = "{host_user.pw_name}"
-stateDir = "{state_dir}"
-runtimeDir = "{run_dir}"
-sharedRoot = "{run_dir}/shared"
-startTimeout = 120
-stopTimeout = 30
-[qemu]
-accel = "tcg"
-[vms.{VM}]
-hypervisor = "qemu"
-memory = 512
-cpus = 1
-"""
-    )
+    path.write_text(desktop_config(host_user.pw_name, state_dir, run_dir, VM))
     yield path
     vmsilo(path, "stop", VM)
     shutil.rmtree(run_dir, ignore_errors=True)
