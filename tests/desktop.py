@@ -61,7 +61,14 @@ class Desktop:
 
     def argv(self, *args: str) -> list[str]:
         u = self.user
-        return ["setpriv", f"--reuid={u.pw_uid}", f"--regid={u.pw_gid}", "--clear-groups", "--", *args]
+        return [
+            "setpriv",
+            f"--reuid={u.pw_uid}",
+            f"--regid={u.pw_gid}",
+            "--clear-groups",
+            "--",
+            *args,
+        ]
 
     def popen(self, *args: str, display: str | None = None, **kw: Any) -> subprocess.Popen[bytes]:
         return subprocess.Popen(self.argv(*args), env=self.env(display), **kw)
@@ -158,7 +165,9 @@ class SwayIpc:
         self.sock.sendall(IPC_MAGIC + struct.pack("=II", len(data), kind) + data)
         return self.read()[1]
 
-    def wait_window(self, match: Callable[[dict[str, Any]], bool], timeout: float = 30) -> dict[str, Any]:
+    def wait_window(
+        self, match: Callable[[dict[str, Any]], bool], timeout: float = 30, change: str = ""
+    ) -> dict[str, Any]:
         """After :meth:`request` (SUBSCRIBE, '["window"]'): the first window event whose
         container ``match`` accepts."""
         deadline = time.monotonic() + timeout
@@ -166,6 +175,8 @@ class SwayIpc:
             self.sock.settimeout(max(0.1, deadline - time.monotonic()))
             kind, event = self.read()
             container = event.get("container") if isinstance(event, dict) else None
+            if change and event.get("change") != change:
+                continue
             if container and match(container):
                 return dict(container)
 
@@ -200,7 +211,10 @@ class Ppm:
         return cls(w, h, data[pos + 1 : pos + 1 + 3 * w * h])
 
     def crop(self, x: int, y: int, w: int, h: int) -> Ppm:
-        rows = [self.pixels[((y + r) * self.width + x) * 3 : ((y + r) * self.width + x + w) * 3] for r in range(h)]
+        rows = [
+            self.pixels[((y + r) * self.width + x) * 3 : ((y + r) * self.width + x + w) * 3]
+            for r in range(h)
+        ]
         return Ppm(w, h, b"".join(rows))
 
     def colours(self) -> dict[bytes, int]:
