@@ -173,7 +173,7 @@ class SwayIpc:
         deadline = time.monotonic() + timeout
         while True:
             self.sock.settimeout(max(0.1, deadline - time.monotonic()))
-            kind, event = self.read()
+            _kind, event = self.read()
             container = event.get("container") if isinstance(event, dict) else None
             if change and event.get("change") != change:
                 continue

@@ -14,14 +14,16 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from desktop import SUBSCRIBE, Desktop, Proxy, desktop, missing_tools
 
+from desktop import SUBSCRIBE, Desktop, Proxy, desktop, missing_tools
 from vmsilo.wayland.policy import FORBIDDEN_GLOBALS
 
 DN = subprocess.DEVNULL
 #: wtype's first key reaches the window before its new keymap does and is lost (wtype 0.4):
 #: lead with a key that types nothing.
 TYPE = ("wtype", "-k", "Shift_L")
+#: rows of the window that hold the first line of foot's text at size 16
+FIRST_LINE_PX = 18
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +98,8 @@ def shot_of(desk: Desktop, term: Terminal, win: dict, typed: str) -> bytes:
     assert p.returncode == 0, p.stderr
     assert term.read_typed() == typed
     r = win["rect"]
-    return desk.screenshot().crop(r["x"], r["y"], r["width"], r["height"]).pixels
+    # the first text line only: the echo of what was typed may still be on its way to the screen
+    return desk.screenshot().crop(r["x"], r["y"], r["width"], FIRST_LINE_PX).pixels
 
 
 def close_window(desk: Desktop, term: Terminal) -> None:
@@ -125,7 +128,7 @@ def test_window_labelled_typed_into_and_drawn_as_without_the_filter(
         colours[filtered[i : i + 3]] = colours.get(filtered[i : i + 3], 0) + 1
     background = max(colours, key=lambda c: colours[c])
     ink = len(filtered) // 3 - colours[background]
-    assert ink > 200, "the text is not drawn"
+    assert ink > 100, "the text is not drawn"
     assert filtered == reference, "the window differs from the same program without the filter"
 
 
@@ -189,8 +192,8 @@ def test_two_vms_each_label_their_own_window(desk: Desktop) -> None:
     work = desk.start_proxy("work", "green")
     bank = desk.start_proxy("banking", "red")
     try:
-        t1, w1 = open_window(desk, work.listen, "one", "1", "vmsilo:work:green")
-        t2, w2 = open_window(desk, bank.listen, "two", "2", "vmsilo:banking:red")
+        t1, _w1 = open_window(desk, work.listen, "one", "1", "vmsilo:work:green")
+        t2, _w2 = open_window(desk, bank.listen, "two", "2", "vmsilo:banking:red")
         names = {w["app_id"]: w["name"] for w in desk.tree_windows()}
         assert names == {"vmsilo:work:green": "[work] one", "vmsilo:banking:red": "[banking] two"}
         t1.close()
@@ -217,7 +220,7 @@ def _closed_by_proxy(s: socket.socket) -> bool:
 
 
 def test_fuzzed_clients_lose_only_their_own_connection(desk: Desktop, work: Proxy) -> None:
-    term, win = open_window(desk, work.listen, "keeper", "still here", "vmsilo:work:green")
+    term, _win = open_window(desk, work.listen, "keeper", "still here", "vmsilo:work:green")
     rng = random.Random(11)
     bad = [
         rng.randbytes(4096),  # noise
@@ -228,7 +231,7 @@ def test_fuzzed_clients_lose_only_their_own_connection(desk: Desktop, work: Prox
         struct.pack("=III", 1, 12 << 16 | 1, 0xFF000005),  # get_registry with a server id
         struct.pack("=IIII", 1, 16 << 16 | 1, 2, 9),  # bytes past the message's args
     ]
-    for i in range(20):  # valid headers on random objects and opcodes, random bodies
+    for _i in range(20):  # valid headers on random objects and opcodes, random bodies
         n = rng.randrange(0, 12) * 4
         bad.append(
             struct.pack("=II", rng.choice([1, 2, 3]), (8 + n) << 16 | rng.randrange(4))
