@@ -12,10 +12,12 @@ import socket
 import struct
 import subprocess
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
-from desktop import SUBSCRIBE, Desktop, Proxy, desktop, missing_tools
+from desktop import RUN_COMMAND, SUBSCRIBE, Desktop, Proxy, desktop, missing_tools
 from vmsilo.wayland.policy import FORBIDDEN_GLOBALS
 
 DN = subprocess.DEVNULL
@@ -53,7 +55,8 @@ class Terminal:
         os.mkfifo(self.fifo, 0o600)
         os.chown(self.fifo, desk.user.pw_uid, desk.user.pw_gid)
         script = (
-            f'printf "%s" "{text}"; read line; printf "%s\\n" "$line" > {self.fifo}; exec sleep 600'
+            f'printf "%s\\n" "{text}"; read line; printf "%s\\n" "$line" > {self.fifo};'
+            " exec sleep 600"
         )
         self.proc = desk.popen(
             "foot",
@@ -271,3 +274,21 @@ def test_missing_compositor_is_a_clear_error(desk: Desktop) -> None:
         assert b"no Wayland compositor" in r.stderr, r.stderr
     finally:
         p.stop()
+
+
+def test_sway_rules_accepted_and_applied_to_filtered_windows(desk: Desktop, work: Proxy) -> None:
+    from vmsilo.host.desktop_rules import BORDER_PX, render_sway
+    from vmsilo.plan.model import Plan
+
+    plan = SimpleNamespace(vms={"work": SimpleNamespace(name="work", color="green")})
+    rules = render_sway(cast(Plan, plan))
+    commands = [line for line in rules.splitlines() if line and not line.startswith("#")]
+    assert commands and "#008000" in commands[0]
+    with desk.ipc() as ipc:
+        for command in commands:  # sway's own parser: every rule is accepted
+            assert ipc.request(RUN_COMMAND, command) == [{"success": True}], command
+    term, opened = open_window(desk, work.listen, "ruled", "x", "vmsilo:work:green")
+    shot_of(desk, term, opened, "mapped")  # a round trip through sway after the map
+    win = next(w for w in desk.tree_windows() if w["id"] == opened["id"])
+    assert win["border"] == "pixel" and win["current_border_width"] == BORDER_PX
+    close_window(desk, term)

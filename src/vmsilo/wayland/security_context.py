@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from vmsilo.wayland.policy import SANDBOX_ENGINE, Labels
 from vmsilo.wayland.protocol import Interface
-from vmsilo.wayland.wire import NewId, Value, decode, encode, header
+from vmsilo.wayland.wire import NewId, Value, WireError, decode, encode, header
 
 MANAGER = "wp_security_context_manager_v1"
 TIMEOUT_S = 5.0
@@ -52,7 +52,7 @@ class SecurityContext:
             try:
                 self._setup(upstream)
                 self.probed = True
-            except OSError as e:
+            except (OSError, WireError) as e:
                 self.log(f"{self.labels.vm}: security context not set up yet: {e}")
         return self.path if self.active else upstream
 
