@@ -27,6 +27,7 @@ LEVELS: dict[str, int] = {
     "channel": 0,  # the framed protocol: stdlib-only, spoken by host and guest alike
     "host": 3,
     "image": 3,  # host-side image building (moving out of guest/)
+    "wayland": 3,  # the Wayland filter: host-side, run as the desktop user
     "backends": 4,
     "supervisor": 5,
     "lifecycle": 6,

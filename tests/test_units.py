@@ -145,6 +145,13 @@ def test_rendering_is_a_pure_function_of_the_plan() -> None:
         TMPFILES_PATH,
         "etc/polkit-1/rules.d/50-vmsilo.rules",
         "etc/bash_completion.d/vmsilo",
+        # SPEC §9.1: the compositor rules marking each VM's windows
+        "etc/sway/config.d/vmsilo.conf",
+        "etc/xdg/kwinrulesrc",
+        *(
+            f"usr/share/color-schemes/vmsilo-{vm}.colors"
+            for vm in ("netvm", "work", "banking", "direct", "offline")
+        ),
     }
 
 

@@ -1,4 +1,5 @@
-"""``vmsilo install`` / ``vmsilo uninstall`` and the hidden ``vmsilo _complete`` helper."""
+"""``vmsilo install`` / ``vmsilo uninstall``, ``vmsilo desktop rules`` (what install writes for
+the compositor) and the hidden ``vmsilo _complete`` helper."""
 
 from __future__ import annotations
 
@@ -26,6 +27,19 @@ def register(sub: Any) -> None:
     p = sub.add_parser("uninstall", help="remove everything `vmsilo install` installed")
     p.add_argument("--root", default="/", metavar="DIR", help="the root installed into")
     p.set_defaults(handler=cmd_uninstall)
+
+    p = sub.add_parser("desktop", help="desktop integration (compositor rules)")
+    dsub = p.add_subparsers(dest="desktop_cmd", required=True)
+    p = dsub.add_parser(
+        "rules",
+        help="print the compositor rules marking each VM's windows in its colour",
+        description="The rules `vmsilo install` writes (SPEC §9.1): a sway include"
+        " (etc/sway/config.d/vmsilo.conf) or a KWin kwinrulesrc.",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--sway", dest="compositor", action="store_const", const="sway")
+    which.add_argument("--kwin", dest="compositor", action="store_const", const="kwin")
+    p.set_defaults(handler=cmd_desktop_rules)
 
     # no help=: a sub-parser added without one is not listed in `vmsilo --help` at all
     # (help=argparse.SUPPRESS would list it as "_complete ==SUPPRESS==")
@@ -60,6 +74,22 @@ def cmd_install(
         f" {len(report.removed)} removed)",
         file=out,
     )
+    return 0
+
+
+def cmd_desktop_rules(
+    args: argparse.Namespace,
+    *,
+    out: TextIO,
+    err: TextIO,
+    users: UserLookup | None,
+    app: App | None,
+) -> int:
+    from vmsilo.host.desktop_rules import render_kwin, render_sway
+
+    loaded = load(args.config, users, cache=True)
+    render = render_sway if args.compositor == "sway" else render_kwin
+    out.write(render(loaded.plan, str(loaded.path.resolve())))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Host integration files rendered from the plan (SPEC §5): units, tmpfiles, polkit, completion.
+"""Host integration files rendered from the plan (SPEC §5): units, tmpfiles, polkit, completion,
+and the compositor rules of SPEC §9.1 (:mod:`vmsilo.host.desktop_rules`).
 
 :func:`render_host_files` is a pure function of the plan, the entry-point argv and the config
 path: ``{path relative to the root: text}``. ``vmsilo install`` writes exactly that set, so the
@@ -17,6 +18,7 @@ import shlex
 from collections.abc import Sequence
 
 from vmsilo.errors import VmsiloError
+from vmsilo.host.desktop_rules import render_desktop_files
 from vmsilo.plan.model import Plan, VmPlan
 
 SYSTEMD_DIR = "etc/systemd/system"
@@ -387,6 +389,7 @@ def render_host_files(plan: Plan, exe: Sequence[str], config: str) -> dict[str, 
     files[TMPFILES_PATH] = render_tmpfiles(plan)
     files[POLKIT_PATH] = render_polkit(plan)
     files[COMPLETION_PATH] = render_completion(exe)
+    files.update(render_desktop_files(plan, config))
     return files
 
 

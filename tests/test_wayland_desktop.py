@@ -1,0 +1,294 @@
+"""The Wayland filter against a real compositor (SPEC §9.1): a headless sway run as a throw-away
+account, real clients on the host connected through the filter (``WAYLAND_DISPLAY`` = the
+filter socket), looked at through sway's IPC tree and grim screenshots.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import random
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import cast
+
+import pytest
+
+from desktop import RUN_COMMAND, SUBSCRIBE, Desktop, Proxy, desktop, missing_tools
+from vmsilo.wayland.policy import FORBIDDEN_GLOBALS
+
+DN = subprocess.DEVNULL
+#: wtype's first key reaches the window before its new keymap does and is lost (wtype 0.4):
+#: lead with a key that types nothing.
+TYPE = ("wtype", "-k", "Shift_L")
+#: rows of the window that hold the first line of foot's text at size 16
+FIRST_LINE_PX = 18
+
+
+@pytest.fixture(scope="module")
+def desk(
+    host_user: pwd.struct_passwd, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Desktop]:
+    if missing_tools():
+        pytest.fail(f"missing {missing_tools()} (make test installs them)")
+    with desktop(host_user, tmp_path_factory.mktemp("sway")) as d:
+        yield d
+
+
+@pytest.fixture
+def work(desk: Desktop) -> Iterator[Proxy]:
+    p = desk.start_proxy("work", "green")
+    yield p
+    p.stop()
+
+
+class Terminal:
+    """``foot`` printing ``text``, then writing the line it reads to a FIFO the test reads."""
+
+    def __init__(self, desk: Desktop, display: str | None, title: str, text: str) -> None:
+        self.fifo = desk.runtime / f"typed-{title}"
+        if self.fifo.exists():
+            self.fifo.unlink()
+        os.mkfifo(self.fifo, 0o600)
+        os.chown(self.fifo, desk.user.pw_uid, desk.user.pw_gid)
+        script = (
+            f'printf "%s\\n" "{text}"; read line; printf "%s\\n" "$line" > {self.fifo};'
+            " exec sleep 600"
+        )
+        self.proc = desk.popen(
+            "foot",
+            "-T",
+            title,
+            "-o",
+            "font=monospace:size=16",
+            "sh",
+            "-c",
+            script,
+            display=display,
+            stdout=DN,
+            stderr=DN,
+        )
+
+    def read_typed(self) -> str:
+        with open(self.fifo) as f:  # blocks until the shell writes
+            return f.readline().strip()
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+def open_window(
+    desk: Desktop, display: str | None, title: str, text: str, app_id: str
+) -> tuple[Terminal, dict]:
+    with desk.ipc() as ipc:
+        assert ipc.request(SUBSCRIBE, '["window"]')["success"]
+        term = Terminal(desk, display, title, text)
+        win = ipc.wait_window(
+            lambda c: c.get("app_id") == app_id and title in (c.get("name") or "") and c["focused"],
+            change="focus",
+        )
+    return term, win
+
+
+def shot_of(desk: Desktop, term: Terminal, win: dict, typed: str) -> bytes:
+    """Type ``typed`` + Return into the focused window, wait for the program to read it, then
+    the window's pixels."""
+    p = desk.run(*TYPE, typed, "-k", "Return")
+    assert p.returncode == 0, p.stderr
+    assert term.read_typed() == typed
+    r = win["rect"]
+    # the first text line only: the echo of what was typed may still be on its way to the screen
+    return desk.screenshot().crop(r["x"], r["y"], r["width"], FIRST_LINE_PX).pixels
+
+
+def close_window(desk: Desktop, term: Terminal) -> None:
+    with desk.ipc() as ipc:
+        assert ipc.request(SUBSCRIBE, '["window"]')["success"]
+        term.close()
+        ipc.wait_window(lambda c: True)  # the close event
+
+
+def test_window_labelled_typed_into_and_drawn_as_without_the_filter(
+    desk: Desktop, work: Proxy
+) -> None:
+    text = "HELLO-FROM-WORK"
+    # reference: the same program straight on the compositor
+    direct, win = open_window(desk, None, "ref", text, "foot")
+    reference = shot_of(desk, direct, win, "typed-by-host")
+    close_window(desk, direct)
+
+    term, win = open_window(desk, work.listen, "ref", text, "vmsilo:work:green")
+    assert win["app_id"] == "vmsilo:work:green"
+    assert win["name"] == "[work] ref"
+    filtered = shot_of(desk, term, win, "typed-by-host")  # wtype on the host reached it
+    close_window(desk, term)
+    colours: dict[bytes, int] = {}
+    for i in range(0, len(filtered), 3):
+        colours[filtered[i : i + 3]] = colours.get(filtered[i : i + 3], 0) + 1
+    background = max(colours, key=lambda c: colours[c])
+    ink = len(filtered) // 3 - colours[background]
+    assert ink > 100, "the text is not drawn"
+    assert filtered == reference, "the window differs from the same program without the filter"
+
+
+def test_globals_through_the_filter(desk: Desktop, work: Proxy) -> None:
+    def interfaces(display: str | None) -> set[str]:
+        p = desk.run("wayland-info", display=display)
+        assert p.returncode == 0, p.stderr
+        return {
+            line.split("'")[1]
+            for line in p.stdout.decode().splitlines()
+            if line.startswith("interface: '")
+        }
+
+    direct = interfaces(None)
+    assert direct & FORBIDDEN_GLOBALS, "sway offers none of them: the test proves nothing"
+    seen = interfaces(work.listen)
+    assert "xdg_wm_base" in seen and "wl_compositor" in seen
+    assert not seen & FORBIDDEN_GLOBALS, seen & FORBIDDEN_GLOBALS
+
+
+def test_selections_do_not_cross(desk: Desktop, work: Proxy) -> None:
+    # a keyboard on the seat (wl-copy/wl-paste through a data device need one)
+    kb = desk.popen("wtype", "-s", "600000", "-k", "Shift_L", stdout=DN, stderr=DN)
+    try:
+        assert desk.popen("wl-copy", "HOST-SECRET", stdout=DN, stderr=DN).wait(timeout=30) == 0
+        assert desk.run("wl-paste").stdout == b"HOST-SECRET\n"  # the host reads its own
+        # the VM sets a selection: it reaches the point of asking, and the host never sees it
+        env = desk.env(work.listen, WAYLAND_DEBUG="1")
+        copy = subprocess.Popen(
+            desk.argv("wl-copy", "--foreground", "VM-SECRET"),
+            env=env,
+            stdout=DN,
+            stderr=subprocess.PIPE,
+        )
+        assert copy.stderr is not None
+        assert any(b"set_selection" in line for line in copy.stderr), "wl-copy never asked"
+        copy.kill()
+        copy.wait()
+        assert desk.run("wl-paste").stdout == b"HOST-SECRET\n"
+        # the VM asks for the host's selection: it gets focus (keyboard enter) and no offer
+        paste = subprocess.Popen(
+            desk.argv("wl-paste"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert paste.stderr is not None
+        debug = []
+        for line in paste.stderr:
+            debug.append(line)
+            if b"wl_keyboard@" in line and b".modifiers(" in line:
+                break
+        paste.kill()
+        out, _ = paste.communicate(timeout=10)
+        assert b"HOST-SECRET" not in out
+        assert not [d for d in debug if b"wl_data_offer" in d or b".selection(" in d], debug
+        assert any(b".enter(" in d for d in debug), "the test never got focus: it proves nothing"
+    finally:
+        kb.kill()
+        kb.wait()
+
+
+def test_two_vms_each_label_their_own_window(desk: Desktop) -> None:
+    work = desk.start_proxy("work", "green")
+    bank = desk.start_proxy("banking", "red")
+    try:
+        t1, _w1 = open_window(desk, work.listen, "one", "1", "vmsilo:work:green")
+        t2, _w2 = open_window(desk, bank.listen, "two", "2", "vmsilo:banking:red")
+        names = {w["app_id"]: w["name"] for w in desk.tree_windows()}
+        assert names == {"vmsilo:work:green": "[work] one", "vmsilo:banking:red": "[banking] two"}
+        t1.close()
+        t2.close()
+    finally:
+        work.stop()
+        bank.stop()
+
+
+def _raw(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    return s
+
+
+def _closed_by_proxy(s: socket.socket) -> bool:
+    try:
+        while s.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_fuzzed_clients_lose_only_their_own_connection(desk: Desktop, work: Proxy) -> None:
+    term, _win = open_window(desk, work.listen, "keeper", "still here", "vmsilo:work:green")
+    rng = random.Random(11)
+    bad = [
+        rng.randbytes(4096),  # noise
+        struct.pack("=II", 1, 12 << 16 | 1) + b"\0\0",  # truncated, then hang up
+        struct.pack("=II", 1, 0xFFFF << 16 | 0) + bytes(64),  # oversized
+        struct.pack("=II", 77, 8 << 16 | 0),  # unknown object
+        struct.pack("=II", 1, 8 << 16 | 9),  # opcode out of range
+        struct.pack("=III", 1, 12 << 16 | 1, 0xFF000005),  # get_registry with a server id
+        struct.pack("=IIII", 1, 16 << 16 | 1, 2, 9),  # bytes past the message's args
+    ]
+    for _i in range(20):  # valid headers on random objects and opcodes, random bodies
+        n = rng.randrange(0, 12) * 4
+        bad.append(
+            struct.pack("=II", rng.choice([1, 2, 3]), (8 + n) << 16 | rng.randrange(4))
+            + rng.randbytes(n)
+        )
+    for payload in bad:
+        s = _raw(work.listen)
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        assert _closed_by_proxy(s)
+        s.close()
+    # fds it should not send: a pile of them with a harmless sync
+    s = _raw(work.listen)
+    r, w = os.pipe()
+    sync = struct.pack("=III", 1, 12 << 16 | 0, 2)
+    s.sendmsg(
+        [sync], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("=" + "i" * 40, *[r] * 40))]
+    )
+    assert _closed_by_proxy(s)
+    os.close(r)
+    os.close(w)
+    s.close()
+    assert work.proc.poll() is None, "the proxy died"
+    p = desk.run("wayland-info", display=work.listen)
+    assert p.returncode == 0 and b"xdg_wm_base" in p.stdout
+    assert any(w["name"] == "[work] keeper" for w in desk.tree_windows())
+    assert desk.run(*TYPE, "after-fuzz", "-k", "Return").returncode == 0
+    assert term.read_typed() == "after-fuzz"
+    term.close()
+    assert "client closed" in work.stop()
+
+
+def test_missing_compositor_is_a_clear_error(desk: Desktop) -> None:
+    p = desk.start_proxy("work", "green", upstream=f"{desk.runtime}/no-such-wayland")
+    try:
+        r = desk.run("wayland-info", display=p.listen)  # exits 0 even then
+        assert b"no Wayland compositor" in r.stderr, r.stderr
+    finally:
+        p.stop()
+
+
+def test_sway_rules_accepted_and_applied_to_filtered_windows(desk: Desktop, work: Proxy) -> None:
+    from vmsilo.host.desktop_rules import BORDER_PX, render_sway
+    from vmsilo.plan.model import Plan
+
+    plan = SimpleNamespace(vms={"work": SimpleNamespace(name="work", color="green")})
+    rules = render_sway(cast(Plan, plan))
+    commands = [line for line in rules.splitlines() if line and not line.startswith("#")]
+    assert commands and "#008000" in commands[0]
+    with desk.ipc() as ipc:
+        for command in commands:  # sway's own parser: every rule is accepted
+            assert ipc.request(RUN_COMMAND, command) == [{"success": True}], command
+    term, opened = open_window(desk, work.listen, "ruled", "x", "vmsilo:work:green")
+    shot_of(desk, term, opened, "mapped")  # a round trip through sway after the map
+    win = next(w for w in desk.tree_windows() if w["id"] == opened["id"])
+    assert win["border"] == "pixel" and win["current_border_width"] == BORDER_PX
+    close_window(desk, term)
