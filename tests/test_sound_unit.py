@@ -155,3 +155,35 @@ def test_status_says_why_sound_is_unavailable() -> None:
     assert sound_text(plan.vms["dflt"], recorded, SoundFacts()) == (
         "unavailable: vhost-device-sound not found"
     )
+
+
+def test_guest_finds_its_sound_card_by_bus(tmp_path: Path) -> None:
+    from vmsilo.guest.sound import sound_modules
+
+    pci = tmp_path / "bus" / "pci" / "devices"
+    for name, cls in (("0000:00:01.0", "0x020000"), ("0000:00:02.0", "0x040300")):
+        (pci / name).mkdir(parents=True)
+        (pci / name / "class").write_text(cls + "\n")
+    assert sound_modules(str(tmp_path)) == ("snd_hda_intel", "snd_hda_codec_generic")
+    (pci / "0000:00:02.0" / "class").write_text("0x010000\n")
+    assert sound_modules(str(tmp_path)) == ()
+    virtio = tmp_path / "bus" / "virtio" / "devices" / "virtio3"
+    virtio.mkdir(parents=True)
+    (virtio / "device").write_text("0x0019\n")
+    assert sound_modules(str(tmp_path)) == ("virtio_snd",)
+
+
+def test_guest_pulse_script_has_an_input_only_with_a_capture_pcm() -> None:
+    from vmsilo.guest.sound import SERVER_SOCKET, parse_uevent, pulse_script
+
+    out = pulse_script(capture=False)
+    assert "module-alsa-sink device=hw:0,0" in out and "alsa-source" not in out
+    assert "set-sink-volume vmsilo_out 65536" in out  # volume 1.0
+    assert f"socket={SERVER_SOCKET}" in out
+    both = pulse_script(capture=True)
+    assert "module-alsa-source device=hw:0,0" in both
+    assert "set-source-volume vmsilo_in 65536" in both
+    ev = parse_uevent(
+        b"add@/devices/x/sound/card0/pcmC0D0p\0ACTION=add\0SUBSYSTEM=sound\0DEVNAME=snd/pcmC0D0p\0"
+    )
+    assert ev == {"ACTION": "add", "SUBSYSTEM": "sound", "DEVNAME": "snd/pcmC0D0p"}
