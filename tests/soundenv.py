@@ -71,6 +71,7 @@ def sox_stat(path: Path) -> Stat:
 
 def assert_tone(stat: Stat, what: str) -> None:
     """Clearly above silence, and 440 Hz within ±10 %."""
+    print(f"[sound] {what}: RMS {stat.rms:.3f}, rough frequency {stat.freq:.0f} Hz")
     assert stat.rms > 0.02, f"{what}: RMS {stat.rms} (silence)"
     assert abs(stat.freq - 440) <= 44, f"{what}: dominant frequency {stat.freq} Hz"
 

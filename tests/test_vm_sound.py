@@ -143,7 +143,7 @@ def test_playback_reaches_the_host_sink(snd: Sound) -> None:
     assert argv.returncode == 0, argv.stderr
     words = json.loads(argv.stdout)
     assert f"pa,id=snd0,server=unix:{snd.pulse.runtime}/pulse/native" in words
-    assert "hda-output,bus=hda0.0,audiodev=snd0" in words
+    assert "hda-output,bus=hda0.0,audiodev=snd0,mixer=off" in words
     assert snd.status("play")["sound"] == "playback"
     guest_tone(snd, "play", "/tmp/tone.wav", 3)
     # ALSA: the default device is the guest's PulseAudio
@@ -221,7 +221,7 @@ def test_host_audio_server_going_away(snd: Sound) -> None:
     snd.stop("play")
     snd.start("play")
     argv = json.loads(snd.setup.as_root("vmsilo", "argv", "play").stdout)
-    assert "none,id=snd0" in argv and "hda-output,bus=hda0.0,audiodev=snd0" in argv
+    assert "none,id=snd0" in argv and "hda-output,bus=hda0.0,audiodev=snd0,mixer=off" in argv
     assert snd.status("play")["sound"].startswith("unavailable: no audio server at")
     listed = snd.run("play", "aplay", "-l")
     assert "card 0" in listed.stdout, listed.stdout + listed.stderr

@@ -160,7 +160,10 @@ def sound_args(plan: Plan, vm: VmPlan, *, audio_server: bool) -> list[str]:
     """The sound card (SPEC §9.2): an Intel HDA controller with an output-only codec
     (``hda-output``: the guest has no capture device at all) or, with capture, a duplex one.
 
-    Last on the command line, so that the card never shifts another device's PCI slot; and
+    ``mixer=off``: the codec has no amplifier controls, so a guest mixer left at its boot
+    default (muted, 0 %: no alsactl restores it) cannot silence the stream QEMU opens on the
+    host; the guest's PulseAudio scales in software, the host's mixer is where the user turns
+    it down. Last on the command line, so that the card never shifts another device's PCI slot; and
     the same devices with or without the audio server, so a saved state stays valid. The
     user's cookie reaches QEMU's PulseAudio client through ``PULSE_COOKIE`` (see
     :class:`vmsilo.backends.qemu_backend.QemuVmm`): ``-audiodev pa`` has no option for it."""
@@ -178,5 +181,5 @@ def sound_args(plan: Plan, vm: VmPlan, *, audio_server: bool) -> list[str]:
         "-device",
         "intel-hda,id=hda0",
         "-device",
-        f"{codec},bus=hda0.0,audiodev={AUDIODEV}",
+        f"{codec},bus=hda0.0,audiodev={AUDIODEV},mixer=off",
     ]

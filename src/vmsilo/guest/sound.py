@@ -9,7 +9,8 @@ virtio buses (an Intel HDA controller under QEMU, virtio-snd under crosvm) and t
 No udev runs in the guest, so devtmpfs creates ``/dev/snd/*`` as root 0600 and nothing hands
 them to the user. The helper therefore listens to the kernel's uevents (bound before the
 driver is loaded: no event is missed), hands each sound node to the VM user as it appears,
-and starts PulseAudio once the card's first PCM exists — woken by the kernel, never polling.
+and starts PulseAudio once the card is complete (its control device, which ALSA registers after
+the card's PCMs) — woken by the kernel, never polling.
 It stays PulseAudio's parent, handing on nodes that come later, until PulseAudio exits.
 
 The server's socket is bound by PID 1 before the agent says hello (:func:`bind_server`), and
@@ -47,6 +48,7 @@ CARD_TIMEOUT = 60.0
 
 NETLINK_KOBJECT_UEVENT = 15
 PULSEAUDIO = "/usr/bin/pulseaudio"
+CONTROL_NODE = "/dev/snd/controlC0"
 
 
 def _read(path: str) -> str:
@@ -105,6 +107,7 @@ def pulse_argv(script: str) -> list[str]:
         "--realtime=no",
         "--high-priority=no",
         "--log-target=stderr",
+        "--log-level=error",  # not its D-Bus warnings: the guest has no session bus
         "--resample-method=trivial",
         "-n",
         "-F",
@@ -182,6 +185,7 @@ def _events(sock: socket.socket, deadline: float | None) -> Iterator[dict[str, s
 
 def _drain(sock: socket.socket) -> Iterator[dict[str, str]]:
     """The sound uevents already queued (without waiting for more)."""
+    sock.setblocking(False)  # MSG_DONTWAIT alone would still wait out a socket timeout
     while True:
         try:
             data = sock.recv(1 << 16, socket.MSG_DONTWAIT)
@@ -231,18 +235,22 @@ def main(uid: int, gid: int, server_fd: int, modules: Sequence[str]) -> int:
     for node in _existing_nodes():
         _give(node, uid, gid)
     deadline = time.monotonic() + CARD_TIMEOUT
-    if not os.path.exists("/dev/snd/pcmC0D0p"):
+    # ALSA registers a card's control device after all its others (PCMs, hwdep): once
+    # controlC0 exists, the card is complete and what it has (a capture PCM or not) is known
+    if not os.path.exists(CONTROL_NODE):
         for ev in _events(uevents, deadline):
             if "DEVNAME" in ev:
                 _give(f"/dev/{ev['DEVNAME']}", uid, gid)
-            if ev.get("DEVNAME") == "snd/pcmC0D0p":
+            if ev.get("DEVNAME") == CONTROL_NODE.removeprefix("/dev/"):
                 break
         else:
             _log(f"no sound card appeared within {CARD_TIMEOUT:.0f} s ({', '.join(modules)})")
             return 1
-    for ev in _drain(uevents):  # the capture PCM is registered right after the playback one
-        if "DEVNAME" in ev:
-            _give(f"/dev/{ev['DEVNAME']}", uid, gid)
+    for node in _existing_nodes():  # those that came before we listened, or between
+        _give(node, uid, gid)
+    if not os.path.exists("/dev/snd/pcmC0D0p"):
+        _log("the sound card has no playback device")
+        return 1
     capture = os.path.exists("/dev/snd/pcmC0D0c")
     script = f"{RUN_DIR}/vmsilo.pa"
     with open(script, "w") as f:
