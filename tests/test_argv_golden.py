@@ -195,9 +195,22 @@ def test_every_option_netvm_side() -> None:
     assert netvm.netvm_clients == ("work",)
 
 
-def test_vmsilo_argv_cli_matches_library() -> None:
-    got = run_vmsilo_json(["-c", str(EVERY), "argv", "work"])
+def test_vmsilo_argv_cli_matches_library(tmp_path: Path) -> None:
+    """`vmsilo argv` reads the host like the supervisor: with the sound daemon present it is
+    the golden argv; without it (SPEC §9.2) the same argv without the sound device."""
+    daemon = tmp_path / "vhost-device-sound"
+    daemon.write_text("#!/bin/sh\n")
+    daemon.chmod(0o755)
+    config = tmp_path / "every-option.toml"
+    text = EVERY.read_text()
+    assert '"/opt/bin/vhost-device-sound"' in text
+    config.write_text(text.replace('"/opt/bin/vhost-device-sound"', f'"{daemon}"'))
+    got = run_vmsilo_json(["-c", str(config), "argv", "work"])
     assert got == EXPECTED_UPSTREAM
+    daemon.unlink()
+    got = run_vmsilo_json(["-c", str(config), "argv", "work"])
+    at = EXPECTED_UPSTREAM.index("type=sound,socket=/run/vms/work-sound.socket")
+    assert got == EXPECTED_UPSTREAM[: at - 1] + EXPECTED_UPSTREAM[at + 1 :]
 
 
 def test_spec_examples() -> None:
@@ -293,7 +306,11 @@ def test_render_launcher_quotes_every_word(tmp_path: Path, flavor: str) -> None:
     import subprocess
 
     cfg = tmp_path / "c.toml"
-    cfg.write_text(EVERY.read_text().replace('flavor = "upstream"', f'flavor = "{flavor}"'))
+    daemon = tmp_path / "vhost-device-sound"  # upstream: the sound daemon must exist
+    daemon.write_text("#!/bin/sh\n")
+    daemon.chmod(0o755)
+    text = EVERY.read_text().replace('flavor = "upstream"', f'flavor = "{flavor}"')
+    cfg.write_text(text.replace('"/opt/bin/vhost-device-sound"', f'"{daemon}"'))
     out = tmp_path / "launch.sh"
     status, _, err = run_vmsilo(["-c", str(cfg), "render-launcher", "work", "-o", str(out)])
     assert status == 0, err

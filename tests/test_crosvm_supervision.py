@@ -33,6 +33,7 @@ from fakevm import FakeInstall
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 FAKE_CROSVM = Path(__file__).resolve().parent / "fake_crosvm"
+FAKE_SOUND = Path(__file__).resolve().parent / "fake_vhost_device_sound"
 VM = "cv"
 EVENT_TIMEOUT = 30.0
 LOCK_TIMEOUT = 30
@@ -117,7 +118,15 @@ class CrosvmInstall:
         return self.inst.state_dir / f"{VM}-ephemeral.raw"
 
 
-def make_crosvm_install(root: Path, extra_vm: str = "") -> CrosvmInstall:
+def make_crosvm_install(
+    root: Path,
+    extra_vm: str = "",
+    *,
+    sound: str = "sound = { playback = false }",
+    sound_device: str | Path = FAKE_SOUND,
+) -> CrosvmInstall:
+    """``sound``: the VM's sound line (the crosvm default is on, SPEC §2); ``sound_device``:
+    crosvm.soundDevice (by default the fake vhost-device-sound)."""
     root.mkdir(parents=True, exist_ok=True)
     for name in ("vmlinuz", "initrd.img", "root.img"):
         (root / name).write_bytes(b"fake")
@@ -135,13 +144,14 @@ startTimeout = 30
 [crosvm]
 binary = "{FAKE_CROSVM}"
 flavor = "upstream"
+soundDevice = "{sound_device}"
 
 [vms.{VM}]
 hypervisor = "crosvm"
 memory = 64
 cpus = 1
 gpu = false
-sound = {{ playback = false }}
+{sound}
 sharedHome = false
 kernel = "{root}/vmlinuz"
 initramfs = "{root}/initrd.img"

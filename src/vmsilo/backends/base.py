@@ -25,6 +25,44 @@ from vmsilo.plan.model import Plan, VmPlan
 
 
 @dataclass(frozen=True)
+class SoundFacts:
+    """What a VM's sound gets on this host (SPEC §9.2), read when it starts."""
+
+    #: the guest gets its sound device (False: sound off, or nothing could serve it)
+    device: bool = True
+    #: the host's audio server is reachable (False: a silent backend behind the same device)
+    server: bool = True
+    #: why sound is unavailable, for ``status`` and the supervisor's log (None: it is fine)
+    why: str | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.device and self.server
+
+
+#: A VM without sound.
+NO_SOUND = SoundFacts(device=False, server=False)
+
+
+@dataclass(frozen=True)
+class SoundSidecar:
+    """A vhost-user sound daemon the supervisor runs next to the VMM (crosvm upstream)."""
+
+    binary: str  # as found in PATH
+    backend: str  # its audio backend: "pipewire", or "null" when the desktop has none
+    socket: str  # R/<vm>-sound.socket, bound by the supervisor before the VMM starts
+    #: whom it runs as: the desktop user, whose audio server it talks to
+    uid: int
+    gid: int
+    env: tuple[tuple[str, str], ...] = ()
+
+    def argv(self, fd: int) -> list[str]:
+        from vmsilo.host.sound import sound_device_argv
+
+        return sound_device_argv(self.binary, fd, self.backend)
+
+
+@dataclass(frozen=True)
 class HostFacts:
     """What a VMM's argv depends on besides the plan, read from this host."""
 
@@ -34,6 +72,8 @@ class HostFacts:
     nameservers: tuple[str, ...] = ()
     #: QEMU: the (uid, gid) to drop to once its devices are open (None: we are not root)
     runas: tuple[int, int] | None = None
+    #: the VM's sound on this host (the default: as configured, the audio server there)
+    sound: SoundFacts = SoundFacts()
 
     @property
     def kernel_params(self) -> list[str]:
@@ -73,7 +113,19 @@ class Backend(ABC):
 
     def host_facts(self, plan: Plan, vm: VmPlan, *, probe: bool) -> HostFacts:
         """The host facts :meth:`argv` needs; ``probe`` may run a test boot (else: cached)."""
-        return HostFacts(nameservers=dns_facts(vm))
+        return HostFacts(nameservers=dns_facts(vm), sound=self.sound_facts(plan, vm))
+
+    @abstractmethod
+    def sound_facts(self, plan: Plan, vm: VmPlan) -> SoundFacts:
+        """Whether ``vm``'s sound works on this host now, and why not (reads the host)."""
+
+    def sound_sidecar(self, plan: Plan, vm: VmPlan, facts: HostFacts) -> SoundSidecar | None:
+        """The sound daemon the supervisor must run next to the VMM (None: none needed)."""
+        return None
+
+    def doctor_sound(self, plan: Plan, vms: Sequence[VmPlan]) -> Iterator[Finding]:
+        """The doctor's sound findings for this backend's VMs with sound."""
+        return iter(())
 
     def probe_step(self, plan: Plan, vm: VmPlan) -> str | None:
         """What ``host_facts(probe=True)`` will spend noticeable time on (a start says it on a

@@ -20,8 +20,12 @@ SCHEDULING = {
 }
 
 
-def crosvm_argv(plan: Plan, vm: VmPlan, *, extra_params: Sequence[str] = ()) -> list[str]:
-    """crosvm's argv (SPEC §4); ``extra_params``: kernel parameters from host facts."""
+def crosvm_argv(
+    plan: Plan, vm: VmPlan, *, extra_params: Sequence[str] = (), sound: bool = True
+) -> list[str]:
+    """crosvm's argv (SPEC §4); ``extra_params``: kernel parameters from host facts;
+    ``sound``: whether the host can serve the VM's sound device (SPEC §9.2: without the sound
+    daemon a VM that did not ask for sound by name starts without the device)."""
     vmsilo = plan.crosvm.flavor == "vmsilo"
     p = vm.paths
     argv = [plan.crosvm.binary, f"--log-level={vm.log_level}", "--no-syslog"]
@@ -64,7 +68,7 @@ def crosvm_argv(plan: Plan, vm: VmPlan, *, extra_params: Sequence[str] = ()) -> 
             argv.append(f"--gpu-render-server=path={plan.crosvm.render_server}")
         if gpu.wayland and not vmsilo:
             argv += ["--wayland-sock", gpu.wayland_socket]
-    if vm.sound.playback:
+    if vm.sound.playback and sound:
         if vmsilo:
             argv.append(
                 "--virtio-snd=backend=pulse,"

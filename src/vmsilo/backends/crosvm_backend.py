@@ -7,10 +7,15 @@ crash, 34 guest panic, 36 watchdog).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 from vmsilo.backends import features
-from vmsilo.backends.base import Backend, HostFacts
+from vmsilo.backends.base import NO_SOUND, Backend, HostFacts, SoundFacts, SoundSidecar
 from vmsilo.backends.crosvm import control_argv, crosvm_argv
 from vmsilo.backends.vmm import Vmm, VmmExit
+from vmsilo.errors import VmsiloError
+from vmsilo.host import sound
+from vmsilo.host.findings import Finding
 from vmsilo.plan.model import Plan, VmPlan
 from vmsilo.runcmd import describe_status
 
@@ -63,10 +68,95 @@ class CrosvmBackend(Backend):
         return plan.crosvm.binary
 
     def argv(self, plan: Plan, vm: VmPlan, facts: HostFacts) -> list[str]:
-        return crosvm_argv(plan, vm, extra_params=facts.kernel_params)
+        return crosvm_argv(plan, vm, extra_params=facts.kernel_params, sound=facts.sound.device)
+
+    def sound_facts(self, plan: Plan, vm: VmPlan) -> SoundFacts:
+        """vmsilo flavor: crosvm's own PulseAudio backend, which needs the user's server.
+        Upstream: the ``crosvm.soundDevice`` daemon serves the device; without the daemon
+        there is no device, without a PipeWire server it plays into its null backend."""
+        if not vm.sound.playback:
+            return NO_SOUND
+        if plan.crosvm.flavor == "vmsilo":
+            # the patched crosvm's own PulseAudio client: the device is always there (as the
+            # original module gave it); whether it is heard depends on the user's server
+            socket = sound.pulse_socket(plan.user)
+            if sound.is_socket(socket):
+                return SoundFacts()
+            return SoundFacts(True, False, f"no audio server at {socket}")
+        binary = plan.crosvm.sound_device
+        if sound.find_program(binary) is None:
+            return SoundFacts(
+                False, False, f"{binary} (crosvm.soundDevice) not found: started without sound"
+            )
+        socket = sound.pipewire_socket(plan.user)
+        if not sound.is_socket(socket):
+            return SoundFacts(True, False, f"no PipeWire server at {socket}: the sound is silent")
+        return SoundFacts()
+
+    def sound_sidecar(self, plan: Plan, vm: VmPlan, facts: HostFacts) -> SoundSidecar | None:
+        if plan.crosvm.flavor != "upstream" or not facts.sound.device:
+            return None
+        found = sound.find_program(plan.crosvm.sound_device)
+        if found is None:  # gone since the facts were read: the VMM will fail to connect
+            found = plan.crosvm.sound_device
+        user = plan.user
+        return SoundSidecar(
+            binary=found,
+            backend="pipewire" if facts.sound.server else "null",
+            socket=vm.paths.sound_socket,
+            uid=user.uid,
+            gid=user.gid,
+            env=(("XDG_RUNTIME_DIR", user.runtime_dir), ("PIPEWIRE_RUNTIME_DIR", user.runtime_dir)),
+        )
+
+    def preflight(self, plan: Plan, vm: VmPlan) -> str:
+        """SPEC §9.2: a VM whose config asked for sound by name does not start without the
+        sound daemon; one that only inherited crosvm's default starts without the device."""
+        found = super().preflight(plan, vm)
+        if (
+            vm.sound.playback
+            and vm.sound.explicit
+            and plan.crosvm.flavor == "upstream"
+            and sound.find_program(plan.crosvm.sound_device) is None
+        ):
+            keys = "sound.playback = false"
+            if vm.sound.capture:
+                keys += " and sound.capture = false"
+            raise VmsiloError(
+                f"VM {vm.name}: sound is asked for in the config but the sound daemon"
+                f" {plan.crosvm.sound_device} (crosvm.soundDevice) is not found",
+                f"{sound.SOUND_DEVICE_HINT}; or set {keys} for VM {vm.name}",
+            )
+        return found
+
+    def doctor_sound(self, plan: Plan, vms: Sequence[VmPlan]) -> Iterator[Finding]:
+        names = ", ".join(vm.name for vm in vms)
+        if plan.crosvm.flavor == "upstream":
+            binary = plan.crosvm.sound_device
+            found = sound.find_program(binary)
+            if found is None:
+                explicit = [vm.name for vm in vms if vm.sound.explicit]
+                what = f"not found: crosvm VMs {names} start without sound"
+                if explicit:
+                    what += f"; {', '.join(explicit)} (sound written in the config) cannot start"
+                yield Finding(binary, "fail" if explicit else "warn", what, sound.SOUND_DEVICE_HINT)
+            else:
+                yield Finding(binary, "ok", found)
+            socket = sound.pipewire_socket(plan.user)
+            if not sound.is_socket(socket):
+                yield Finding(
+                    "sound (crosvm)",
+                    "warn",
+                    f"no PipeWire server at {socket}: sound is unavailable (silent) in {names}",
+                    f"log in as {plan.user.name} to a desktop session with PipeWire",
+                )
+        yield Finding("guest kernel (crosvm sound)", "warn", VIRTIO_SND_NOTE.format(vms=names))
 
     def vmm(self, plan: Plan, vm: VmPlan, argv: list[str]) -> Vmm:
         return CrosvmVmm(plan, vm, argv)
+
+
+VIRTIO_SND_NOTE = "{vms}: " + sound.VIRTIO_SND_KERNEL
 
 
 CROSVM = CrosvmBackend()

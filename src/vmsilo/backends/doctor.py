@@ -69,5 +69,14 @@ def check_binaries(plan: Plan) -> Iterator[Finding]:
             yield Finding(binary, "fail", "not found", backend.install_hint)
 
 
+def check_sound(plan: Plan) -> Iterator[Finding]:
+    """Per backend, whether its VMs with sound will be heard (SPEC §9.2); a VM never fails
+    over sound unless its config asked for it and the crosvm sound daemon is missing."""
+    for backend, vms in _in_use(plan).items():
+        with_sound = [vm for vm in vms if vm.sound.playback]
+        if with_sound:
+            yield from backend.doctor_sound(plan, with_sound)
+
+
 #: What ``vmsilo doctor`` passes to :func:`vmsilo.host.doctor.diagnose`.
-VMM_CHECKS = VmmChecks(devices=(check_kvm, check_vsock), programs=(check_binaries,))
+VMM_CHECKS = VmmChecks(devices=(check_kvm, check_vsock), programs=(check_binaries, check_sound))

@@ -40,12 +40,15 @@ def qemu_argv(
     vsock: bool = False,
     extra_params: Sequence[str] = (),
     runas: tuple[int, int] | None = None,
+    audio_server: bool = True,
 ) -> list[str]:
     """QEMU's argv; ``extra_params`` are kernel parameters from host facts (after the plan's).
 
     ``runas``: (uid, gid) QEMU switches to once every device, disk, tap and socket is open
     (``-runas UID:GID``, no passwd entry needed), so a guest that escapes into QEMU is that
-    user, not root."""
+    user, not root. ``audio_server``: whether the desktop's audio server is there (else the
+    same sound devices on ``-audiodev none``: QEMU 7.2 exits at once when ``pa`` cannot
+    connect)."""
     p = vm.paths
     argv = [
         plan.qemu.binary,
@@ -145,4 +148,38 @@ def qemu_argv(
         argv += ["-device", f"vfio-pci,{where}"]
     if vm.gpu is not None and vm.gpu.opengl:
         argv += ["-device", "virtio-gpu-gl-pci", "-display", "egl-headless"]
+    argv += sound_args(plan, vm, audio_server=audio_server)
     return argv
+
+
+#: QEMU's id of the VM's audio backend.
+AUDIODEV = "snd0"
+
+
+def sound_args(plan: Plan, vm: VmPlan, *, audio_server: bool) -> list[str]:
+    """The sound card (SPEC §9.2): an Intel HDA controller with an output-only codec
+    (``hda-output``: the guest has no capture device at all) or, with capture, a duplex one.
+
+    ``mixer=off``: the codec has no amplifier controls, so a guest mixer left at its boot
+    default (muted, 0 %: no alsactl restores it) cannot silence the stream QEMU opens on the
+    host; the guest's PulseAudio scales in software, the host's mixer is where the user turns
+    it down. Last on the command line, so that the card never shifts another device's PCI slot; and
+    the same devices with or without the audio server, so a saved state stays valid. The
+    user's cookie reaches QEMU's PulseAudio client through ``PULSE_COOKIE`` (see
+    :class:`vmsilo.backends.qemu_backend.QemuVmm`): ``-audiodev pa`` has no option for it."""
+    if not vm.sound.playback:
+        return []
+    if audio_server:
+        server = f"unix:{plan.user.runtime_dir}/pulse/native"
+        audiodev = f"pa,id={AUDIODEV},server={q(server)}"
+    else:
+        audiodev = f"none,id={AUDIODEV}"
+    codec = "hda-duplex" if vm.sound.capture else "hda-output"
+    return [
+        "-audiodev",
+        audiodev,
+        "-device",
+        "intel-hda,id=hda0",
+        "-device",
+        f"{codec},bus=hda0.0,audiodev={AUDIODEV},mixer=off",
+    ]

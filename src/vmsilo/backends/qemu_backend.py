@@ -13,10 +13,11 @@ import os
 from collections.abc import Iterator, Sequence
 
 from vmsilo.backends import accel, features
-from vmsilo.backends.base import Backend, HostFacts, dns_facts
+from vmsilo.backends.base import NO_SOUND, Backend, HostFacts, SoundFacts, dns_facts
 from vmsilo.backends.qemu import qemu_argv
 from vmsilo.backends.vmm import Vmm
 from vmsilo.contracts.ports import CHANNEL_PORT
+from vmsilo.host import sound
 from vmsilo.host.findings import Finding
 from vmsilo.plan.model import Plan, VmPlan
 
@@ -39,6 +40,13 @@ def vsock_available() -> bool:
 
 class QemuVmm(Vmm):
     name = "qemu"
+
+    def env(self) -> dict[str, str] | None:
+        """With sound, the user's PulseAudio cookie for QEMU's ``pa`` client (QEMU connects
+        as root, before ``-runas``: a client of another uid is let in by the cookie alone)."""
+        if not self.vm.sound.playback:
+            return None
+        return {**os.environ, "PULSE_COOKIE": sound.pulse_cookie(self.plan.user)}
 
     async def request_poweroff(self) -> None:
         """QMP ``system_powerdown``: the ACPI power button, handled by the guest init."""
@@ -83,7 +91,44 @@ class QemuBackend(Backend):
             vsock=vsock_available(),
             nameservers=dns_facts(vm),
             runas=runas_ids(plan),
+            sound=self.sound_facts(plan, vm),
         )
+
+    def sound_facts(self, plan: Plan, vm: VmPlan) -> SoundFacts:
+        """The HDA card is always there; it plays into the user's audio server when QEMU's
+        PulseAudio module is installed and the server's socket exists, else into nothing."""
+        if not vm.sound.playback:
+            return NO_SOUND
+        if sound.qemu_pa_module() is None:
+            return SoundFacts(True, False, f"QEMU has no PulseAudio module ({sound.QEMU_PA_HINT})")
+        socket = sound.pulse_socket(plan.user)
+        if not sound.is_socket(socket):
+            return SoundFacts(True, False, f"no audio server at {socket}")
+        return SoundFacts()
+
+    def doctor_sound(self, plan: Plan, vms: Sequence[VmPlan]) -> Iterator[Finding]:
+        names = ", ".join(vm.name for vm in vms)
+        module = sound.qemu_pa_module()
+        if module is None:
+            yield Finding(
+                "QEMU PulseAudio module",
+                "warn",
+                f"not installed: sound is unavailable (silent) in {names}",
+                sound.QEMU_PA_HINT,
+            )
+        else:
+            yield Finding("QEMU PulseAudio module", "ok", module)
+        socket = sound.pulse_socket(plan.user)
+        if sound.is_socket(socket):
+            yield Finding("audio server", "ok", f"{socket} (sound for {names})")
+        else:
+            yield Finding(
+                "audio server",
+                "warn",
+                f"no PulseAudio/PipeWire-pulse socket at {socket}: {names} start with silent sound",
+                f"log in as {plan.user.name} to a desktop session with PulseAudio or"
+                " PipeWire-pulse",
+            )
 
     def probe_step(self, plan: Plan, vm: VmPlan) -> str | None:
         if accel.needs_probe(plan, vm):
@@ -98,6 +143,7 @@ class QemuBackend(Backend):
             vsock=facts.vsock,
             extra_params=facts.kernel_params,
             runas=facts.runas,
+            audio_server=facts.sound.server,
         )
 
     def vmm(self, plan: Plan, vm: VmPlan, argv: list[str]) -> Vmm:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from vmsilo.backends.base import Backend
+from vmsilo.backends.base import Backend, HostFacts
 from vmsilo.backends.crosvm_backend import CROSVM
 from vmsilo.backends.qemu_backend import QEMU
 from vmsilo.plan.model import Plan, VmPlan
@@ -36,5 +36,14 @@ def launch_argv(
     """The VMM argv of ``vm`` under ``backend`` (default: its own), host facts read once.
 
     ``probe``: may run QEMU's KVM test boot (the supervisor); else the cached verdict."""
+    return launch(plan, vm, probe=probe, backend=backend)[0]
+
+
+def launch(
+    plan: Plan, vm: VmPlan, *, probe: bool, backend: Backend | None = None
+) -> tuple[list[str], HostFacts]:
+    """:func:`launch_argv` and the host facts it was built from (the supervisor records what
+    they say about sound, and runs the sound daemon they call for)."""
     chosen = backend or backend_for(vm)
-    return chosen.argv(plan, vm, chosen.host_facts(plan, vm, probe=probe))
+    facts = chosen.host_facts(plan, vm, probe=probe)
+    return chosen.argv(plan, vm, facts), facts

@@ -75,9 +75,15 @@ class Vmm:
         self.argv = argv
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def env(self) -> dict[str, str] | None:
+        """The VMM's environment (None: the supervisor's own)."""
+        return None
+
     def start(self) -> int:
         """Start the VMM in its own session (no shell, stdin on /dev/null); its pid."""
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv, stdin=subprocess.DEVNULL, start_new_session=True, env=self.env()
+        )
         return self.proc.pid
 
     async def wait(self) -> VmmExit:

@@ -110,12 +110,16 @@ def print_status(rows: Sequence[dict[str, Any]], out: TextIO) -> None:
     for col in columns:
         table.add_column(col)
     changed: list[str] = []
+    notes: list[str] = []  # said below the table: sound that will not be heard
     for r in rows:
         state = str(r["state"])
         if r.get("config_changed"):
             state += " *"
             what = ", ".join(r.get("config_changes") or []) or "the plan"
             changed.append(f"* {r['name']}: config changed since it started ({what})")
+        sound = str(r.get("sound") or "")
+        if sound.startswith("unavailable"):
+            notes.append(f"! {r['name']}: sound {sound}")
         uptime = r.get("uptime_s")
         table.add_row(
             str(r["name"]),
@@ -136,6 +140,8 @@ def print_status(rows: Sequence[dict[str, Any]], out: TextIO) -> None:
         console.print(line)
     if changed:
         console.print("  (a VM keeps the plan it started with: stop and start it to apply)")
+    for line in notes:
+        console.print(line, markup=False, highlight=False)
 
 
 def print_images(images: Iterable[ImageInfo], out: TextIO, in_use: Collection[Path] = ()) -> None:

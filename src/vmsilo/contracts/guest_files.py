@@ -32,6 +32,7 @@ GUEST_MODULES: tuple[str, ...] = (
     "vmsilo/guest/init.py",
     "vmsilo/guest/netvm.py",
     "vmsilo/guest/ports.py",
+    "vmsilo/guest/sound.py",
 )
 
 #: Executable data files (made mode 0755 in the image).

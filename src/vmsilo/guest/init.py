@@ -120,6 +120,9 @@ class Init:
     shutting_down: bool = False
     #: the console, watched for a typed line while no shell runs there (-1: not watched)
     console_watch: int = -1
+    #: the guest's sound server socket (bound before the agent starts; -1: no sound card)
+    sound_fd: int = -1
+    sound_modules: tuple[str, ...] = ()
 
     # -- setup --
     def install_signals(self) -> None:
@@ -189,6 +192,44 @@ class Init:
                     os._exit(code)
         self.children[pid] = Child("agent", time.monotonic())
         log(f"agent started (pid {pid}): {' '.join(argv)}")
+
+    def setup_sound(self) -> None:
+        """With a sound card, bind the sound server's socket now (before the agent says
+        hello, so a program started at once waits for the server instead of missing it) and
+        start the helper that brings the card and PulseAudio up (:mod:`vmsilo.guest.sound`)."""
+        from vmsilo.guest import sound
+
+        self.sound_modules = sound.sound_modules()
+        if not self.sound_modules:
+            return
+        try:
+            sock = sound.bind_server(self.params.uid, self.params.gid)
+        except OSError as e:
+            log(f"sound: cannot bind {sound.SERVER_SOCKET}: {e}")
+            return
+        self.sound_fd = sock.detach()
+        self.start("sound")
+
+    def start_sound(self) -> None:
+        if self.sound_fd < 0:
+            return
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                self._in_child()
+                os.setsid()
+                from vmsilo.guest import sound
+
+                code = sound.main(
+                    self.params.uid, self.params.gid, self.sound_fd, self.sound_modules
+                )
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        self.children[pid] = Child("sound", time.monotonic())
+        log(f"sound helper started (pid {pid}): {' '.join(self.sound_modules)}")
 
     def console_path(self) -> str:
         dev = f"/dev/{self.params.console}"
@@ -262,6 +303,8 @@ class Init:
                 self.watch_console()
             elif role == "getty":
                 self.start_getty()
+            elif role == "sound":
+                self.start_sound()
         except OSError as e:
             log(f"cannot start {role}: {e}")
             self.schedule(role)
@@ -286,6 +329,9 @@ class Init:
                 return
             log(f"agent exited ({_describe(code)}); restarting")
             self.schedule("agent")
+        elif child.role == "sound":
+            log(f"sound helper exited ({_describe(code)}); restarting")
+            self.schedule("sound")
         elif child.role == "getty":
             if ran < 2:  # a shell that dies at once: back off instead of spinning on input
                 self.schedule("console")
@@ -467,6 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         init.install_signals()
         boot(params, init)
         init.agent_main = _import_agent()
+        init.setup_sound()
         init.start("agent")
         init.watch_console()
         log("ready: console on " + init.console_path())

@@ -35,7 +35,9 @@ from vmsilo.image.cpio import write_initramfs
 from vmsilo.image.kernel import (
     GUEST_MODULES,
     ON_DEMAND_MODULES,
+    OPTIONAL_MODULES,
     KernelRef,
+    available_modules,
     cached_kernels,
     fetch_kernel,
     resolve_kernel_cached,
@@ -49,7 +51,19 @@ FORMAT_VERSION = "1"
 #: Bump when the post-processing of the cached mmdebstrap root changes.
 ROOT_FORMAT = "1"
 #: ``iproute2``: ``ip`` for whoever debugs a guest's network (busybox's applet is not enough).
-BASE_PACKAGES: tuple[str, ...] = ("python3", "busybox", "e2fsprogs", "iproute2", "nftables")
+#: Sound (SPEC §9.2): PulseAudio for the VM user, its tools, ALSA's tools and its pulse plugin
+#: (ALSA programs play through the server), started by :mod:`vmsilo.guest.sound`.
+BASE_PACKAGES: tuple[str, ...] = (
+    "python3",
+    "busybox",
+    "e2fsprogs",
+    "iproute2",
+    "nftables",
+    "pulseaudio",
+    "pulseaudio-utils",
+    "alsa-utils",
+    "libasound2-plugins",
+)
 HOST_BUSYBOX = Path("/bin/busybox")
 GUEST_PYTHON_DIR = "usr/lib/python3/dist-packages/vmsilo"
 STAGE2_INIT = "/sbin/vmsilo-init"
@@ -361,7 +375,8 @@ def build_image(
             names = stage_modules(kernel, boot_mods)
             say(f"{len(names)} modules: {' '.join(names)}")
             mods = work / "mods"  # the root also carries the on-demand ones (netfilter)
-            stage_modules(kernel, mods, (*GUEST_MODULES, *ON_DEMAND_MODULES))
+            optional = available_modules(kernel.modules_dir, OPTIONAL_MODULES)
+            stage_modules(kernel, mods, (*GUEST_MODULES, *ON_DEMAND_MODULES, *optional))
 
             say("writing the stage-1 initramfs")
             _build_initramfs(work / "initrd", boot_mods, out / "initrd.img")

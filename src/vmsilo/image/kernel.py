@@ -55,7 +55,15 @@ ON_DEMAND_MODULES: tuple[str, ...] = (
     "nf_conntrack",
     "nf_nat",
     "nfnetlink",
+    # the sound card's driver, loaded by vmsilo.guest.sound when the VM has a card: QEMU's
+    # Intel HDA (hda-output/hda-duplex codecs are driven by the generic codec)
+    "snd_hda_intel",
+    "snd_hda_codec_generic",
 )
+
+#: Shipped when the kernel has them: crosvm's virtio-snd (CONFIG_SND_VIRTIO; Debian 12's 6.1
+#: kernel is built without it, SPEC §9.2).
+OPTIONAL_MODULES: tuple[str, ...] = ("virtio_snd",)
 
 KERNEL_META_PACKAGE = "linux-image-amd64"
 APT_HINT = "check the Debian mirror in /etc/apt/sources.list* and run apt-get update"
@@ -353,6 +361,15 @@ def module_closure(moddir: Path, wanted: Iterable[str]) -> dict[str, Path]:
         for deps in modinfo(moddir / index[m]).get("depends", []):
             todo.extend(d.replace("-", "_") for d in deps.split(",") if d)
     return result
+
+
+def available_modules(moddir: Path, names: Iterable[str]) -> tuple[str, ...]:
+    """Those of ``names`` this kernel has, as a module file or built in."""
+    have = {_modname(p) for p in (moddir / "kernel").rglob("*.ko*")}
+    bfile = moddir / "modules.builtin"
+    if bfile.is_file():
+        have |= {_modname(Path(line.strip())) for line in bfile.read_text().splitlines()}
+    return tuple(n for n in names if n.replace("-", "_") in have)
 
 
 def stage_modules(

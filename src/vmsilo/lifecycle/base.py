@@ -80,9 +80,11 @@ class App(abc.ABC):
 
     def status(self, plan: Plan, vm: VmPlan) -> dict[str, Any]:
         """SPEC §6's status fields for one VM."""
+        from vmsilo.backends.registry import backend_for
         from vmsilo.lifecycle.status import vm_status
 
-        return vm_status(vm, running=self.is_running(vm))
+        sound = backend_for(vm).sound_facts(plan, vm) if vm.sound.playback else None
+        return vm_status(vm, running=self.is_running(vm), sound=sound)
 
     def running_plan(
         self, plan: Plan, vm: VmPlan, users: UserLookup | None = None

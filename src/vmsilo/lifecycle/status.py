@@ -17,6 +17,7 @@ from vmsilo.supervisor.snapshot import changed_since, plan_from_snapshot, read_s
 from vmsilo.supervisor.state import read_state
 
 if TYPE_CHECKING:
+    from vmsilo.backends.base import SoundFacts
     from vmsilo.config.users import UserLookup
 
 _IN_FLIGHT = ("starting", "running", "stopping")
@@ -34,7 +35,20 @@ _FROM_SNAPSHOT = {
 }
 
 
-def vm_status(vm: VmPlan, *, running: bool) -> dict[str, Any]:
+def sound_text(vm: VmPlan, recorded: dict[str, Any] | None, now: SoundFacts | None) -> str:
+    """What ``status`` says of a VM's sound (SPEC §9.2): ``off``, what it has, or why it is
+    unavailable — as found at its start (``recorded``, running VMs) or on the host now (a
+    server that went away since, or what a start would find)."""
+    if not vm.sound.playback:
+        return "off"
+    if recorded is not None and not recorded.get("available", True):
+        return f"unavailable: {recorded.get('why')}"
+    if now is not None and not now.available:
+        return f"unavailable: {now.why}"
+    return "playback and capture" if vm.sound.capture else "playback"
+
+
+def vm_status(vm: VmPlan, *, running: bool, sound: SoundFacts | None = None) -> dict[str, Any]:
     """SPEC §6's status fields for ``vm``, whose supervisor runs or not (``running``).
 
     A running VM's values are those it was started with (its plan snapshot, SPEC §6); when
@@ -94,6 +108,7 @@ def vm_status(vm: VmPlan, *, running: bool) -> dict[str, Any]:
         "config_values": config_values,
         "last_exit": last_exit,
         "detail": st.detail if running and st is not None else None,
+        "sound": sound_text(vm, st.extra.get("sound") if running and st else None, sound),
     }
 
 

@@ -358,7 +358,8 @@ def _sound(vm: VmConfig) -> SoundPlan:
     default = feature_table(vm.hypervisor).default_playback
     capture = vm.sound.capture if vm.sound.capture is not None else False
     playback = vm.sound.playback if vm.sound.playback is not None else default
-    return SoundPlan(playback=playback or capture, capture=capture)
+    explicit = vm.sound.playback is True or vm.sound.capture is True
+    return SoundPlan(playback=playback or capture, capture=capture, explicit=explicit)
 
 
 def _pci(items: dict[str, KvValue]) -> PciDevicePlan:

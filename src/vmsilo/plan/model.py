@@ -98,6 +98,10 @@ class GpuPlan:
 class SoundPlan:
     playback: bool
     capture: bool
+    #: ``sound.playback`` or ``sound.capture`` was written ``true`` in the config (not a
+    #: default): a VM that asked for sound by name fails to start without it, one that merely
+    #: inherited the default starts without a sound device (SPEC §9.2)
+    explicit: bool = False
 
 
 @dataclass(frozen=True, slots=True)

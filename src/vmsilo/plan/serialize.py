@@ -100,7 +100,11 @@ def vm_to_json(vm: VmPlan) -> dict[str, Any]:
             "waylandSocket": gpu.wayland_socket,
             "contextTypes": list(gpu.context_types),
         },
-        "sound": {"playback": vm.sound.playback, "capture": vm.sound.capture},
+        "sound": {
+            "playback": vm.sound.playback,
+            "capture": vm.sound.capture,
+            "explicit": vm.sound.explicit,
+        },
         "pciDevices": [
             {"bdf": d.bdf, "sysfsPath": d.sysfs_path, "options": dict(d.options)}
             for d in vm.pci_devices

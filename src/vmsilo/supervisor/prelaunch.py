@@ -6,7 +6,8 @@ guest boots. Under the VM's lock it writes the state file and the plan snapshot,
 take identities a running VM holds (:mod:`.identities`), runs the preflight checks, binds the
 command socket (``bound`` to the spawner), starts the netvm, binds every socket the VMM
 connects to, closes the host's input from the VM's links, creates taps, host NAT and the shared
-home, binds the share sockets, creates a fresh ephemeral disk and starts the VMM.
+home, binds the share sockets (and the sound daemon's), creates a fresh ephemeral disk and
+starts the VMM.
 
 Every socket is listening before the VMM starts, so the VMM's connections (and vm-run's) wait
 in their backlog until the supervisor's loop accepts them; the virtiofsd daemons the supervisor
@@ -32,7 +33,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from vmsilo.backends.registry import backend_for, launch_argv
+from vmsilo.backends.base import SoundSidecar
+from vmsilo.backends.registry import backend_for, launch
 from vmsilo.backends.vmm import Vmm
 from vmsilo.errors import VmsiloError
 from vmsilo.host.disks import create_ephemeral_disk, remove_file
@@ -88,6 +90,9 @@ class Prelaunch:
         self.listeners: dict[str, socket.socket] = {}
         #: the shares' listening sockets, by tag (their virtiofsd starts after the VMM)
         self.share_sockets: dict[str, socket.socket] = {}
+        #: the sound daemon the VMM needs (crosvm upstream) and its listening socket
+        self.sound: SoundSidecar | None = None
+        self.sound_socket: socket.socket | None = None
         self.vmm: Vmm | None = None
 
     def set_state(self, state: str, **changes: Any) -> None:
@@ -156,7 +161,11 @@ class Prelaunch:
         if slow is not None:
             self.spawner.send(f"step {slow}")
         # the very call `vmsilo argv` makes (there with the accelerator verdict cached)
-        argv = launch_argv(self.plan, vm, probe=True, backend=backend)
+        argv, facts = launch(self.plan, vm, probe=True, backend=backend)
+        self._prepare_sound(backend.sound_sidecar(self.plan, vm, facts))
+        self.state.extra["sound"] = {"available": facts.sound.available, "why": facts.sound.why}
+        if facts.sound.why is not None:
+            print(f"vmsilo supervisor: VM {vm.name}: sound: {facts.sound.why}", file=sys.stderr)
         self.vmm = backend.vmm(self.plan, vm, argv)
         self.spawner.send(f"step starting {backend.name}")
         pid = self.vmm.start()
@@ -199,6 +208,15 @@ class Prelaunch:
                 if pi.bridge == i.bridge and pi.injected_for == vm.name:
                     attach_to_bridge(pi.tap, i.bridge)
 
+    def _prepare_sound(self, sidecar: SoundSidecar | None) -> None:
+        """Bind the sound daemon's socket before the VMM connects to it (the daemon starts
+        after the VMM, like virtiofsd). A crosvm reset's reboot keeps the first one: the
+        daemon serves one VMM after another on the same socket."""
+        if sidecar is None or self.sound_socket is not None:
+            return
+        self.sound = sidecar
+        self.sound_socket = bind_listening(sidecar.socket)
+
     def _prepare_home(self) -> None:
         for share in self.vm.shares:
             if share.tag != "home":
@@ -225,3 +243,6 @@ class Prelaunch:
             sock.close()
         self.listeners.clear()
         self.share_sockets.clear()
+        if self.sound_socket is not None:
+            self.sound_socket.close()
+            self.sound_socket = None

@@ -36,6 +36,7 @@ from vmsilo.supervisor.prelaunch import STOP_SIGNALS, Prelaunch, failure_of
 from vmsilo.supervisor.readiness import Readiness
 from vmsilo.supervisor.sessions import Sessions, refuse_queued
 from vmsilo.supervisor.sidecars import Sidecars
+from vmsilo.supervisor.sound import SoundDaemon
 from vmsilo.supervisor.state import KILL_SIGNAL, now
 
 
@@ -57,6 +58,7 @@ class Supervisor:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.console = ConsoleRelay(ConsoleLog(launch.vm.paths.console_log))
         self.sidecars = Sidecars(on_failure=self._share_failed)
+        self.sound: SoundDaemon | None = None
 
     def _kill_requested(self) -> None:
         self.kill_now.set()
@@ -115,8 +117,12 @@ class Supervisor:
         if launch.vmm is None:  # stopped before the VMM started
             launch.close_unserved()
             return None
-        # the VMM is already waiting on the shares' sockets
+        # the VMM is already waiting on the shares' sockets (and the sound daemon's)
         await self.sidecars.start(plan, vm, launch.share_sockets)
+        if launch.sound is not None and launch.sound_socket is not None:
+            self.sound = SoundDaemon(vm.name, launch.sound, launch.sound_socket, self._sound_failed)
+            launch.sound_socket = None
+            await self.sound.start()
         while True:
             exit_info = await self._boot()
             if exit_info is None or not exit_info.restart or self.stop_requested.is_set():
@@ -226,9 +232,17 @@ class Supervisor:
                 await task
         await stopping.clean_up(self.launch)
         await self.sidecars.stop()
+        if self.sound is not None:
+            await self.sound.stop()
+        self.launch.close_unserved()  # e.g. the sound socket of a start that failed first
         self.console.log.close()
         stopping.record_end(self.launch, self.failure, exit_info, self.start_exit)
         self.readiness.finished.set()
+
+    def _sound_failed(self, reason: str) -> None:
+        """The sound daemon died: the VM runs on without sound; `vmsilo status` says why."""
+        self.launch.state.extra["sound"] = {"available": False, "why": reason}
+        self.launch.set_state(self.launch.state.state)
 
     def _share_failed(self, reason: str) -> None:
         """A share's daemon died while the VM runs: its mount in the guest is broken now.
