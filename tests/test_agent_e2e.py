@@ -596,7 +596,7 @@ def test_tty_with_local_terminal(tmp: Path) -> None:
                     slave,
                     forward_signals=True,
                     tty_fd=slave,
-                    output_filter=check_raw,
+                    new_output_filter=lambda: check_raw,
                 )
             )
             status = await task

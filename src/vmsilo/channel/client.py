@@ -12,6 +12,12 @@ and flipping O_NONBLOCK on them would break the shell after vm-run exits. The th
 to the event loop one chunk at a time, so the client itself never buffers more than a chunk of
 stdin plus the flow-control window of output. Credit for output goes back to the agent only
 after the bytes were written, which is what makes a slow consumer slow down the guest program.
+
+The window is enforced, not just offered (SPEC §11.2): output costing more than the window plus
+the credit returned so far is a protocol error that ends the session, so a guest flooding a slow
+stdout cannot grow vm-run's memory. Guest text that reaches the terminal — output without
+``-t``, each stream through its own escape filter, and the EXIT/ERROR messages always — is
+filtered of terminal controls.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from vmsilo.channel.escapes import printable
 from vmsilo.channel.mux import StreamLink
 from vmsilo.channel.protocol import (
     CHUNK,
@@ -39,6 +46,7 @@ from vmsilo.channel.protocol import (
     ExecRequest,
     FrameType,
     ProtocolError,
+    ProtocolVersionError,
     decode_error,
     decode_exit,
     decode_u32,
@@ -48,6 +56,8 @@ from vmsilo.channel.protocol import (
 )
 
 Target = str | os.PathLike[str] | tuple[asyncio.StreamReader, asyncio.StreamWriter]
+#: One output stream's filter (bytes in, bytes out; it may hold back an incomplete character).
+OutputFilter = Callable[[bytes], bytes]
 
 #: Status returned when our own stdout was closed under us (like a shell's SIGPIPE death).
 SIGPIPE_STATUS = 128 + signal.SIGPIPE
@@ -115,6 +125,8 @@ class _ThreadWriter:
         self.on_written = on_written
         self.on_error = on_error
         self.pending = 0
+        #: bytes handed to the thread and not yet written (vm-run's output buffer)
+        self.backlog = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._failed = False
@@ -127,6 +139,7 @@ class _ThreadWriter:
             self.on_written(cost)
             return
         self.pending += 1
+        self.backlog += len(data)
         self._idle.clear()
         self._queue.put((data, cost))
 
@@ -143,15 +156,16 @@ class _ThreadWriter:
                 except OSError as e:
                     failed = True
                     _post(self.loop, self._fail, e)
-            if not _post(self.loop, self._done, cost):
+            if not _post(self.loop, self._done, len(data), cost):
                 return
 
     def _fail(self, exc: OSError) -> None:
         self._failed = True
         self.on_error(exc)
 
-    def _done(self, cost: int) -> None:
+    def _done(self, size: int, cost: int) -> None:
         self.pending -= 1
+        self.backlog -= size
         if self.pending == 0:
             self._idle.set()
         self.on_written(cost)
@@ -235,11 +249,13 @@ class _Session:
         stderr: int | None,
         forward_signals: bool,
         tty_fd: int | None,
-        output_filter: Callable[[bytes], bytes] | None,
+        new_output_filter: Callable[[], OutputFilter] | None,
         prog: str = "vm-run",
         on_output: Callable[[], None] | None = None,
+        sink: Callable[[int, bytes], None] | None = None,
     ) -> None:
         self.prog = prog
+        self.sink = sink
         self.on_output = on_output
         self.link = link
         self.request = request
@@ -248,11 +264,21 @@ class _Session:
         self.stderr_fd = stderr
         self.forward_signals = forward_signals
         self.tty_fd = tty_fd
-        self.output_filter = output_filter
-        # only output that goes to a terminal is filtered; a pipe or file gets the exact bytes
-        self.filtered_fds = {fd for fd in (stdout, stderr) if fd is not None and os.isatty(fd)}
+        # Only output that goes to a terminal is filtered; a pipe or file gets the exact bytes.
+        # One filter per stream: a character held back by one must not be completed by the
+        # other's bytes (both streams are often the same terminal).
+        self.filters: dict[int, OutputFilter] = {}
+        if new_output_filter is not None:
+            for ftype, fd in ((FrameType.STDOUT, stdout), (FrameType.STDERR, stderr)):
+                if fd is not None and os.isatty(fd):
+                    self.filters[ftype] = new_output_filter()
         self.loop = asyncio.get_running_loop()
         self.credit = WINDOW  # ours, for stdin
+        #: output cost the agent may send: the window plus every credit we returned
+        self._granted = WINDOW
+        self._received = 0  # output cost received
+        #: the most output bytes ever waiting for a writer thread (never above the window)
+        self.peak_backlog = 0
         self._credit_event = asyncio.Event()
         self._to_return = 0  # output credit to give back
         self._return_event = asyncio.Event()
@@ -325,16 +351,37 @@ class _Session:
             self._return_event.clear()
             if self._to_return:
                 n, self._to_return = self._to_return, 0
+                self._granted += n  # before sending: the agent cannot use it any earlier
                 await self.link.send(FrameType.CREDIT, encode_u32(n))
 
-    def _deliver(self, fd: int | None, data: bytes, cost: int) -> None:
+    def _deliver(self, ftype: int, fd: int | None, data: bytes, cost: int) -> None:
+        self._received += cost
+        if self._received > self._granted:
+            # the guest ignores flow control: buffering it would grow without bound
+            raise ProtocolError("the VM sent output beyond its credit window")
+        if self.sink is not None:
+            self.sink(ftype, data)
+            self._written(cost)
+            return
         writer = self.writers.get(fd) if fd is not None else None
         if writer is None:
             self._written(cost)  # discarded output still frees its credit
             return
-        if self.output_filter is not None and fd in self.filtered_fds:
-            data = self.output_filter(data)
+        out_filter = self.filters.get(ftype)
+        if out_filter is not None:
+            data = out_filter(data)
         writer.submit(data, cost)
+        self.peak_backlog = max(self.peak_backlog, writer.backlog)
+
+    def _flush_filters(self) -> None:
+        """The end of the output: what a filter still holds back (an incomplete character)."""
+        for ftype, out_filter in self.filters.items():
+            flush = getattr(out_filter, "flush", None)
+            fd = self.stdout_fd if ftype == FrameType.STDOUT else self.stderr_fd
+            writer = self.writers.get(fd) if fd is not None else None
+            rest = flush() if flush is not None else b""
+            if rest and writer is not None:
+                writer.submit(rest, 0)
 
     async def _flush(self) -> None:
         for w in self.writers.values():
@@ -346,7 +393,7 @@ class _Session:
         if fd is None:
             return
         writer = self.writers.get(fd)
-        data = f"{self.prog}: {text}\n".encode(errors="replace")
+        data = f"{self.prog}: {printable(text)}\n".encode(errors="replace")
         if writer is not None:
             writer.submit(data, 0)
             await writer.flush()
@@ -355,11 +402,17 @@ class _Session:
                 await asyncio.to_thread(_write_all, fd, data)
 
     async def _receive_loop(self) -> int:
+        try:
+            return await self._receive_frames()
+        except ProtocolVersionError:
+            raise  # with its "rebuild the image" hint
+        except ProtocolError as e:
+            # a malformed frame or broken flow control: this session ends (vm-run: 255)
+            raise ChannelError(f"malformed frame from the VM: {e}") from None
+
+    async def _receive_frames(self) -> int:
         while True:
-            try:
-                frame = await self.link.recv()
-            except ProtocolError as e:
-                raise ChannelError(f"malformed frame from the VM: {e}") from None
+            frame = await self.link.recv()
             if frame is None:
                 raise ChannelError("the connection to the VM was lost")
             t = frame.type
@@ -367,14 +420,15 @@ class _Session:
                 self.on_output()
                 self.on_output = None
             if t == FrameType.STDOUT:
-                self._deliver(self.stdout_fd, frame.payload, frame.cost)
+                self._deliver(t, self.stdout_fd, frame.payload, frame.cost)
             elif t == FrameType.STDERR:
-                self._deliver(self.stderr_fd, frame.payload, frame.cost)
+                self._deliver(t, self.stderr_fd, frame.payload, frame.cost)
             elif t == FrameType.CREDIT:
                 self.credit += decode_u32(frame.payload)
                 self._credit_event.set()
             elif t == FrameType.EXIT:
                 status, message = decode_exit(frame.payload)
+                self._flush_filters()
                 await self._flush()
                 if message:
                     await self._message(message)
@@ -382,7 +436,7 @@ class _Session:
             elif t == FrameType.ERROR:
                 raise decode_error(frame.payload)
             else:
-                raise ChannelError(f"unexpected frame type {t} from the VM")
+                raise ProtocolError(f"unexpected frame type {t} from the VM")
 
     # -- input
 
@@ -482,9 +536,10 @@ async def run_session(
     *,
     forward_signals: bool = True,
     tty_fd: int | None = None,
-    output_filter: Callable[[bytes], bytes] | None = None,
+    new_output_filter: Callable[[], OutputFilter] | None = None,
     prog: str = "vm-run",
     on_output: Callable[[], None] | None = None,
+    sink: Callable[[int, bytes], None] | None = None,
 ) -> int:
     """Run ``request`` in the VM behind ``target``; return the exit status for vm-run.
 
@@ -496,12 +551,17 @@ async def run_session(
     ``tty_fd``: with ``request.tty``, the local terminal: put in raw mode for the session
     (restored on return), its size sent (unless the request carries one) and SIGWINCH
     forwarded.
-    ``output_filter``: applied before writing to whichever of stdout/stderr is a terminal
-    (vm-run's escape filter when it runs without ``-t``); output to pipes and files is exact.
+    ``new_output_filter``: makes one filter per output stream (stdout, stderr) that goes to a
+    terminal, applied before writing (vm-run's EscapeFilter when it runs without ``-t``; a
+    filter's ``flush()``, if it has one, gives what it held back at the end); output to pipes
+    and files is exact. EXIT and ERROR messages are always made printable.
     ``prog``: the tool named in the messages written to ``stderr`` (the agent's, e.g. "not
     found").
     ``on_output``: called once, before the first output or message is written (vm-run's
     start status line is erased then).
+    ``sink``: instead of writing output to ``stdout``/``stderr``, hand each chunk to
+    ``sink(FrameType.STDOUT or STDERR, data)`` on the loop (the supervisor's own sessions:
+    it caps and filters what it logs); it must not block.
 
     Returns the program's exit status (126/127 when it could not be executed / found, 128+N
     when killed by signal N; 0 once started with ``detach``; 141 if our stdout broke).
@@ -520,9 +580,10 @@ async def run_session(
             stderr,
             forward_signals,
             tty_fd,
-            output_filter,
+            new_output_filter,
             prog,
             on_output,
+            sink,
         ).run()
     finally:
         await link.aclose()

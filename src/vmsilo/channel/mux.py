@@ -7,8 +7,11 @@ Both the guest agent and the host supervisor need the same two shapes of transpo
 * :class:`ChannelMux` — many sessions share one byte stream (the ``org.vmsilo.channel``
   virtio-serial port, for hosts without vsock). A single reader task dispatches each frame to
   its :class:`MuxSession`'s queue *without ever blocking*, so one session whose consumer is slow
-  cannot stall the others. Each queue is bounded by :data:`~vmsilo.channel.protocol.QUEUE_LIMIT`
-  cost units; a peer exceeding it broke flow control, and only that session fails.
+  cannot stall the others. Each session holds the peer to its credit window: data frames
+  (stdin, stdout, stderr) may cost at most :data:`~vmsilo.channel.protocol.WINDOW` plus the
+  credit this side has sent, and the whole queue at most
+  :data:`~vmsilo.channel.protocol.QUEUE_LIMIT` cost units; a peer exceeding either broke flow
+  control, and only that session fails (SPEC §11.2: nothing is buffered beyond the window).
 
 Both implement the :class:`Link` protocol the agent's session code and the relay use:
 ``recv()`` returns the next frame or ``None`` once the peer is gone, ``send()`` never raises for
@@ -27,9 +30,11 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from vmsilo.channel.protocol import (
+    DATA_TYPES,
     HEADER_SIZE,
     QUEUE_LIMIT,
     TERMINAL_TYPES,
+    WINDOW,
     ChannelError,
     Frame,
     FrameType,
@@ -156,6 +161,9 @@ class MuxSession:
         self._failed = False
         self._eof = False
         self._closed = False
+        #: data cost the peer may still send: the window plus the credit we returned, minus
+        #: what it sent (its own count can only be lower: our credit reaches it later)
+        self._allowance = WINDOW
 
     @property
     def queued_cost(self) -> int:
@@ -166,6 +174,13 @@ class MuxSession:
         """Called by the mux reader: queue without blocking, or fail the session."""
         if self._failed or self._eof:
             return
+        if frame.type in DATA_TYPES:
+            if frame.cost > self._allowance:
+                self._fail(
+                    ProtocolError(f"session {self.id}: peer sent data beyond its credit window")
+                )
+                return
+            self._allowance -= frame.cost
         if self._queued + frame.cost > QUEUE_LIMIT:
             self._fail(ProtocolError(f"session {self.id}: peer exceeded its flow-control window"))
             return
@@ -203,6 +218,9 @@ class MuxSession:
     async def send(self, ftype: int, payload: bytes = b"") -> None:
         if self._closed:
             return
+        if ftype == FrameType.CREDIT and len(payload) == 4:
+            # counted before it is written: the peer cannot have it any earlier
+            self._allowance += int.from_bytes(payload, "big")
         await self.mux.send_frame(ftype, self.id, payload)
 
     def close(self) -> None:

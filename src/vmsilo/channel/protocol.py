@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmsilo.channel.escapes import printable
 from vmsilo.contracts.ports import CHANNEL_PORT, READY_PORT
 from vmsilo.contracts.ports import VSOCK_PORT as VSOCK_PORT  # the agent's port (SPEC §6)
 
@@ -228,11 +229,31 @@ def encode_json(obj: Mapping[str, Any]) -> bytes:
     return data
 
 
+def _loads(data: bytes) -> Any:
+    """json.loads of bytes from a peer; ValueError for anything that is not plain JSON.
+
+    Deep nesting (``[[[[…``) makes the parser raise RecursionError and an integer of more
+    than 4300 digits ValueError: both are just malformed input here, never a crash of the
+    reader (SPEC §11.2)."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _small_int(value: object, top: int = 0xFFFF) -> int | None:
+    """``value`` if it is an int in 0..top (a version, a pid), else None: a guest's huge
+    number never reaches a message or a comparison."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= top:
+        return value
+    return None
+
+
 def decode_json(payload: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(payload.decode("utf-8"))
+        obj = _loads(payload)
     except (UnicodeDecodeError, ValueError) as e:
-        raise ProtocolError(f"bad JSON payload: {e}") from None
+        raise ProtocolError(f"bad JSON payload: {str(e)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("JSON payload is not an object")
     return obj
@@ -246,12 +267,13 @@ def encode_exit(status: int, message: str | None = None) -> bytes:
 
 
 def decode_exit(payload: bytes) -> tuple[int, str | None]:
+    """(status, message); the message is guest text made safe to print on a terminal."""
     obj = decode_json(payload)
     status = obj.get("status")
     message = obj.get("message")
     if not isinstance(status, int) or isinstance(status, bool) or not 0 <= status <= 255:
         raise ProtocolError("bad exit status")
-    return status, message if isinstance(message, str) else None
+    return status, printable(message) if isinstance(message, str) and message else None
 
 
 #: ERROR messages are cut to this many characters, so that an ERROR frame always fits.
@@ -268,15 +290,19 @@ def encode_error(code: str, message: str, version: int = PROTOCOL_VERSION) -> by
 
 
 def decode_error(payload: bytes) -> ChannelError:
-    """The exception an ERROR frame stands for (version errors become ProtocolVersionError)."""
+    """The exception an ERROR frame stands for (version errors become ProtocolVersionError).
+
+    The message may come from the guest: it is made safe to print on a terminal."""
     try:
         obj = decode_json(payload)
     except ProtocolError:
         return ChannelError("guest agent reported an unreadable error")
     remote = obj.get("version")
     if obj.get("code") == "version":
-        return ProtocolVersionError(PROTOCOL_VERSION, remote if isinstance(remote, int) else None)
-    return ChannelError(f"channel: {obj.get('message', 'unknown error')}")
+        return ProtocolVersionError(PROTOCOL_VERSION, _small_int(remote))
+    message = obj.get("message")
+    text = printable(message, MAX_ERROR_MESSAGE) if isinstance(message, str) else "unknown error"
+    return ChannelError(f"channel: {text}")
 
 
 # --------------------------------------------------------------------------- exec request
@@ -413,6 +439,10 @@ class ExecRequest:
 READY_MAGIC = "vmsilo-agent"
 
 
+#: The transports an agent may announce (anything else is shown as "unknown").
+KNOWN_TRANSPORTS = ("channel", "vsock")
+
+
 @dataclass(frozen=True)
 class ReadyHello:
     """The agent's readiness announcement on ``org.vmsilo.ready``."""
@@ -452,18 +482,18 @@ def parse_ready(data: bytes) -> ReadyHello:
     ``version``) to turn a mismatch into the "rebuild the image" error.
     """
     try:
-        obj = json.loads(data.strip().decode("utf-8"))
+        obj = _loads(data.strip())
     except (UnicodeDecodeError, ValueError):
         raise ValueError(f"not a vmsilo readiness line: {data[:80]!r}") from None
     if not isinstance(obj, dict) or obj.get("hello") != READY_MAGIC:
         raise ValueError(f"not a vmsilo readiness line: {data[:80]!r}")
-    version, transport, pid = obj.get("version"), obj.get("transport"), obj.get("pid", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise ValueError("readiness line without an integer version")
+    version, transport = _small_int(obj.get("version")), obj.get("transport")
+    if version is None:
+        raise ValueError("readiness line without a version (an integer 0..65535)")
     return ReadyHello(
         version=version,
-        transport=transport if isinstance(transport, str) else "unknown",
-        agent_pid=pid if isinstance(pid, int) else 0,
+        transport=transport if transport in KNOWN_TRANSPORTS else "unknown",
+        agent_pid=_small_int(obj.get("pid", 0), 0x7FFFFFFF) or 0,
     )
 
 
@@ -478,9 +508,10 @@ def encode_farewell(reason: str, idle_s: float | None = None) -> bytes:
 
 
 def parse_farewell(data: bytes) -> tuple[str, float | None]:
-    """(reason, idle seconds) of a farewell line; ValueError if it is not one."""
+    """(reason, idle seconds) of a farewell line; ValueError if it is not one. The reason is
+    guest text, made safe to print and short (it ends up in ``vmsilo status``)."""
     try:
-        obj = json.loads(data.strip().decode("utf-8"))
+        obj = _loads(data.strip())
     except (UnicodeDecodeError, ValueError):
         raise ValueError(f"not a vmsilo farewell line: {data[:80]!r}") from None
     if not isinstance(obj, dict) or obj.get("bye") != READY_MAGIC:
@@ -488,8 +519,10 @@ def parse_farewell(data: bytes) -> tuple[str, float | None]:
     reason, idle = obj.get("reason"), obj.get("idle_s")
     if not isinstance(reason, str):
         raise ValueError("farewell line without a reason")
-    ok_idle = isinstance(idle, int | float) and not isinstance(idle, bool)
-    return reason, float(idle) if ok_idle else None  # type: ignore[arg-type]
+    seconds = None
+    if isinstance(idle, int | float) and not isinstance(idle, bool) and 0 <= idle < 1e9:
+        seconds = float(idle)  # (in range: a huge int would not even convert)
+    return printable(reason, 200), seconds
 
 
 def accept_vsock_peer(cid: int, port: int) -> bool:

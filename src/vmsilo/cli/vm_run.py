@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 from vmsilo.errors import UsageError, VmsiloError
 
 if TYPE_CHECKING:
+    from vmsilo.channel.protocol import ChannelError
     from vmsilo.cli.start_status import StartStatus
     from vmsilo.config.users import UserLookup
     from vmsilo.lifecycle.base import App
@@ -347,11 +348,11 @@ def _session(
         rows=rows,
         cols=cols,
     )
-    out_filter = None
+    new_filter = None
     if not args.tty and (os.isatty(1) or os.isatty(2)):
-        from vmsilo.cli.escapes import EscapeFilter
+        from vmsilo.channel.escapes import EscapeFilter
 
-        out_filter = EscapeFilter()
+        new_filter = EscapeFilter  # one per stream (see run_session)
 
     async def go() -> int:
         coro = run_session(
@@ -361,7 +362,7 @@ def _session(
             stdout=1,
             stderr=2,
             tty_fd=tty_fd,
-            output_filter=out_filter,
+            new_output_filter=new_filter,
             prog=prog,
             on_output=None if status is None else status.done,
         )
@@ -379,15 +380,22 @@ def _session(
     try:
         return asyncio.run(go())
     except ChannelError as e:
-        reason = watch.failure() if watch is not None else None
-        if reason is not None:
-            raise VmsiloError(f"VM {args.vm} failed to start: {reason}") from None
-        raise VmsiloError(e.message if hasattr(e, "message") else str(e), e.hint) from None
+        raise channel_failure(args.vm, e, watch.failure() if watch is not None else None) from None
     except ValueError as e:
         raise UsageError(str(e)) from None
     finally:
         if watch is not None:
             watch.close()
+
+
+def channel_failure(vm: str, exc: ChannelError, start_failure: str | None) -> VmsiloError:
+    """vm-run's message for a failed session: either may quote the guest (an ERROR frame's
+    text, the agent's farewell as the reason a start failed), so both are made printable."""
+    from vmsilo.channel.escapes import printable
+
+    if start_failure is not None:
+        return VmsiloError(f"VM {vm} failed to start: {printable(start_failure)}")
+    return VmsiloError(printable(exc.message), exc.hint)
 
 
 def entry() -> NoReturn:

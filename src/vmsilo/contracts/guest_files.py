@@ -20,6 +20,7 @@ GUEST_MODULES: tuple[str, ...] = (
     "vmsilo/contracts/spawn.py",
     "vmsilo/channel/__init__.py",
     "vmsilo/channel/client.py",
+    "vmsilo/channel/escapes.py",
     "vmsilo/channel/mux.py",
     "vmsilo/channel/pipes.py",
     "vmsilo/channel/protocol.py",

@@ -8,8 +8,39 @@ import contextlib
 import os
 import sys
 
+from vmsilo.channel.escapes import EscapeFilter
 from vmsilo.plan.model import VmPlan
 from vmsilo.supervisor.console import ConsoleRelay
+
+#: How much of a guest task's output reaches the supervisor's log: the log lives on /run
+#: (tmpfs), and a guest must not be able to fill it.
+MAX_GUEST_LOG = 8 * 1024
+
+
+class GuestOutputLog:
+    """A guest program's output as supervisor log lines: at most :data:`MAX_GUEST_LOG` bytes,
+    filtered of terminal controls (the log is read on terminals), and every line prefixed, so
+    that a guest cannot forge a line of the supervisor's own (SPEC §11.2)."""
+
+    def __init__(self, prefix: str, limit: int = MAX_GUEST_LOG) -> None:
+        self.prefix = prefix
+        self.limit = limit
+        self.kept = bytearray()
+        self.dropped = 0
+        self._filter = EscapeFilter()
+
+    def feed(self, _stream: int, data: bytes) -> None:
+        """A :func:`run_session` ``sink``: keep what fits, count the rest."""
+        room = self.limit - len(self.kept)
+        self.kept += data[: max(0, room)]
+        self.dropped += max(0, len(data) - max(0, room))
+
+    def lines(self) -> list[str]:
+        text = (self._filter(bytes(self.kept)) + self._filter.flush()).decode(errors="replace")
+        out = [f"{self.prefix}{line.replace(chr(13), '_')}" for line in text.splitlines()]
+        if self.dropped:
+            out.append(f"{self.prefix}[{self.dropped} more bytes not logged]")
+        return out
 
 
 async def configure_netvm(vm: VmPlan) -> str | None:
@@ -27,18 +58,20 @@ async def configure_netvm(vm: VmPlan) -> str | None:
     for i in vm.interfaces:
         if i.injected_for not in (None, "host"):
             argv += ["--client", i.name]
+    output = GuestOutputLog(f"vmsilo supervisor: netvm set-up (guest {vm.name}): ")
     try:
         status = await run_session(
             vm.paths.command_socket,
             ExecRequest(argv=argv, user="root"),
             stdin=None,
-            stdout=sys.stderr.fileno(),
-            stderr=sys.stderr.fileno(),
             forward_signals=False,
+            sink=output.feed,
         )
         detail = f"exit status {status}"
     except ChannelError as e:
         status, detail = 255, str(e)
+    for line in output.lines():
+        print(line, file=sys.stderr)
     if status == 0:
         return None
     message = f"netvm routing setup failed in the guest ({detail})"

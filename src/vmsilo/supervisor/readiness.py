@@ -5,14 +5,44 @@ The VMM connects to both the ready and the channel socket and their accepts may 
 order; a hello announcing the channel transport means "ready" only once the channel is there
 to carry sessions. Everything that waits on readiness waits here, and is woken with a "no"
 when the supervisor finishes first.
+
+The ready port is written by the guest, so by guest root too (SPEC §11.2): lines are read with
+a bound (a longer one is skipped, not fatal), anything that is not a hello or farewell is
+ignored, and readiness is pinned to the first valid hello of a boot — a later one can switch
+neither the transport (vsock vs. the channel mux) nor the protocol version.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from vmsilo.channel.mux import ChannelMux
-from vmsilo.channel.protocol import ReadyHello, parse_farewell, parse_ready
+from vmsilo.channel.protocol import KNOWN_TRANSPORTS, ReadyHello, parse_farewell, parse_ready
+
+#: Longest line read from the ready port; a hello is about 80 bytes.
+MAX_READY_LINE = 4096
+
+
+async def read_line(reader: asyncio.StreamReader, limit: int = MAX_READY_LINE) -> bytes | None:
+    """The next line (with its newline, or the last bytes before EOF), at most ``limit`` bytes
+    of it: the rest of a longer line is read and dropped, so a guest cannot grow our memory or
+    end the reader with one. None at EOF."""
+    line = b""
+    while True:
+        try:
+            chunk = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as e:
+            chunk = e.partial
+            if not chunk and not line:
+                return None
+            return line + chunk[: max(0, limit - len(line))]
+        except asyncio.LimitOverrunError as e:
+            # the stream's own buffer limit without a newline: take what it holds and go on
+            chunk = await reader.readexactly(e.consumed)
+            line += chunk[: max(0, limit - len(line))]
+            continue
+        return line + chunk[: max(0, limit - len(line))]
 
 
 class Readiness:
@@ -30,6 +60,8 @@ class Readiness:
         #: line), e.g. "auto-shutdown: idle for 600 s"
         self.farewell: str | None = None
         self.mux: ChannelMux | None = None
+        #: whether a later hello was already reported in this boot (once: a guest could flood)
+        self._ignored_reported = False
 
     def reset(self) -> None:
         """Before a reboot (crosvm reset): the new VMM connects and says hello anew."""
@@ -37,6 +69,7 @@ class Readiness:
         self.channel_up.clear()
         self.hello = None
         self.farewell = None
+        self._ignored_reported = False
 
     async def wait_for(self, event: asyncio.Event) -> bool:
         """Wait for ``event`` unless the supervisor finishes first; whether it came."""
@@ -55,20 +88,36 @@ class Readiness:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         try:
-            while line := await reader.readline():
+            while (line := await read_line(reader)) is not None:
                 try:
                     hello = parse_ready(line)
                 except ValueError:
                     self._farewell(line)
                     continue
+                if self.hello is not None or (
+                    hello.compatible() and hello.transport not in KNOWN_TRANSPORTS
+                ):
+                    self._ignored(hello)
+                    continue
                 # (an agent of another protocol version is "ready" at once: clients are told)
                 channel = hello.compatible() and hello.transport == "channel"
                 if channel and not await self.wait_for(self.channel_up):
                     return
-                self.hello = hello
-                self.ready.set()
+                if self.hello is None:  # (none came on another connection meanwhile)
+                    self.hello = hello
+                    self.ready.set()
         finally:
             writer.close()
+
+    def _ignored(self, hello: ReadyHello) -> None:
+        if not self._ignored_reported:
+            self._ignored_reported = True
+            print(
+                f"vmsilo supervisor: VM {self.vm_name}: ignoring a hello (version"
+                f" {hello.version}, transport {hello.transport}): readiness is pinned to the"
+                " first one",
+                file=sys.stderr,
+            )
 
     def _farewell(self, line: bytes) -> None:
         try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import socket
 import sys
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from vmsilo.channel.protocol import (
     VERSION_HINT,
     FrameType,
     ProtocolError,
+    decode_json,
     encode_error,
     encode_frame,
     encode_json,
@@ -148,10 +148,10 @@ def refuse_queued(sock: socket.socket, failure: str | None) -> None:
 
 def _control_request(payload: bytes) -> str | None:
     try:
-        obj = json.loads(payload)
-    except ValueError:
+        obj = decode_json(payload)  # (deep nesting and the like: ProtocolError, not a crash)
+    except ProtocolError:
         return None
-    value = obj.get("control") if isinstance(obj, dict) else None
+    value = obj.get("control")
     return value if isinstance(value, str) else None
 
 
