@@ -157,3 +157,12 @@ def test_directories_others_can_write_are_unsafe(tmp_path: Path) -> None:
         assert finding["level"] == "fail" and "not safe" in finding["detail"]
     finally:
         subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def test_check_warns_about_a_runtime_dir_others_could_create(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('user = "alice"\nruntimeDir = "/tmp/vmsilo-not-made-yet/run"\n[vms.a]\n')
+    status, out, err = run_vmsilo(["-c", str(cfg), "check"])
+    assert (status, out) == (0, "ok: 1 VM\n")
+    assert err.startswith("warning: runtimeDir: /tmp/vmsilo-not-made-yet/run is not safe")
+    assert "another account could create /tmp/vmsilo-not-made-yet first" in err

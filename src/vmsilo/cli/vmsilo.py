@@ -145,8 +145,17 @@ def plural(n: int, word: str) -> str:
 def _dispatch(args: argparse.Namespace, loaded: Loaded, out: TextIO, err: TextIO) -> int:
     plan = loaded.plan
     if args.verb == "check":
+        from vmsilo.host.dirsafety import unsafe_dir
         from vmsilo.host.preflight import missing_share_dirs, share_setting
 
+        for key, path in (("runtimeDir", plan.runtime_dir), ("stateDir", plan.state_dir)):
+            why = unsafe_dir(path)
+            if why is not None:
+                print(
+                    f"warning: {key}: {path} is not safe for vmsilo's root-only files: {why}"
+                    " (hint: use a directory only root can write to; vmsilo doctor fails on it)",
+                    file=err,
+                )
         for vm in plan.vms.values():
             for share in missing_share_dirs(vm):
                 print(
