@@ -532,6 +532,17 @@ def test_signal_forwarding(tmp: Path) -> None:
     with_host(tmp, body)
 
 
+def test_signal_forwarding_when_the_agent_inherited_ignored_signals(tmp: Path) -> None:
+    """Started as a shell's background job (SIGINT/SIGQUIT ignored, which exec keeps), the
+    agent must still give its programs the default handlers: a forwarded SIGINT ends them."""
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGQUIT)}
+    try:
+        test_signal_forwarding(tmp)
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+
+
 def test_detach(tmp: Path) -> None:
     fifo = tmp / "detached"
     os.mkfifo(fifo)

@@ -401,6 +401,25 @@ async def serve(args: argparse.Namespace) -> int:
     return await serve_channel(agent, channel, ready, reconnect=reconnect)
 
 
+#: The signals vm-run forwards to a session's programs.
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def _caught(_signum: int, _frame: object) -> None:
+    """Stands in for an inherited SIG_IGN: the agent still ignores the signal."""
+
+
+def catch_ignored_signals() -> None:
+    """An ignored signal stays ignored across ``exec``, so a parent that ignored SIGINT or
+    SIGQUIT (e.g. a shell's background job) would pass that on to every program the agent
+    runs, and a forwarded Ctrl-C would never end them. A caught signal is reset to its default
+    by ``exec``: catch those signals instead (doing nothing), so the programs start with the
+    defaults."""
+    for signum in FORWARDED:
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, _caught)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Agent entry point; see the module docstring for options and the return value."""
     args = build_parser().parse_args(list(argv) if argv is not None else None)
@@ -412,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     # Called in a forked child of the init: make sure no blocked signal is inherited by the
     # programs we run (forwarded SIGINT/TERM/HUP/QUIT must reach them) or hides SIGIO from us.
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    catch_ignored_signals()
     try:
         return asyncio.run(serve(args))
     except KeyboardInterrupt:
