@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import os
 import socket
 import sys
 from collections.abc import Callable, Mapping
@@ -38,15 +37,15 @@ from vmsilo.host.sockets import bind_listening
 from vmsilo.host.virtiofsd import VirtiofsdBinary
 from vmsilo.plan.model import Plan, SharePlan, VmPlan
 from vmsilo.runcmd import describe_status
+from vmsilo.supervisor.daemon import SocketDaemon
 
 #: How long a daemon may take to announce itself before the start goes on without the
 #: announcement (a future virtiofsd that logs differently must not block VMs for ever; the
 #: socket is listening either way, so going on is safe).
 ANNOUNCE_TIMEOUT = 10.0
-STOP_TIMEOUT = 5.0
 
 
-class ShareDaemon:
+class ShareDaemon(SocketDaemon):
     """One share's virtiofsd: its listening socket, the current process and its stderr."""
 
     def __init__(
@@ -58,6 +57,9 @@ class ShareDaemon:
         on_failure: Callable[[str], None] | None,
         owner: virtiofsd.Owner,
     ) -> None:
+        #: the listening socket: bound by the supervisor before the VMM started, or by start()
+        super().__init__(sock)
+        self.socket_path = share.socket
         self.vm = vm
         #: the config's user: the account guest ids become in the share (SPEC §11.4)
         self.owner = owner
@@ -65,17 +67,12 @@ class ShareDaemon:
         self.on_failure = on_failure
         self.share = share
         self.binary = binary
-        #: the listening socket: bound by the supervisor before the VMM started, or by start()
-        self.sock = sock
-        self.proc: asyncio.subprocess.Process | None = None
         self.announced: asyncio.Event = asyncio.Event()
         self.drained: asyncio.Event = asyncio.Event()  # the current daemon's stderr hit EOF
         self.tail: collections.deque[str] = collections.deque(maxlen=8)
-        self.stopping = False
         self.failure: str | None = None
         self.spawns = 0
         self.serving = False  # wait_serving() succeeded: later deaths are reported by _watch
-        self.watcher: asyncio.Task[None] | None = None
 
     @property
     def label(self) -> str:
@@ -188,31 +185,6 @@ class ShareDaemon:
                     self.on_failure(self.failure)
             self.close_socket()  # a VMM connecting now fails at once instead of hanging
             return
-
-    def close_socket(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-    async def stop(self) -> None:
-        self.stopping = True
-        proc = self.proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=STOP_TIMEOUT)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        if self.watcher is not None:
-            self.watcher.cancel()
-            with contextlib.suppress(BaseException):
-                await self.watcher
-        self.close_socket()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.share.socket)
 
 
 class Sidecars:

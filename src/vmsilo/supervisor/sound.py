@@ -14,7 +14,6 @@ instead of hanging), says why in ``status`` and lets the VM run on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import sys
@@ -24,11 +23,10 @@ from vmsilo.backends.base import SoundSidecar
 from vmsilo.errors import VmsiloError
 from vmsilo.host.sound import SOUND_DEVICE_HINT
 from vmsilo.runcmd import describe_status
+from vmsilo.supervisor.daemon import SocketDaemon
 
-STOP_TIMEOUT = 5.0
 
-
-class SoundDaemon:
+class SoundDaemon(SocketDaemon):
     """One VM's sound daemon: its process, its log relayed to ours, its end reported."""
 
     def __init__(
@@ -38,13 +36,11 @@ class SoundDaemon:
         sock: socket.socket,
         on_failure: Callable[[str], None] | None = None,
     ) -> None:
+        super().__init__(sock)
         self.vm = vm
         self.sidecar = sidecar
-        self.sock: socket.socket | None = sock
+        self.socket_path = sidecar.socket
         self.on_failure = on_failure
-        self.proc: asyncio.subprocess.Process | None = None
-        self.watcher: asyncio.Task[None] | None = None
-        self.stopping = False
         self.failure: str | None = None
         self.last_line = ""
 
@@ -91,28 +87,3 @@ class SoundDaemon:
         self.close_socket()
         if self.on_failure is not None:
             self.on_failure(self.failure)
-
-    def close_socket(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-    async def stop(self) -> None:
-        self.stopping = True
-        proc = self.proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=STOP_TIMEOUT)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        if self.watcher is not None:
-            self.watcher.cancel()
-            with contextlib.suppress(BaseException):
-                await self.watcher
-        self.close_socket()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.sidecar.socket)
