@@ -60,7 +60,8 @@ class BenchVM:
 
 
 @contextlib.contextmanager
-def bench_vm() -> Iterator[BenchVM]:
+def bench_vm(user: str = "root", more: str = "") -> Iterator[BenchVM]:
+    """The bench VM (built, not started) for desktop ``user``, ``more`` keys appended to it."""
     if os.geteuid() != 0:
         raise SystemExit("run as root (it boots a VM)")
     run_dir = Path(f"/tmp/vmsilo-bench-{os.getpid()}")
@@ -69,7 +70,7 @@ def bench_vm() -> Iterator[BenchVM]:
     vm = BenchVM(run_dir)
     vm.config.write_text(
         f"""
-user = "root"
+user = "{user}"
 stateDir = "{STATE}"
 runtimeDir = "{run_dir}"
 [qemu]
@@ -80,6 +81,7 @@ memory = 512
 cpus = 1
 sharedHome = false
 """
+        + more
     )
     p = vm.cmd("vmsilo", "image", "build")
     if p.returncode != 0:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import array
 import os
 import pwd
-import shutil
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from benchvm import STATE, BenchVM
+from benchvm import bench_vm
 
 from soundenv import GUEST_TONE, host_pulse
 
@@ -80,30 +79,9 @@ def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("run as root (it boots a VM)")
     user = make_user()
-    run_dir = Path(f"/tmp/vmsilo-bench-sound-{os.getpid()}")
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir()
-    vm = BenchVM(run_dir)
-    vm.config.write_text(
-        f"""
-user = "{user.pw_name}"
-stateDir = "{STATE}"
-runtimeDir = "{run_dir}"
-[qemu]
-accel = "auto"
-[vms.bench]
-hypervisor = "qemu"
-memory = 512
-cpus = 1
-sharedHome = false
-sound = {{ playback = true }}
-"""
-    )
     try:
-        p = vm.cmd("vmsilo", "image", "build")
-        if p.returncode != 0:
-            raise SystemExit(p.stderr.decode())
-        with host_pulse(user) as pulse:
+        sound_on = "sound = { playback = true }\n"
+        with bench_vm(user.pw_name, sound_on) as vm, host_pulse(user) as pulse:
             vm.start()
             p = vm.cmd("vm-run", "bench", "python3", "-c", GUEST_TONE, "/tmp/tone.wav", "1")
             assert p.returncode == 0, p.stderr
@@ -136,7 +114,6 @@ sound = {{ playback = true }}
                     monitor.armed.clear()
             finally:
                 monitor.close()
-                vm.stop()
         med_plain = statistics.median(plain) * 1000
         med_sound = statistics.median(sound) * 1000
         print(f"vm-run bench true (median of {N}): {med_plain:.0f} ms")
@@ -146,7 +123,6 @@ sound = {{ playback = true }}
         )
         print(f"added by sound (difference of medians): {med_sound - med_plain:+.0f} ms")
     finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
         subprocess.run(["userdel", user.pw_name], capture_output=True, check=False)
     return 0
 
