@@ -25,6 +25,7 @@ GUEST_MODULES: tuple[str, ...] = (
     "vmsilo/channel/pipes.py",
     "vmsilo/channel/protocol.py",
     "vmsilo/channel/relay.py",
+    "vmsilo/channel/splice.py",
     "vmsilo/guest/__init__.py",
     "vmsilo/guest/actions.py",
     "vmsilo/guest/agent.py",
@@ -34,6 +35,7 @@ GUEST_MODULES: tuple[str, ...] = (
     "vmsilo/guest/netvm.py",
     "vmsilo/guest/ports.py",
     "vmsilo/guest/sound.py",
+    "vmsilo/guest/wayland.py",
 )
 
 #: Executable data files (made mode 0755 in the image).

@@ -63,6 +63,9 @@ BASE_PACKAGES: tuple[str, ...] = (
     "pulseaudio-utils",
     "alsa-utils",
     "libasound2-plugins",
+    # windows on the host desktop (SPEC §9.1): waypipe's server, and a font for programs
+    "waypipe",
+    "fonts-dejavu-core",
 )
 HOST_BUSYBOX = Path("/bin/busybox")
 GUEST_PYTHON_DIR = "usr/lib/python3/dist-packages/vmsilo"

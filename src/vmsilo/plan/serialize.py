@@ -98,6 +98,8 @@ def vm_to_json(vm: VmPlan) -> dict[str, Any]:
             "opengl": gpu.opengl,
             "vulkan": gpu.vulkan,
             "waylandSocket": gpu.wayland_socket,
+            "filterSocket": gpu.filter_socket,
+            "waypipeSocket": gpu.waypipe_socket,
             "contextTypes": list(gpu.context_types),
         },
         "sound": {
