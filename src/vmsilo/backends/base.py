@@ -86,8 +86,11 @@ class WindowsSidecar:
     #: started before the VMM (crosvm connects at once) instead of at the first window (QEMU)
     at_launch: bool
 
-    def argv(self, python: str) -> list[str]:
+    def argv(self, python: str, *, drop: bool) -> list[str]:
+        """The bridge's command line; ``drop``: it is started as root and becomes the user."""
         argv = [python, "-m", "vmsilo.wayland.bridge", "--vm", self.vm, "--color", self.color]
+        if drop:
+            argv += ["--uid", str(self.uid), "--gid", str(self.gid)]
         argv += ["--listen", self.filter_socket, "--upstream", self.compositor]
         if self.waypipe_socket is not None and self.waypipe is not None:
             argv += ["--waypipe", self.waypipe, "--waypipe-socket", self.waypipe_socket]

@@ -86,6 +86,21 @@ def make_runtime_dir(uid: int, gid: int) -> str:
     return path
 
 
+OVERCOMMIT = "/proc/sys/vm/overcommit_memory"
+
+
+def allow_overcommit(path: str = OVERCOMMIT) -> None:
+    """Let waypipe mirror a program's whole shm pool: it maps a copy as large as the pool, and
+    programs reserve pools far larger than they touch (foot's scrollback pool exceeds a small
+    VM's RAM). Under the kernel's default heuristic such a mapping fails in a 512 MiB guest
+    ("Failed to allocate mirror") and the window dies; only touched pages cost memory."""
+    try:
+        with open(path, "w") as f:
+            f.write("1")
+    except OSError as e:
+        log.warning("cannot allow memory overcommit (%s): large windows may fail", e)
+
+
 class _Pending:
     """A program's connection waiting for its stream, and the end of its relay."""
 
@@ -115,6 +130,7 @@ class WaylandBridge:
 
     async def start(self) -> None:
         """Bind the bridge socket, then start waypipe as the user and wait until it serves."""
+        allow_overcommit()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.bridge_socket)
         self.server = await asyncio.start_unix_server(self._on_connection, path=self.bridge_socket)

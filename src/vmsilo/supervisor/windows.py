@@ -90,19 +90,16 @@ class Bridge:
             )
         if not os.path.exists(s.compositor):
             raise DesktopUnavailable(f"no Wayland compositor at {s.compositor}")
-        drop = os.geteuid() == 0 and s.uid != 0
+        drop = os.geteuid() == 0 and s.uid != 0  # it becomes the user itself (see bridge)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *s.argv(sys.executable),
+                *s.argv(sys.executable, drop=drop),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=s.env,
                 cwd="/",
                 start_new_session=True,
-                user=s.uid if drop else None,
-                group=s.gid if drop else None,
-                extra_groups=[] if drop else None,
             )
         except OSError as e:
             raise DesktopUnavailable(f"cannot start the Wayland bridge: {e}") from None

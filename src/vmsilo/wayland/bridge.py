@@ -121,6 +121,18 @@ def run(
     return 0
 
 
+def become(uid: int, gid: int) -> None:
+    """Drop every privilege for the desktop user's, before touching any of their files.
+
+    The supervisor starts the bridge as root and the bridge drops here, after its imports:
+    the interpreter and the vmsilo package may live where the user cannot read (a checkout in
+    root's home), and nothing the bridge does afterwards needs them on disk."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    os.umask(0o077)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m vmsilo.wayland.bridge",
@@ -132,8 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--upstream", required=True, help="the compositor's socket")
     p.add_argument("--waypipe", help="the waypipe program (QEMU path)")
     p.add_argument("--waypipe-socket", help="where the waypipe client listens (QEMU path)")
+    p.add_argument("--uid", type=int, help="become this user first (started by root)")
+    p.add_argument("--gid", type=int, help="and this group")
     a = p.parse_args(argv)
     try:
+        if a.uid is not None:
+            become(a.uid, a.gid if a.gid is not None else a.uid)
         return run(a.vm, a.color, a.listen, a.upstream, a.waypipe, a.waypipe_socket)
     except (OSError, BridgeError, protocol.ProtocolFileError) as e:
         print(f"vmsilo wayland bridge: {e}", file=sys.stderr)
