@@ -8,9 +8,10 @@ before their credit goes back. So at most one window per direction is ever in fl
 repaint burst waits for the window instead of growing a queue, and on a mux other sessions'
 frames keep interleaving with it (each frame is at most :data:`CHUNK` bytes).
 
-Either side may end it: local EOF or error sends ``end_type`` (the guest sends EXIT, the host
-RESET); a terminal frame, a vanished link or a protocol error from the peer closes the local
-socket. Standard library only: the guest runs it too.
+Either side may end it, as a Wayland connection ends — whole, not half-closed: the local
+socket's EOF (after every byte before it went out) sends ``end_type`` (the guest sends EXIT, the
+host RESET); a terminal frame, a vanished link or a protocol error from the peer closes the
+local socket. Standard library only: the guest runs it too.
 """
 
 from __future__ import annotations
@@ -54,10 +55,13 @@ class _Credit:
 async def _outbound(
     link: Link, reader: asyncio.StreamReader, credit: _Credit, send_type: FrameType
 ) -> None:
-    """Local socket → link, within the credit."""
+    """Local socket → link, within the credit, until the socket's EOF (or error)."""
     while True:
         await credit.wait()
-        data = await reader.read(min(CHUNK, credit.available - FRAME_COST))
+        try:
+            data = await reader.read(min(CHUNK, credit.available - FRAME_COST))
+        except (ConnectionError, OSError):
+            return
         if not data:
             return
         credit.available -= len(data) + FRAME_COST
@@ -67,14 +71,21 @@ async def _outbound(
 async def _inbound(
     link: Link, writer: asyncio.StreamWriter, credit: _Credit, recv_type: FrameType
 ) -> None:
-    """Link → local socket; credit goes back once the bytes are written."""
+    """Link → local socket; credit goes back once the bytes are written. Returns when the peer
+    ends the stream. A local socket that can no longer be written (its reader is gone) only
+    stops the writing: what it still has to say is read to its end by :func:`_outbound`."""
+    writable = True
     while True:
         frame = await link.recv()
         if frame is None or frame.type in TERMINAL_TYPES:
             return
         if frame.type == recv_type:
-            writer.write(frame.payload)
-            await writer.drain()
+            if writable:
+                try:
+                    writer.write(frame.payload)
+                    await writer.drain()
+                except (ConnectionError, OSError):
+                    writable = False
             await link.send(FrameType.CREDIT, encode_u32(frame.cost))
         elif frame.type == FrameType.CREDIT:
             credit.grant(decode_u32(frame.payload))
@@ -100,8 +111,8 @@ async def splice(
     inbound = asyncio.ensure_future(_inbound(link, writer, credit, recv_type))
     try:
         done, _ = await asyncio.wait({outbound, inbound}, return_when=asyncio.FIRST_COMPLETED)
-        peer_ended = inbound in done and inbound.exception() is None
-        if not peer_ended:
+        broken = inbound in done and inbound.exception() is not None  # the peer misbehaved
+        if outbound in done or broken:  # local EOF (or a bad peer): the peer is told
             payload = encode_exit(0) if end_type == FrameType.EXIT else b""
             with contextlib.suppress(Exception):
                 await link.send(end_type, payload)

@@ -131,11 +131,18 @@ class WaylandBridge:
     async def start(self) -> None:
         """Bind the bridge socket, then start waypipe as the user and wait until it serves."""
         allow_overcommit()
+        await self.listen()
+        await self._start_waypipe()
+
+    async def listen(self) -> None:
+        """Serve the bridge socket (the user's only: waypipe runs as the user)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.bridge_socket)
         self.server = await asyncio.start_unix_server(self._on_connection, path=self.bridge_socket)
         os.chown(self.bridge_socket, self.uid, self.gid)
         os.chmod(self.bridge_socket, 0o600)
+
+    async def _start_waypipe(self) -> None:
         run = make_runtime_dir(self.uid, self.gid)
         try:
             home = pwd.getpwuid(self.uid).pw_dir
