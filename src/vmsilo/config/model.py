@@ -170,7 +170,10 @@ class SharedDirectory(Model):
 
 
 class GpuConfig(Model):
-    wayland: bool = Field(False, description="windows on the host's Wayland desktop")
+    wayland: bool = Field(
+        False,
+        description="windows on the host's Wayland desktop (QEMU: waypipe over the channel)",
+    )
     opengl: bool = Field(False, description="OpenGL through virgl")
     vulkan: bool = Field(False, description="Vulkan through venus (crosvm only)")
     wayland_socket: HostPath | None = Field(
@@ -340,7 +343,7 @@ class VmConfig(Model):
     gpu: GpuSetting | None = Field(
         None,
         description="`true` (wayland + opengl), `false`, or a table of features",
-        json_schema_extra=shown("crosvm: `true`; qemu: `false`"),
+        json_schema_extra=shown("crosvm: `true`; qemu: `{ wayland = true }`"),
     )
     sound: SoundConfig = SoundConfig()
     pci_devices: list[PciDevice] = Field(
