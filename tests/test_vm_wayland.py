@@ -7,11 +7,14 @@ program saw (what it read, what ``wayland-info`` lists), never at vmsilo's own i
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,6 +57,11 @@ def vms(image: object, state_dir: Path, desk: Desktop) -> Iterator[Setup]:
             f'[vms.{vm}]\nhypervisor = "qemu"\nmemory = 512\ncpus = 1\nsharedHome = false\n'
             f'color = "{color}"\ngpu = {{ wayland = true, waylandSocket = "{desk.socket_path}" }}\n'
         )
+    # a VM whose compositor is missing (started by the test that uses it)
+    more += (
+        '[vms.nodesk]\nhypervisor = "qemu"\nmemory = 512\ncpus = 1\nsharedHome = false\n'
+        f'gpu = {{ wayland = true, waylandSocket = "{desk.runtime}/wayland-none" }}\n'
+    )
     text = desktop_config(desk.user.pw_name, state_dir, run_dir, vm="work", more="")
     text = text[: text.index("[vms.work]")] + more
     config = run_dir / "vmsilo.toml"
@@ -66,7 +74,7 @@ def vms(image: object, state_dir: Path, desk: Desktop) -> Iterator[Setup]:
             assert p.returncode == 0, p.stderr
         yield s
     finally:
-        for vm in COLORS:
+        for vm in (*COLORS, "nodesk"):
             s.as_root("vmsilo", "stop", vm)
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -254,3 +262,53 @@ def test_two_vms_closing_and_stopping(desk: Desktop, vms: Setup) -> None:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+def desktop_processes(vm: str) -> str:
+    """The bridge and waypipe client of ``vm`` still running (``pgrep -a`` lines)."""
+    p = subprocess.run(
+        ["pgrep", "-a", "-f", f"{vm}-waypipe.socket|vmsilo.wayland.bridge --vm {vm} "],
+        capture_output=True,
+        text=True,
+    )
+    return p.stdout
+
+
+def test_without_a_compositor_a_window_program_fails_at_once(vms: Setup) -> None:
+    start = subprocess.run(
+        [sys.executable, "-m", "vmsilo.cli.vm_start", "nodesk"],
+        env=dict(os.environ, VMSILO_CONFIG=str(vms.config)),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert start.returncode == 0, start.stderr  # the VM itself starts
+    t = time.monotonic()
+    p = vm_run(vms, "nodesk", "foot", "true", timeout=60)
+    took = time.monotonic() - t
+    assert p.returncode != 0
+    assert took < 15, f"{took:.1f} s: the program waited instead of failing"
+    # the guest program itself says why (the filter's wl_display.error, through waypipe)
+    assert "no Wayland compositor at" in p.stderr and "wayland-none" in p.stderr, p.stderr
+    log = (vms.run_dir / "nodesk.supervisor.log").read_text()
+    assert "no Wayland compositor at" in log and "wayland-none" in log
+
+
+def test_a_vm_that_dies_leaves_no_desktop_process(desk: Desktop, vms: Setup) -> None:
+    procs: list[subprocess.Popen[bytes]] = []
+    win = open_window(
+        desk,
+        lambda: procs.append(vm_popen(vms, "work", *foot_argv("dies", "sleep 600"))),
+        "vmsilo:work:green",
+        "dies",
+    )
+    assert desktop_processes("work") != ""
+    status = vms.as_root("vmsilo", "status", "work", "--json")
+    pid = json.loads(status.stdout)["vms"][0]["pid"]  # the VMM's
+    assert isinstance(pid, int) and pid > 1
+    wait_closed(desk, win["id"], lambda: os.kill(pid, signal.SIGKILL))
+    assert procs[0].wait(timeout=60) == 255  # vm-run: the channel is gone
+    deadline = time.monotonic() + 30
+    while desktop_processes("work") and time.monotonic() < deadline:
+        time.sleep(0.2)  # the supervisor's cleanup runs after the VMM's death
+    assert desktop_processes("work") == ""
