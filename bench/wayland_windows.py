@@ -90,6 +90,9 @@ def main() -> int:
 
 
 def measure(desk: Desktop, vm: object) -> int:
+    built = vm.cmd("vmsilo", "image", "build", "benchdesk")  # type: ignore[attr-defined]
+    if built.returncode != 0:
+        raise SystemExit(built.stderr.decode())
     vm.start()  # type: ignore[attr-defined]
     env = vm.env  # type: ignore[attr-defined]
     vm_run = [sys.executable, "-m", "vmsilo.cli.vm_run", "bench"]
