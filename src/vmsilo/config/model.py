@@ -387,6 +387,16 @@ class ImageConfig(Model):
     suite: Suite = Field("bookworm", description="the Debian release it is built from")
 
 
+class CopyLimits(Model):
+    """``vm-copy``'s limits (SPEC §9.4): what one copy may carry, enforced by the destination
+    VM's unpacker whatever the source sends."""
+
+    max_bytes: PositiveInt = Field(64 << 30, description="bytes of file data in one `vm-copy`")
+    max_files: PositiveInt = Field(
+        1_000_000, description="files, directories and symlinks in one `vm-copy`"
+    )
+
+
 class GlobalConfig(Model):
     """Everything but the VMs, validated first so VM errors can be collected per VM."""
 
@@ -411,6 +421,7 @@ class GlobalConfig(Model):
     )
     crosvm: CrosvmGlobal = CrosvmGlobal()
     qemu: QemuGlobal = QemuGlobal()
+    copy_limits: CopyLimits = Field(CopyLimits(), alias="copy")
     images: dict[ImageName, ImageConfig] = Field(
         {},
         description="guest images by name; an image `default` always exists",
