@@ -76,6 +76,42 @@ def test_tree_arrives_intact_and_is_never_overwritten(inst: Install) -> None:
     assert sh(inst, "beta", LISTING, "/root/Incoming/alpha/tree") == arrived
 
 
+def test_progress_bar_on_a_terminal(inst: Install) -> None:
+    """On a terminal, rich draws the bar (bytes and a rate) on standard error."""
+    import os
+    import subprocess
+    import sys
+
+    sh(inst, "alpha", "head -c 4000000 /dev/urandom > ~/shown")
+    master, slave = os.openpty()
+    try:
+        p = subprocess.run(
+            [sys.executable, "-m", "vmsilo.cli.vm_copy", "alpha", "beta", "shown"],
+            stdin=subprocess.DEVNULL,
+            stdout=slave,
+            stderr=slave,
+            env=inst.env(TERM="xterm", COLUMNS="100"),
+            timeout=600,
+        )
+        os.close(slave)
+        slave = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: no writer left
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert p.returncode == 0, shown
+    assert b"vm-copy" in shown and b"4.0" in shown and b"MB" in shown, shown
+
+
 def _tar(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
@@ -134,7 +170,7 @@ def test_hostile_stream_leaves_nothing_outside_and_nothing_dangerous(
         timeout=300,
     )
     assert p.returncode == 1, (p.stdout, p.stderr)
-    assert f"~/Incoming/{src}/".encode() in p.stderr, p.stderr  # the refusal names the file
+    assert f"~/Incoming/{src}".encode() in p.stderr, p.stderr  # the refusal names the file
     found = sh(inst, "beta", "cd ~/Incoming/$1 && find . -printf '%y %p %m\\n'", src)
     lines = sorted(found.splitlines())
     extra = ["d ./ok/sub 755", "l ./ok/via 777"] if case == "through-link" else []

@@ -45,7 +45,7 @@ from vmsilo.guest.copy_rules import (
 )
 
 BUFSIZE = 1 << 20
-#: What may follow the end of the archive (tar pads to its record size).
+#: How many NUL bytes may follow the end of the archive (tar pads to its record size).
 MAX_TRAILING = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -100,19 +100,18 @@ class Unpacker:
                     # a million members must not pile up in memory
                     tf.members.clear()  # type: ignore[attr-defined]
                     self.member(tf, member)
+                _check_end(tf.fileobj)
         except (tarfile.TarError, EOFError, ValueError, UnicodeError) as e:
             raise Refused(f"malformed stream from the source VM: {e}") from None
         finally:
             self._close_parent()
-        trailing = 0
-        while chunk := stream.read(65536):
-            trailing += len(chunk)
-            if trailing > MAX_TRAILING:
-                raise Refused("data after the end of the stream")
 
     def member(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         name = m.name.rstrip("/") if m.isdir() else m.name
-        parts = split_name(name)
+        try:
+            parts = split_name(name)
+        except Refused as e:
+            raise Refused(f"{self.shown_root}: {e}") from None
         shown = self.shown(name)
         self.files += 1
         if self.files > self.max_files:
@@ -211,6 +210,15 @@ class Unpacker:
         if self._parent is not None:
             os.close(self._parent[1])
             self._parent = None
+
+
+def _check_end(stream: Any) -> None:
+    """What follows the end of the archive may only be tar's NUL padding."""
+    trailing = 0
+    while chunk := stream.read(65536):
+        trailing += len(chunk)
+        if trailing > MAX_TRAILING or chunk.strip(b"\0"):
+            raise Refused("malformed stream from the source VM: data after its end")
 
 
 def _kind(m: tarfile.TarInfo) -> str:
