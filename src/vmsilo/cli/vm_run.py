@@ -202,6 +202,7 @@ def main(
 ) -> int:
     """vm-run; ``prog`` names the tool in messages (``vm-shell --ssh`` runs through here)."""
     err = stderr or sys.stderr
+    args: RunArgs | str | None = None
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         if args is None:
@@ -212,17 +213,38 @@ def main(
 
             print(f"vm-run (vmsilo) {__version__}", file=sys.stdout)
             return 0
-        return _run(args, users, err, app, prog)
+        status = _run(args, users, err, app, prog)
+        if status in (126, 127):
+            what = "was not found" if status == 127 else "cannot be executed"
+            _unattended_failure(args, err, prog, f"{args.argv[0]} {what}")
+        return status
     except VmsiloError as e:
         print(f"{prog}: {e}", file=err)
+        _unattended_failure(args, err, prog, str(e))
         return EXIT_FAILURE
     except OSError as e:  # e.g. PermissionError: one line, never a traceback
         from vmsilo.cli.common import os_error
 
         print(f"{prog}: {os_error(e)}", file=err)
+        _unattended_failure(args, err, prog, str(os_error(e)))
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+
+
+def _unattended_failure(args: RunArgs | str | None, err: TextIO, prog: str, text: str) -> None:
+    """A ``--detach`` launch without a terminal (a menu entry, SPEC §9.3) has nobody reading
+    standard error: its failure also goes to the journal and a desktop notification."""
+    if not isinstance(args, RunArgs) or not args.detach:
+        return
+    try:
+        if os.isatty(err.fileno()):
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
+    from vmsilo.cli.notify import report_launch_failure
+
+    report_launch_failure(prog, args.vm, text)
 
 
 @dataclass

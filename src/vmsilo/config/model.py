@@ -51,6 +51,8 @@ from vmsilo.config.types import (
 from vmsilo.defaults import DEFAULT_IMAGE, RUNTIME_DIR, SHARED_ROOT, STATE_DIR
 
 PositiveInt = Annotated[int, Field(ge=1)]
+#: A desktop file id as in ``/usr/share/applications/<id>.desktop``.
+DesktopId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$", max_length=200)]
 
 
 def shown(default: str) -> dict[str, Any]:
@@ -357,6 +359,13 @@ class VmConfig(Model):
         None, description="overrides the global one", json_schema_extra=shown("global")
     )
     crosvm: CrosvmVm = CrosvmVm()
+    desktop_entries: list[DesktopId] | None = Field(
+        None,
+        description="desktop file ids (without `.desktop`) of the image's own packages whose"
+        " menu entries `vmsilo install` writes; `[]` none; checked against the image at"
+        " install and image build",
+        json_schema_extra=shown("all"),
+    )
 
 
 class CrosvmGlobal(Model):
