@@ -186,8 +186,13 @@ def test_hostile_stream_leaves_nothing_outside_and_nothing_dangerous(
 
 
 def test_stopped_vm_with_no_autostart_and_unknown_vm_exit_255(inst: Install) -> None:
-    for vm in ("alpha", "beta"):
-        inst.cmd("vmsilo", "stop", vm)
+    if inst.status("alpha")["state"] != "running":
+        assert inst.cmd("vmsilo", "start", "alpha").returncode == 0
+    inst.cmd("vmsilo", "stop", "beta")  # DST stopped, SRC running
+    p = inst.cmd("vm-copy", "--no-autostart", "alpha", "beta", "tree")
+    assert p.returncode == 255
+    assert b"VM beta is not running" in p.stderr and b"vm-start beta" in p.stderr
+    inst.cmd("vmsilo", "stop", "alpha")  # both stopped: SRC is named first
     p = inst.cmd("vm-copy", "--no-autostart", "alpha", "beta", "tree")
     assert p.returncode == 255
     assert b"VM alpha is not running" in p.stderr and b"vm-start alpha" in p.stderr
