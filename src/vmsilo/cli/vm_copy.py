@@ -30,6 +30,7 @@ from vmsilo.cli.vm_common import ToolParser
 from vmsilo.errors import VmsiloError
 
 if TYPE_CHECKING:
+    from vmsilo.cli.copy_progress import Progress
     from vmsilo.cli.vm_run import Reached
     from vmsilo.config.users import UserLookup
     from vmsilo.lifecycle.base import App
@@ -209,8 +210,6 @@ class Relay:
         self.progress: Progress | None = None
 
     def run(self) -> int:
-        from vmsilo.channel.protocol import ChannelError
-
         try:
             return asyncio.run(self._run())
         except _SideFailed as e:
@@ -220,8 +219,6 @@ class Relay:
             raise channel_failure(
                 e.vm, e.error, watch.failure() if watch is not None else None
             ) from None
-        except ChannelError as e:  # pragma: no cover - wrapped above
-            raise VmsiloError(str(e)) from None
         finally:
             if self.progress is not None:
                 self.progress.stop()
@@ -237,6 +234,8 @@ class Relay:
         on_tty = os.isatty(2)
         new_filter = EscapeFilter if on_tty else None
         if on_tty:
+            from vmsilo.cli.copy_progress import Progress
+
             self.progress = Progress(self.err)
         splicer = threading.Thread(
             target=_splice, args=(out_r, in_w, self._count), name="vm-copy-splice", daemon=True
@@ -396,60 +395,6 @@ def _splice(src: int, dst: int, count: Callable[[int], None]) -> None:
     finally:
         os.close(src)
         os.close(dst)
-
-
-class Progress:
-    """rich's progress bar on a terminal: bytes sent of the total SRC announced."""
-
-    def __init__(self, stream: TextIO) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-        from rich.progress import Progress as RichProgress
-
-        self._lock = threading.Lock()
-        self._bar = RichProgress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=Console(file=stream, stderr=True, highlight=False),
-            transient=False,
-        )
-        self._task = self._bar.add_task("vm-copy", total=None)
-        self._started = False
-        self._stopped = False
-
-    def _start(self) -> None:
-        if not self._started and not self._stopped:
-            self._started = True
-            self._bar.start()
-
-    def total(self, n: int) -> None:
-        with self._lock:
-            self._bar.update(self._task, total=n)
-            self._start()
-
-    def advance(self, n: int) -> None:
-        with self._lock:
-            self._bar.advance(self._task, n)
-            self._start()
-
-    def message(self, text: str) -> None:
-        with self._lock:
-            self._bar.console.print(text, markup=False, highlight=False)
-
-    def stop(self) -> None:
-        with self._lock:
-            if self._started and not self._stopped:
-                self._bar.stop()
-            self._stopped = True
 
 
 if __name__ == "__main__":
