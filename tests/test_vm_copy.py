@@ -76,6 +76,26 @@ def test_tree_arrives_intact_and_is_never_overwritten(inst: Install) -> None:
     assert sh(inst, "beta", LISTING, "/root/Incoming/alpha/tree") == arrived
 
 
+SHADOW = (
+    "set -e; mkdir -p ~/vmsilo/guest; touch ~/vmsilo/__init__.py ~/vmsilo/guest/__init__.py"
+    "; for m in copy_pack copy_unpack; do"
+    ' echo \'open("/tmp/shadowed", "w").close()\' > ~/vmsilo/guest/$m.py; done'
+)
+
+
+def test_a_vmsilo_directory_in_a_home_does_not_replace_the_guest_code(inst: Install) -> None:
+    """The packer and unpacker run with ``python3 -I``: a ``vmsilo`` directory in the user's
+    home (the working directory) is not imported instead of the image's modules."""
+    for vm in ("alpha", "beta"):
+        sh(inst, vm, SHADOW)
+    sh(inst, "alpha", "echo small > ~/small")
+    p = inst.cmd("vm-copy", "alpha", "beta", "small", timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert sh(inst, "beta", "cat ~/Incoming/alpha/small") == "small\n"
+    for vm in ("alpha", "beta"):
+        assert sh(inst, vm, "ls /tmp/shadowed 2>/dev/null; rm -rf ~/vmsilo; true") == ""
+
+
 def test_progress_bar_on_a_terminal(inst: Install) -> None:
     """On a terminal, rich draws the bar (bytes and a rate) on standard error."""
     import os
@@ -161,6 +181,7 @@ def test_hostile_stream_leaves_nothing_outside_and_nothing_dangerous(
         "vm-run",
         "beta",
         "python3",
+        "-I",
         "-m",
         "vmsilo.guest.copy_unpack",
         f"--src={src}",

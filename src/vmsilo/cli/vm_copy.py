@@ -164,10 +164,14 @@ def _done(reached: Reached) -> None:
         reached.status.done()
 
 
+#: ``-I``: the guest's own modules only, never a ``vmsilo`` directory in the user's home
+#: (``-m`` would put the working directory first on the path).
+PYTHON = ("python3", "-I", "-m")
+
+
 def pack_argv(paths: list[str], limits: Limits) -> list[str]:
     return [
-        "python3",
-        "-m",
+        *PYTHON,
         "vmsilo.guest.copy_pack",
         f"--max-bytes={limits.max_bytes}",
         f"--max-files={limits.max_files}",
@@ -178,8 +182,7 @@ def pack_argv(paths: list[str], limits: Limits) -> list[str]:
 
 def unpack_argv(src: str, limits: Limits) -> list[str]:
     return [
-        "python3",
-        "-m",
+        *PYTHON,
         "vmsilo.guest.copy_unpack",
         f"--src={src}",
         f"--max-bytes={limits.max_bytes}",
