@@ -240,3 +240,31 @@ def test_a_failed_menu_launch_reaches_the_journal_and_the_desktop(
     record.unlink()
     assert vm_run.main(["-c", str(cfg), "nosuch", "foot"], users=USERS, stderr=err) == 255
     assert not record.exists()
+
+
+@needs_foot
+def test_image_build_refuses_an_unknown_desktop_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``vmsilo image build`` checks ``desktopEntries`` of the VMs using the image it built
+    (exit 2, listing what the image offers); ``vmsilo check`` does not need images."""
+    from fleet import run_vmsilo
+    from vmsilo.image import build as image_build
+
+    state = tmp_path / "state"
+    built_image(tmp_path, state, "desk", ("foot", "htop"))
+    version = state / "images/desk/v1"
+    monkeypatch.setattr(
+        image_build,
+        "build_image",
+        lambda spec, *a, **kw: image_build.BuiltImage(spec.name, "v1", version, reused=True),
+    )
+    cfg = tmp_path / "vmsilo.toml"
+    cfg.write_text(config(state, '[vms.work]\nimage = "desk"\ndesktopEntries = ["nope"]\n'))
+    assert run_vmsilo(["-c", str(cfg), "check"])[0] == 0
+    status, _out, err = run_vmsilo(["-c", str(cfg), "image", "build", "desk"])
+    assert status == 2
+    assert "vms.work.desktopEntries: unknown desktop entry nope (image desk)" in err
+    assert "foot" in err and "htop" in err
+    cfg.write_text(config(state, '[vms.work]\nimage = "desk"\ndesktopEntries = ["htop"]\n'))
+    assert run_vmsilo(["-c", str(cfg), "image", "build", "desk"])[0] == 0
