@@ -211,6 +211,8 @@ class VmPlan:
     service_unit: str
     socket_unit: str
     not_applied: tuple[str, ...]
+    #: ``desktopEntries``: the menu entries to install (None: every one the image offers)
+    desktop_entries: tuple[str, ...] | None = None
 
     @property
     def kernel_cmdline(self) -> str:
