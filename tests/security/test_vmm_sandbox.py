@@ -160,8 +160,7 @@ stateDir = "/var/lib/vm silo $HOME"
     ]
     line = next(x for x in text.splitlines() if x.startswith("ReadWritePaths="))
     assert line == (
-        'ReadWritePaths="-/run/vm silo %%h" "-/var/lib/vm silo $HOME" -/shared/work'
-        " -/run/user/1000"
+        'ReadWritePaths="-/run/vm silo %%h" "-/var/lib/vm silo $HOME" -/shared/work -/run/user/1000'
     )
 
 
