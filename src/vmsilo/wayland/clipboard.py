@@ -32,6 +32,9 @@ PREFERRED = (
     b"TEXT",
     b"image/png",
 )
+#: Pastes of host data written at once (a thread each): a program that asks again and again
+#: without reading gets its further pipes closed, not more threads.
+MAX_WRITERS = 8
 #: The types offered for text pasted from the host.
 TEXT_TYPES = (b"text/plain;charset=utf-8", b"text/plain", b"UTF8_STRING", b"STRING", b"TEXT")
 
@@ -86,7 +89,7 @@ class Clipboard:
         """A client pastes: the owner writes ``mime`` into ``fd`` (ours to hand on or close)."""
         if self.host is not None:
             data = self.host[1] if mime in self.mimes else b""
-            threading.Thread(target=_write_all, args=(fd, data), daemon=True).start()
+            _start_writer(fd, data)
         elif self.owner is not None and mime in self.mimes:
             self.owner.source_event(self.source, "send", [mime, fd])
         else:
@@ -99,7 +102,7 @@ class Clipboard:
         (``fd`` closed) when the VM has no selection to give."""
         mime = next((m for m in PREFERRED if m in self.mimes), None)
         if self.host is not None and mime is not None:
-            threading.Thread(target=_write_all, args=(fd, self.host[1]), daemon=True).start()
+            _start_writer(fd, self.host[1])
             return mime
         if self.owner is None or mime is None:
             os.close(fd)
@@ -134,12 +137,25 @@ class Clipboard:
                 session.offer_selection(offers)
 
 
+_writers = threading.BoundedSemaphore(MAX_WRITERS)
+
+
+def _start_writer(fd: int, data: bytes) -> None:
+    if not _writers.acquire(blocking=False):
+        os.close(fd)
+        return
+    threading.Thread(target=_write_all, args=(fd, data), daemon=True).start()
+
+
 def _write_all(fd: int, data: bytes) -> None:
     """Write ``data`` to a paster's pipe, then close it (a thread: the pipe may be slow)."""
-    with contextlib.suppress(OSError):
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-    with contextlib.suppress(OSError):
-        os.close(fd)
+    try:
+        with contextlib.suppress(OSError):
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    finally:
+        _writers.release()
