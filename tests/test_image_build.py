@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IMAGE_CACHE
+from conftest import DESKTOP_TEST_PACKAGES, IMAGE_CACHE
 from guestvm import GuestVM
 from vmsilo.channel.protocol import parse_ready
 from vmsilo.image.build import BuiltImage, ImageSpec, build_image
@@ -24,7 +24,7 @@ from vmsilo.image.store import list_images
 
 pytestmark = pytest.mark.vm
 
-SPEC = ImageSpec(name="default", suite="bookworm", packages=())
+SPEC = ImageSpec(name="default", suite="bookworm", packages=DESKTOP_TEST_PACKAGES)  # as the fixture
 
 
 @pytest.fixture
