@@ -356,7 +356,8 @@ COMP_WORDS=(vm-copy ba); COMP_CWORD=1; _vmsilo_vm_copy; echo "src: ${{COMPREPLY[
 COMP_WORDS=(vm-copy banking n); COMP_CWORD=2; _vmsilo_vm_copy; echo "dst: ${{COMPREPLY[*]}}"
 COMP_WORDS=(vm-copy banking netvm n); COMP_CWORD=3; _vmsilo_vm_copy; echo "path: ${{COMPREPLY[*]}}"
 COMP_WORDS=(vm-clipboard p); COMP_CWORD=1; _vmsilo_vm_clipboard; echo "clip: ${{COMPREPLY[*]}}"
-COMP_WORDS=(vm-clipboard paste b); COMP_CWORD=2; _vmsilo_vm_clipboard; echo "into: ${{COMPREPLY[*]}}"
+COMP_WORDS=(vm-clipboard paste b); COMP_CWORD=2; _vmsilo_vm_clipboard
+echo "into: ${{COMPREPLY[*]}}"
 """
     env = {**os.environ, "VMSILO_CONFIG": str(root_cfg)}
     p = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, env=env, timeout=60)
