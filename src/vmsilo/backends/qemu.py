@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from vmsilo.backends.features import QEMU_VHOST_USER_DEVICES, Accel
+from vmsilo.contracts.cmdline import WAYPIPE_PARAM
 from vmsilo.contracts.ports import CHANNEL_PORT, CONSOLE_PORT, READY_PORT
 from vmsilo.plan.model import Plan, VmPlan
 
@@ -50,6 +51,8 @@ def qemu_argv(
     same sound devices on ``-audiodev none``: QEMU 7.2 exits at once when ``pa`` cannot
     connect)."""
     p = vm.paths
+    # windows go through waypipe over the channel: the guest runs its server (SPEC §9.1)
+    waypipe = [WAYPIPE_PARAM] if vm.gpu is not None and vm.gpu.wayland else []
     argv = [
         plan.qemu.binary,
         "-name",
@@ -81,7 +84,7 @@ def qemu_argv(
         "-initrd",
         vm.initramfs,
         "-append",
-        " ".join(["console=hvc0", "panic=-1", *vm.kernel_params, *extra_params]),
+        " ".join(["console=hvc0", "panic=-1", *waypipe, *vm.kernel_params, *extra_params]),
         "-chardev",
         f"socket,id=qmp,path={q(p.qmp)},server=on,wait=off",
         "-mon",

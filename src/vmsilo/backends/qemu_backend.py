@@ -13,7 +13,15 @@ import os
 from collections.abc import Iterator, Sequence
 
 from vmsilo.backends import accel, features
-from vmsilo.backends.base import NO_SOUND, Backend, HostFacts, SoundFacts, dns_facts
+from vmsilo.backends.base import (
+    NO_SOUND,
+    Backend,
+    HostFacts,
+    SoundFacts,
+    WindowsSidecar,
+    dns_facts,
+    windows_sidecar,
+)
 from vmsilo.backends.qemu import qemu_argv
 from vmsilo.backends.vmm import Vmm
 from vmsilo.contracts.ports import CHANNEL_PORT
@@ -93,6 +101,10 @@ class QemuBackend(Backend):
             runas=runas_ids(plan),
             sound=self.sound_facts(plan, vm),
         )
+
+    def windows(self, plan: Plan, vm: VmPlan) -> WindowsSidecar | None:
+        """waypipe over the channel (SPEC §9.1), started at the VM's first window."""
+        return windows_sidecar(plan, vm, waypipe=True)
 
     def sound_facts(self, plan: Plan, vm: VmPlan) -> SoundFacts:
         """The HDA card is always there; it plays into the user's audio server when QEMU's

@@ -331,6 +331,7 @@ def main(
 ) -> int:
     """vm-run; ``prog`` names the tool in messages (``vm-shell --ssh`` runs through here)."""
     err = stderr or sys.stderr
+    args: RunArgs | str | None = None
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         if args is None:
@@ -341,95 +342,171 @@ def main(
 
             print(f"vm-run (vmsilo) {__version__}", file=sys.stdout)
             return 0
-        return _run(args, users, err, app, prog)
+        status = _run(args, users, err, app, prog)
+        if status in (126, 127):
+            what = "was not found" if status == 127 else "cannot be executed"
+            _unattended_failure(args, err, prog, f"{args.argv[0]} {what}")
+        return status
     except VmsiloError as e:
         print(f"{prog}: {e}", file=err)
+        _unattended_failure(args, err, prog, str(e))
         return EXIT_FAILURE
     except OSError as e:  # e.g. PermissionError: one line, never a traceback
         from vmsilo.cli.common import os_error
 
         print(f"{prog}: {os_error(e)}", file=err)
+        _unattended_failure(args, err, prog, str(os_error(e)))
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
 
 
-def _run(args: RunArgs, users: UserLookup | None, err: TextIO, app: App | None, prog: str) -> int:
+def _unattended_failure(args: RunArgs | str | None, err: TextIO, prog: str, text: str) -> None:
+    """A ``--detach`` launch without a terminal (a menu entry, SPEC §9.3) has nobody reading
+    standard error: its failure also goes to the journal and a desktop notification."""
+    if not isinstance(args, RunArgs) or not args.detach:
+        return
+    try:
+        if os.isatty(err.fileno()):
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
+    from vmsilo.cli.notify import report_launch_failure
+
+    report_launch_failure(prog, args.vm, text)
+
+
+class Reached:
+    """A VM's command socket, what watches its start when this call started it, and — on the
+    warm path, when asked for — the connection made to find it running."""
+
+    __slots__ = ("sock", "socket_path", "status", "watch")
+
+    def __init__(
+        self,
+        socket_path: str,
+        watch: StartWatch | None = None,
+        status: StartStatus | None = None,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.socket_path = socket_path
+        self.watch = watch
+        self.status = status
+        self.sock = sock
+
+
+def reach_vm(
+    config: str | None,
+    name: str,
+    *,
+    autostart: bool,
+    users: UserLookup | None,
+    err: TextIO,
+    app: App | None,
+    show_status: bool = True,
+    keep_connection: bool = False,
+) -> Reached:
+    """The command socket of VM ``name``, starting the VM first unless it runs (or raise with
+    ``autostart`` off). vm-run's way to a VM, shared with vm-copy; the caller ends
+    ``status`` (a status line on a terminal, unless ``show_status`` is off) when it is done.
+
+    A running VM is found by connecting to its socket; with ``keep_connection`` that
+    connection is handed back in ``sock`` (the caller owns it) instead of being closed, so
+    vm-run's session needs no second connect."""
+    from vmsilo.channel.blocking_client import connect
+    from vmsilo.channel.protocol import ChannelError
     from vmsilo.cli.quick_look import quick_look
     from vmsilo.defaults import command_socket
 
-    watch = None
-    status: StartStatus | None = None  # only on a start: the warm path never loads it (nor rich)
-    socket_path: str | None = None
-    sock: socket.socket | None = None  # the warm path's connection, made while looking
-    look = quick_look(args.config, args.vm) if users is None else None
-    try:
-        if look is not None:
-            from vmsilo.channel.blocking_client import connect
-            from vmsilo.channel.protocol import ChannelError
+    look = quick_look(config, name) if users is None else None
+    if look is not None:
+        candidate = command_socket(look.runtime_dir, name)
+        try:
+            sock = connect(candidate)
+        except ChannelError:
+            pass
+        else:
+            if not keep_connection:
+                sock.close()
+            return Reached(candidate, sock=sock if keep_connection else None)
+        if autostart and os.geteuid() == 0:
+            reached = _start_from_cached_plan(config, name, err, app, show_status)
+            if reached is not None:
+                return reached
+    from vmsilo.cli.common import load, select_vm
+    from vmsilo.lifecycle.app import open_app
 
-            candidate = command_socket(look.runtime_dir, args.vm)
-            try:
-                sock = connect(candidate)
-                socket_path = candidate
-            except ChannelError:
-                if args.autostart and os.geteuid() == 0:
-                    watch, status, socket_path = _start_from_cached_plan(args, app, err)
-        if socket_path is None:
-            from vmsilo.cli.common import load, select_vm
-            from vmsilo.lifecycle.app import open_app
+    loaded = load(config, users, cache=True)
+    vm = select_vm(loaded.plan, name)
+    lifecycle = app or open_app(loaded.path, state_dir=loaded.plan.state_dir)
+    if lifecycle.command_socket_live(vm):
+        return Reached(vm.paths.command_socket)
+    if not autostart:
+        raise VmsiloError(f"VM {vm.name} is not running", f"start it: vm-start {vm.name}")
+    from vmsilo.cli.start_status import start_status
 
-            loaded = load(args.config, users, cache=True)
-            vm = select_vm(loaded.plan, args.vm)
-            socket_path = vm.paths.command_socket
-            lifecycle = app or open_app(loaded.path, state_dir=loaded.plan.state_dir)
-            if not lifecycle.command_socket_live(vm):
-                if not args.autostart:
-                    raise VmsiloError(
-                        f"VM {vm.name} is not running", f"start it: vm-start {vm.name}"
-                    )
-                from vmsilo.cli.start_status import start_status
-
-                status = start_status(vm.name, err)
-                watch = lifecycle.start_for_client(loaded.plan, vm, progress=status)
-        target: str | socket.socket = socket_path if sock is None else sock
-        sock = None  # the session owns it now
-        return _session(args, target, watch, status, prog, err)
-    finally:
-        if sock is not None:
-            sock.close()
-        if status is not None:
-            status.done()  # before any message about the outcome
+    status = start_status(vm.name, err) if show_status else None
+    reached = Reached(vm.paths.command_socket, status=status)
+    reached.watch = _start(
+        lambda: lifecycle.start_for_client(loaded.plan, vm, progress=status), status
+    )
+    return reached
 
 
 def _start_from_cached_plan(
-    args: RunArgs, app: App | None, err: TextIO
-) -> tuple[StartWatch | None, StartStatus | None, str | None]:
-    """A cold start with the cached plan of this exact config text, if there is one (else
-    nothing happens: the caller plans the slow way)."""
+    config: str | None, name: str, err: TextIO, app: App | None, show_status: bool
+) -> Reached | None:
+    """A cold start with the cached plan of this exact config text, if there is one (None:
+    nothing happened, the caller plans the slow way)."""
     from vmsilo.cli.quick_look import quick_look
     from vmsilo.config.location import config_path
     from vmsilo.plan.cache import load_plan
 
-    look = quick_look(args.config, args.vm, memo=False)  # the text is the cache's key
+    look = quick_look(config, name, memo=False)  # the text is the plan cache's key
     if look is None or look.text is None:
-        return None, None, None
+        return None
     cached = load_plan(look.runtime_dir, look.text, look.user)
-    if cached is None or args.vm not in cached.vms:
-        return None, None, None
+    if cached is None or name not in cached.vms:
+        return None
     from vmsilo.cli.start_status import start_status
     from vmsilo.lifecycle.app import open_app
 
-    vm = cached.vms[args.vm]
-    lifecycle = app or open_app(str(config_path(args.config)), state_dir=cached.state_dir)
-    status = start_status(args.vm, err)
+    vm = cached.vms[name]
+    lifecycle = app or open_app(str(config_path(config)), state_dir=cached.state_dir)
+    status = start_status(name, err) if show_status else None
+    reached = Reached(vm.paths.command_socket, status=status)
+    reached.watch = _start(lambda: lifecycle.start_for_client(cached, vm, progress=status), status)
+    return reached
+
+
+def _start(
+    start: Callable[[], StartWatch | None], status: StartStatus | None = None
+) -> StartWatch | None:
+    """``start()``; the status line is erased before a failed start's message."""
     try:
-        watch = lifecycle.start_for_client(cached, vm, progress=status)
+        return start()
     except BaseException:
         if status is not None:
-            status.done()  # before any message about the outcome
+            status.done()
         raise
-    return watch, status, vm.paths.command_socket
+
+
+def _run(args: RunArgs, users: UserLookup | None, err: TextIO, app: App | None, prog: str) -> int:
+    reached = reach_vm(
+        args.config,
+        args.vm,
+        autostart=args.autostart,
+        users=users,
+        err=err,
+        app=app,
+        keep_connection=True,
+    )
+    try:
+        target: str | socket.socket = reached.socket_path if reached.sock is None else reached.sock
+        return _session(args, target, reached.watch, reached.status, prog, err)
+    finally:
+        if reached.status is not None:
+            reached.status.done()  # before any message about the outcome
 
 
 def _session(
