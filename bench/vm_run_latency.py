@@ -99,7 +99,12 @@ def main() -> int:
             await raw_exec(vm.socket, ["true"])
             return time.perf_counter() - t
 
-        interp, bare_rt, procs = [], [], []
+        # the installed command (a console script: no runpy), when this venv has one
+        script = Path(sys.executable).with_name("vm-run")
+        interp: list[float] = []
+        bare_rt: list[float] = []
+        procs: list[float] = []
+        scripts: list[float] = []
         for _ in range(N_PROC):
             t = time.perf_counter()
             subprocess.run([sys.executable, "-c", "pass"], env=vm.env, check=True)
@@ -109,17 +114,27 @@ def main() -> int:
             p = vm.cmd("vm-run", "bench", "true")
             procs.append(time.perf_counter() - t)
             assert p.returncode == 0, p.stderr
-        margin = median_ms(procs) - median_ms(interp) - median_ms(bare_rt)
+            if script.exists():
+                t = time.perf_counter()
+                subprocess.run([str(script), "bench", "true"], env=vm.env, check=True)
+                scripts.append(time.perf_counter() - t)
+        base = median_ms(interp) + median_ms(bare_rt)
+        margin = median_ms(procs) - base
         print(f"interpreter alone (python -c pass): median {median_ms(interp):6.1f} ms")
         print(f"bare protocol round trip (true):    median {median_ms(bare_rt):6.1f} ms")
         print(
-            f"whole `vm-run bench true` process, warm: median {median_ms(procs):6.1f} ms over"
-            f" {N_PROC} (target <= 300 ms)"
+            f"whole `vm-run bench true` process (python -m), warm: median {median_ms(procs):6.1f}"
+            f" ms over {N_PROC} (target <= 300 ms)"
         )
         print(
             f"vm-run's own margin (process - interpreter - round trip): {margin:+.1f} ms"
             " (target <= +20 ms)"
         )
+        if scripts:
+            print(
+                f"the installed `vm-run` command, warm: median {median_ms(scripts):6.1f} ms,"
+                f" margin {median_ms(scripts) - base:+.1f} ms"
+            )
         ok &= median_ms(procs) <= 300 and margin <= 20
         shutil.rmtree(xdg)
 
