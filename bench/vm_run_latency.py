@@ -28,15 +28,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 from benchvm import bench_vm, median_ms, raw_exec
 
 from vmsilo.channel.blocking_client import run_blocking_session
 from vmsilo.channel.client import run_session
-from vmsilo.channel.protocol import ExecRequest
+from vmsilo.channel.protocol import ChannelError, ExecRequest
 
 N = 100  # alternating samples of each: under emulation single round trips vary by several ms
+#: A session is sometimes lost on this loaded machine (the code of main before this bench's
+#: changes too: 2 of 100 bare sessions after vm-run processes): an asyncio client gets EOF or a
+#: reset instead of the EXIT. Not yet explained; likely: the supervisor closes the connection
+#: as soon as the EXIT is relayed, a frame the client sent late (its STDIN_EOF) is then unread,
+#: so the kernel resets the connection, and asyncio's StreamReader drops the EXIT it had
+#: buffered once the reset is reported. The blocking client reads what arrived first.
+LOST = "a pre-existing race, see LOST in this script"
 N_PROC = 40  # alternating samples of the interpreter, the bare round trip and the vm-run process
 
 
@@ -45,35 +53,51 @@ def main() -> int:
     with bench_vm() as vm:
         vm.start()
 
+        lost: dict[str, int] = {}
+
+        async def sample(kind: str, samples: list[float], session: Awaitable[object]) -> None:
+            """Time one session; one whose connection the supervisor dropped is counted, not
+            timed (see LOST)."""
+            t = time.perf_counter()
+            try:
+                await session
+            except (ChannelError, SystemExit) as e:
+                lost[kind] = lost.get(kind, 0) + 1
+                print(f"lost a {kind} session: {e}", file=sys.stderr)
+                return
+            samples.append(time.perf_counter() - t)
+
+        async def blocking_session(devnull: int) -> None:
+            status = run_blocking_session(  # (blocks this loop: nothing else runs on it)
+                vm.socket,
+                ExecRequest(argv=["true"]),
+                stdin=None,
+                stdout=devnull,
+                stderr=devnull,
+                forward_signals=False,
+            )
+            assert status == 0
+
         async def inprocess() -> tuple[list[float], list[float], list[float]]:
-            lib, blocking, raw = [], [], []
+            lib: list[float] = []
+            blocking: list[float] = []
+            raw: list[float] = []
             devnull = os.open(os.devnull, os.O_WRONLY)
             for _ in range(N):
-                t = time.perf_counter()
-                await raw_exec(vm.socket, ["true"])
-                raw.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                status = await run_session(
-                    vm.socket,
-                    ExecRequest(argv=["true"]),
-                    stdin=None,
-                    stdout=devnull,
-                    stderr=devnull,
-                    forward_signals=False,
+                await sample("bare", raw, raw_exec(vm.socket, ["true"]))
+                await sample(
+                    "run_session",
+                    lib,
+                    run_session(
+                        vm.socket,
+                        ExecRequest(argv=["true"]),
+                        stdin=None,
+                        stdout=devnull,
+                        stderr=devnull,
+                        forward_signals=False,
+                    ),
                 )
-                lib.append(time.perf_counter() - t)
-                assert status == 0
-                t = time.perf_counter()
-                status = run_blocking_session(  # (blocks this loop: nothing else runs on it)
-                    vm.socket,
-                    ExecRequest(argv=["true"]),
-                    stdin=None,
-                    stdout=devnull,
-                    stderr=devnull,
-                    forward_signals=False,
-                )
-                blocking.append(time.perf_counter() - t)
-                assert status == 0
+                await sample("blocking", blocking, blocking_session(devnull))
             os.close(devnull)
             return lib, blocking, raw
 
@@ -94,10 +118,8 @@ def main() -> int:
         vm.env["XDG_RUNTIME_DIR"] = xdg
         vm.cmd("vm-run", "bench", "true")  # remembers the config (see cli/quick_look.py)
 
-        async def bare() -> float:
-            t = time.perf_counter()
-            await raw_exec(vm.socket, ["true"])
-            return time.perf_counter() - t
+        async def bare(samples: list[float]) -> None:
+            await sample("bare", samples, raw_exec(vm.socket, ["true"]))
 
         # the installed command (a console script: no runpy), when this venv has one
         script = Path(sys.executable).with_name("vm-run")
@@ -109,7 +131,7 @@ def main() -> int:
             t = time.perf_counter()
             subprocess.run([sys.executable, "-c", "pass"], env=vm.env, check=True)
             interp.append(time.perf_counter() - t)
-            bare_rt.append(asyncio.run(bare()))
+            asyncio.run(bare(bare_rt))
             t = time.perf_counter()
             p = vm.cmd("vm-run", "bench", "true")
             procs.append(time.perf_counter() - t)
@@ -136,6 +158,8 @@ def main() -> int:
                 f" margin {median_ms(scripts) - base:+.1f} ms"
             )
         ok &= median_ms(procs) <= 300 and margin <= 20
+        if lost:
+            print(f"sessions lost (not timed): {lost} — {LOST}")
         shutil.rmtree(xdg)
 
         shares, parts = [], []
