@@ -32,9 +32,10 @@ import termios
 import threading
 import tty as ttymod
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
+from vmsilo.channel.blocking_client import SIGPIPE_STATUS as SIGPIPE_STATUS
+from vmsilo.channel.blocking_client import write_all as _write_all
 from vmsilo.channel.escapes import printable
 from vmsilo.channel.mux import StreamLink
 from vmsilo.channel.protocol import (
@@ -58,9 +59,6 @@ from vmsilo.channel.protocol import (
 Target = str | os.PathLike[str] | tuple[asyncio.StreamReader, asyncio.StreamWriter]
 #: One output stream's filter (bytes in, bytes out; it may hold back an incomplete character).
 OutputFilter = Callable[[bytes], bytes]
-
-#: Status returned when our own stdout was closed under us (like a shell's SIGPIPE death).
-SIGPIPE_STATUS = 128 + signal.SIGPIPE
 
 
 class _ThreadReader:
@@ -177,20 +175,6 @@ class _ThreadWriter:
         self._queue.put(None)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    import select
-
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError:
-            # Someone else made the descriptor non-blocking: wait for it, still no polling.
-            select.select([], [fd], [])
-            continue
-        view = view[n:]
-
-
 def terminal_size(fd: int) -> tuple[int, int]:
     """(rows, cols) of the terminal on ``fd``; (0, 0) if unknown."""
     try:
@@ -294,7 +278,7 @@ class _Session:
         req = self.request
         if req.tty and self.tty_fd is not None and (req.rows == 0 or req.cols == 0):
             rows, cols = terminal_size(self.tty_fd)
-            req = replace(req, rows=rows, cols=cols)
+            req = req.replace(rows=rows, cols=cols)
         await self.link.send(FrameType.OPEN, req.encode())
         if req.detach:
             return await self._receive_loop()
