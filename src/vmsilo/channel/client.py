@@ -108,6 +108,10 @@ def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
         fut.set_result(value)
 
 
+#: How long output received before a channel failure may take to reach its reader.
+FAILURE_FLUSH_S = 2.0
+
+
 class _ThreadWriter:
     """Writes to a blocking fd in a daemon thread; reports each completed chunk to the loop."""
 
@@ -394,10 +398,19 @@ class _Session:
             # a malformed frame or broken flow control: this session ends (vm-run: 255)
             raise ChannelError(f"malformed frame from the VM: {e}") from None
 
+    async def _flush_before_failing(self) -> None:
+        """Let output that arrived before a failure reach its fd — for a moment only: a reader
+        that stopped reading must not turn the failure into a hang."""
+        self._flush_filters()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._flush(), FAILURE_FLUSH_S)
+
     async def _receive_frames(self) -> int:
         while True:
             frame = await self.link.recv()
             if frame is None:
+                # what arrived before the loss is the program's output: it reaches the user
+                await self._flush_before_failing()
                 raise ChannelError("the connection to the VM was lost")
             t = frame.type
             if self.on_output is not None and t in _OUTPUT_OR_END:
@@ -418,6 +431,7 @@ class _Session:
                     await self._message(message)
                 return status
             elif t == FrameType.ERROR:
+                await self._flush_before_failing()
                 raise decode_error(frame.payload)
             else:
                 raise ProtocolError(f"unexpected frame type {t} from the VM")
