@@ -47,3 +47,40 @@ def test_a_local_client_cannot_open_service_streams(tmp_path: Path) -> None:
             await rig.stop()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_clients_late_frame_never_costs_it_the_exit(tmp_path: Path) -> None:
+    """The supervisor used to close a command-socket connection right after relaying EXIT; a
+    client whose last frame (a CREDIT, a STDIN_EOF) went out after that got EPIPE, and an
+    asyncio stream then dropped the EXIT it had not read yet: vm-run reported a lost connection
+    for a program that had exited. Now the supervisor half-closes and waits for the client."""
+    from hostile_rig import raw_frame
+
+    from vmsilo.channel.protocol import ExecRequest, encode_u32
+
+    async def main() -> list[int]:
+        rig = Rig(tmp_path)
+        await rig.start()
+        types = []
+        try:
+            rig.scripts.append(
+                lambda sid: [
+                    raw_frame(FrameType.STDOUT, sid, b"x" * 4000),
+                    raw_frame(FrameType.EXIT, sid, b'{"status":3}'),
+                ]
+            )
+            r, w = await asyncio.open_unix_connection(str(rig.cmd_path))
+            client = StreamLink(r, w)
+            await client.send(FrameType.OPEN, ExecRequest(argv=["x"]).encode())
+            await asyncio.sleep(0.5)  # the EXIT is relayed meanwhile (and not read yet)
+            await client.send(FrameType.CREDIT, encode_u32(4064))  # a late frame
+            await asyncio.sleep(0.1)
+            while (frame := await client.recv()) is not None:
+                types.append(frame.type)
+            await client.aclose()
+        finally:
+            await rig.stop()
+        return types
+
+    types = asyncio.run(asyncio.wait_for(main(), 30))
+    assert types == [FrameType.STDOUT, FrameType.EXIT]

@@ -141,6 +141,18 @@ class StreamLink:
         with contextlib.suppress(Exception):
             self.writer.close()
 
+    async def linger(self, timeout: float = 2.0) -> None:
+        """End the stream politely: half-close, then read (and drop) until the peer closes
+        too, for at most ``timeout`` s. A peer that still writes a last frame (a CREDIT, a
+        STDIN_EOF) after our final one must not find the socket closed: its write would fail,
+        and an asyncio peer then loses the frames it had not read yet — the EXIT among them."""
+        with contextlib.suppress(Exception):
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+            async with asyncio.timeout(timeout):
+                while await self.reader.read(65536):
+                    pass
+
     async def aclose(self) -> None:
         """close() and wait until the transport is gone."""
         self.close()

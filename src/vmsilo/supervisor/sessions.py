@@ -56,6 +56,7 @@ class Sessions:
         client = StreamLink(reader, writer)
         try:
             await self._serve(client)
+            await client.linger()  # the client's last frames must not reset the connection
         except asyncio.CancelledError:
             pass  # a cancelled client task must end normally: asyncio logs cancelled callbacks
         except (ConnectionError, OSError) as e:
