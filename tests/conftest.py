@@ -85,3 +85,14 @@ def host_user() -> Iterator[pwd.struct_passwd]:
         yield pwd.getpwnam(name)
     finally:
         subprocess.run(["userdel", name], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def desk(host_user: pwd.struct_passwd, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A headless sway run as ``host_user`` (tests/desktop.py), for the module's tests."""
+    from desktop import desktop, missing_tools
+
+    if missing_tools():
+        pytest.fail(f"missing {missing_tools()} (make test installs them)")
+    with desktop(host_user, tmp_path_factory.mktemp("sway")) as d:
+        yield d

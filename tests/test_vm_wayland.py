@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from desktop import RUN_COMMAND, SUBSCRIBE, Desktop, desktop, missing_tools
+from desktop import RUN_COMMAND, SUBSCRIBE, Desktop
 from userenv import Setup, desktop_config
 from vmsilo.wayland.policy import FORBIDDEN_GLOBALS
 
@@ -33,16 +32,6 @@ TYPE = ("wtype", "-k", "Shift_L", "-s", "2000")
 FIRST_LINE_PX = 18
 COLORS = {"work": "green", "play": "purple"}
 DN = subprocess.DEVNULL
-
-
-@pytest.fixture(scope="module")
-def desk(
-    host_user: pwd.struct_passwd, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Desktop]:
-    if missing_tools():
-        pytest.fail(f"missing {missing_tools()} (make test installs them)")
-    with desktop(host_user, tmp_path_factory.mktemp("sway")) as d:
-        yield d
 
 
 @pytest.fixture(scope="module")

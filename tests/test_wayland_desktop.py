@@ -6,7 +6,6 @@ filter socket), looked at through sway's IPC tree and grim screenshots.
 from __future__ import annotations
 
 import os
-import pwd
 import random
 import socket
 import struct
@@ -17,7 +16,7 @@ from typing import cast
 
 import pytest
 
-from desktop import RUN_COMMAND, SUBSCRIBE, Desktop, Proxy, desktop, missing_tools
+from desktop import RUN_COMMAND, SUBSCRIBE, Desktop, Proxy
 from vmsilo.wayland.policy import FORBIDDEN_GLOBALS
 
 DN = subprocess.DEVNULL
@@ -26,16 +25,6 @@ DN = subprocess.DEVNULL
 TYPE = ("wtype", "-k", "Shift_L")
 #: rows of the window that hold the first line of foot's text at size 16
 FIRST_LINE_PX = 18
-
-
-@pytest.fixture(scope="module")
-def desk(
-    host_user: pwd.struct_passwd, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Desktop]:
-    if missing_tools():
-        pytest.fail(f"missing {missing_tools()} (make test installs them)")
-    with desktop(host_user, tmp_path_factory.mktemp("sway")) as d:
-        yield d
 
 
 @pytest.fixture

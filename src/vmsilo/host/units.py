@@ -377,14 +377,9 @@ _vmsilo() {{
     fi
 }}
 
-# vm-copy SRC DST PATH…: two VMs, then paths inside SRC (nothing to complete on this host)
-_vmsilo_vm_copy() {{
-    COMPREPLY=()
-    local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="${{COMP_WORDS[COMP_CWORD-1]}}" i n=0
-    if [[ $prev == -c || $prev == --config ]]; then
-        mapfile -t COMPREPLY < <(compgen -f -- "$cur")
-        return
-    fi
+# the number of words before the cursor that are neither options nor their values
+_vmsilo_nwords() {{
+    local i n=0
     for ((i = 1; i < COMP_CWORD; i++)); do
         case "${{COMP_WORDS[i]}}" in
             -c|--config) ((i++)) ;;
@@ -392,39 +387,36 @@ _vmsilo_vm_copy() {{
             *) ((n++)) ;;
         esac
     done
-    if [[ $cur != -* && $n -lt 2 ]]; then
-        mapfile -t COMPREPLY < <(compgen -W "$(_vmsilo_list vms)" -- "$cur")
-    fi
+    echo "$n"
 }}
 
+# vm-copy SRC DST PATH…: two VMs, then paths inside SRC (nothing to complete on this host);
 # vm-clipboard copy|paste [VM]
-_vmsilo_vm_clipboard() {{
+_vmsilo_vm_copy() {{
+    local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="${{COMP_WORDS[COMP_CWORD-1]}}" n
     COMPREPLY=()
-    local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="${{COMP_WORDS[COMP_CWORD-1]}}" i n=0
     if [[ $prev == -c || $prev == --config ]]; then
         mapfile -t COMPREPLY < <(compgen -f -- "$cur")
         return
     fi
-    for ((i = 1; i < COMP_CWORD; i++)); do
-        case "${{COMP_WORDS[i]}}" in
-            -c|--config) ((i++)) ;;
-            -*) ;;
-            *) ((n++)) ;;
-        esac
-    done
-    if [[ $cur == -* ]]; then
-        return
-    elif [[ $n -eq 0 ]]; then
-        mapfile -t COMPREPLY < <(compgen -W "copy paste" -- "$cur")
-    elif [[ $n -eq 1 ]]; then
+    [[ $cur == -* ]] && return
+    n=$(_vmsilo_nwords)
+    if [[ ${{COMP_WORDS[0]}} == vm-clipboard ]]; then
+        if ((n == 0)); then
+            mapfile -t COMPREPLY < <(compgen -W "copy paste" -- "$cur")
+            return
+        fi
+        ((n--))
+        ((n < 1)) || return
+    fi
+    if ((n < 2)); then
         mapfile -t COMPREPLY < <(compgen -W "$(_vmsilo_list vms)" -- "$cur")
     fi
 }}
 
 complete -F _vmsilo vmsilo
 complete -F _vmsilo_vm_tool {" ".join(VM_TOOLS)}
-complete -F _vmsilo_vm_copy vm-copy
-complete -F _vmsilo_vm_clipboard vm-clipboard
+complete -F _vmsilo_vm_copy vm-copy vm-clipboard
 """
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from asyncinotify import Inotify, Mask
 
 from vmsilo.wayland import policy, protocol
-from vmsilo.wayland.proxy import Proxy
+from vmsilo.wayland.proxy import Proxy, add_filter_arguments
 
 #: How long waypipe may take to bind its socket.
 WAYPIPE_START_TIMEOUT = 10.0
@@ -139,13 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m vmsilo.wayland.bridge",
         description="the desktop user's side of a VM's windows (SPEC §9.1); run as that user",
     )
-    p.add_argument("--vm", required=True)
-    p.add_argument("--color", required=True)
-    p.add_argument("--listen", required=True, help="the VM's filter socket")
-    p.add_argument("--upstream", required=True, help="the compositor's socket")
+    add_filter_arguments(p)
     p.add_argument("--waypipe", help="the waypipe program (QEMU path)")
     p.add_argument("--waypipe-socket", help="where the waypipe client listens (QEMU path)")
-    p.add_argument("--control", help="the filter's control socket (vm-clipboard)")
     p.add_argument("--uid", type=int, help="become this user first (started by root)")
     p.add_argument("--gid", type=int, help="and this group")
     a = p.parse_args(argv)

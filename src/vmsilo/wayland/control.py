@@ -50,6 +50,21 @@ COPY_TIMEOUT = 10.0
 MAX_REQUEST = 4096
 
 
+def listen_private(path: str, backlog: int) -> socket.socket:
+    """A listening Unix socket at ``path`` (a stale one replaced) that only its owner can
+    connect to: 0600 from the moment it exists (bound under umask 0177)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        s.bind(path)
+    finally:
+        os.umask(old)
+    s.listen(backlog)
+    return s
+
+
 class ControlError(Exception):
     """A request that cannot be served (the message goes back to the asker)."""
 
@@ -61,16 +76,8 @@ class ControlServer:
         self.sock: socket.socket | None = None
 
     def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
-        try:
-            s.bind(self.path)
-        finally:
-            os.umask(old)
-        s.listen(8)
-        self.sock = s
+        self.sock = listen_private(self.path, 8)
+        s = self.sock
         threading.Thread(target=self._accept, args=(s,), daemon=True).start()
 
     def close(self) -> None:

@@ -31,7 +31,7 @@ from typing import TypeVar
 
 from vmsilo.wayland import policy, protocol
 from vmsilo.wayland.clipboard import Clipboard
-from vmsilo.wayland.control import ControlServer
+from vmsilo.wayland.control import ControlServer, listen_private
 from vmsilo.wayland.protocol import Interface
 from vmsilo.wayland.security_context import SecurityContext
 from vmsilo.wayland.session import (
@@ -115,15 +115,7 @@ class Proxy:
         d = Path(self.listen_path).parent
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
         d.chmod(0o700)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.listen_path)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
-        try:
-            s.bind(self.listen_path)
-        finally:
-            os.umask(old)
-        s.listen(64)
+        s = listen_private(self.listen_path, 64)
         s.setblocking(False)
         self.listener = s
         self.selector.register(s, selectors.EVENT_READ, self._accept)
@@ -354,16 +346,21 @@ def serve(vm: str, color: str, listen: str, upstream: str, control: str | None =
     proxy.run()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m vmsilo.wayland.proxy",
-        description="vmsilo's Wayland filter for one VM (SPEC §9.1); run as the desktop user",
-    )
+def add_filter_arguments(p: argparse.ArgumentParser) -> None:
+    """The filter's options (this module's command and the bridge's)."""
     p.add_argument("--vm", required=True)
     p.add_argument("--color", required=True)
     p.add_argument("--listen", required=True, help="the VM's filter socket")
     p.add_argument("--upstream", required=True, help="the compositor's socket")
     p.add_argument("--control", help="the control socket for vm-clipboard")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m vmsilo.wayland.proxy",
+        description="vmsilo's Wayland filter for one VM (SPEC §9.1); run as the desktop user",
+    )
+    add_filter_arguments(p)
     a = p.parse_args(argv)
     try:
         serve(a.vm, a.color, a.listen, a.upstream, a.control)
