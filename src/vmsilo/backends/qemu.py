@@ -41,6 +41,8 @@ def qemu_argv(
     extra_params: Sequence[str] = (),
     runas: tuple[int, int] | None = None,
     audio_server: bool = True,
+    generation_id: str | None = None,
+    incoming: bool = False,
 ) -> list[str]:
     """QEMU's argv; ``extra_params`` are kernel parameters from host facts (after the plan's).
 
@@ -48,7 +50,12 @@ def qemu_argv(
     (``-runas UID:GID``, no passwd entry needed), so a guest that escapes into QEMU is that
     user, not root. ``audio_server``: whether the desktop's audio server is there (else the
     same sound devices on ``-audiodev none``: QEMU 7.2 exits at once when ``pa`` cannot
-    connect)."""
+    connect).
+
+    ``generation_id``: a ``vmgenid`` device with this GUID (fastStart VMs, SPEC §10: each
+    restore gets a new one, so the guest kernel reseeds its RNG). ``incoming``: ``-incoming
+    defer``, the machine waits for a saved state (QMP ``migrate-incoming``) instead of
+    booting."""
     p = vm.paths
     argv = [
         plan.qemu.binary,
@@ -149,6 +156,10 @@ def qemu_argv(
     if vm.gpu is not None and vm.gpu.opengl:
         argv += ["-device", "virtio-gpu-gl-pci", "-display", "egl-headless"]
     argv += sound_args(plan, vm, audio_server=audio_server)
+    if generation_id is not None:
+        argv += ["-device", f"vmgenid,guid={generation_id}"]
+    if incoming:
+        argv += ["-incoming", "defer"]
     return argv
 
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from vmsilo.backends import accel, features
 from vmsilo.backends.base import NO_SOUND, Backend, HostFacts, SoundFacts, dns_facts
 from vmsilo.backends.qemu import qemu_argv
+from vmsilo.backends.qmp import MIGRATION_DONE, Qmp, QmpError, migration_status
 from vmsilo.backends.vmm import Vmm
 from vmsilo.contracts.ports import CHANNEL_PORT
 from vmsilo.host import sound
@@ -68,6 +72,69 @@ class QemuVmm(Vmm):
         finally:
             writer.close()
 
+    # ------------------------------------------------------------------ saved states (§10)
+
+    def save_state(self, fd: int, while_stopped: Callable[[], None], timeout: float) -> None:
+        """Save the running guest into ``fd`` (a file open for writing), then let it go on.
+
+        The guest is paused first (``stop``: nothing changes while RAM is written, and no
+        dirty pages are sent twice), migrated to ``fd`` (QMP ``getfd`` + ``migrate fd:``),
+        ``while_stopped`` runs (the caller copies the disks, consistent with the RAM), and
+        ``cont`` resumes the guest whatever happened. Blocking; QmpError on failure."""
+        with Qmp(self.vm.paths.qmp, timeout) as qmp:
+            qmp.execute("migrate-set-capabilities", {"capabilities": _EVENTS})
+            qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+            qmp.execute("stop")
+            try:
+                qmp.execute("getfd", {"fdname": SAVE_FD}, fds=[fd])
+                qmp.execute("migrate", {"uri": f"fd:{SAVE_FD}"})
+                done = qmp.wait_event(lambda e: migration_status(e) in MIGRATION_DONE, timeout)
+                if migration_status(done) != "completed":
+                    raise QmpError(f"saving the state {migration_status(done)}")
+                while_stopped()
+            finally:
+                qmp.execute("cont")
+
+    def restore_state(self, fd: int, timeout: float) -> None:
+        """Load the saved state in ``fd`` into this VMM (started with ``-incoming defer``) and
+        return once the guest runs (its ``RESUME``). Blocking; QmpError on failure (QEMU then
+        exits by itself: a failed incoming migration ends the process)."""
+
+        def resumed_or_failed(event: dict[str, Any]) -> bool:
+            return event.get("event") == "RESUME" or migration_status(event) in (
+                "failed",
+                "cancelled",
+            )
+
+        with Qmp(self.vm.paths.qmp, timeout) as qmp:
+            qmp.execute("migrate-set-capabilities", {"capabilities": _EVENTS})
+            qmp.execute("getfd", {"fdname": RESTORE_FD}, fds=[fd])
+            qmp.execute("migrate-incoming", {"uri": f"fd:{RESTORE_FD}"})
+            event = qmp.wait_event(resumed_or_failed, timeout)
+            if event.get("event") != "RESUME":
+                raise QmpError(f"restoring the state {migration_status(event)}")
+
+
+#: QMP names of the state file's descriptor while QEMU writes, resp. reads it.
+SAVE_FD = "vmsilo-save"
+RESTORE_FD = "vmsilo-restore"
+#: Migration bandwidth for a save: as fast as the disk takes it (the guest is paused).
+MAX_BANDWIDTH = 1 << 40
+_EVENTS = [{"capability": "events", "state": True}]
+
+
+def qemu_build(binary: str) -> str:
+    """Which QEMU build ``binary`` is (part of a saved state's key, SPEC §10): its resolved
+    path, size and modification time — a package upgrade changes them, a state saved by
+    another build is never loaded."""
+    found = shutil.which(binary) or binary
+    real = os.path.realpath(found)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return real
+    return f"{real}:{st.st_size}:{st.st_mtime_ns}"
+
 
 class QemuBackend(Backend):
     name = "qemu"
@@ -80,6 +147,10 @@ class QemuBackend(Backend):
     without_vsock = (
         f"missing: QEMU VMs multiplex sessions over the {CHANNEL_PORT} virtio-serial port"
     )
+    saves_state = True
+
+    def build_id(self, plan: Plan) -> str:
+        return qemu_build(plan.qemu.binary)
 
     def binary(self, plan: Plan) -> str:
         return plan.qemu.binary
@@ -92,6 +163,7 @@ class QemuBackend(Backend):
             nameservers=dns_facts(vm),
             runas=runas_ids(plan),
             sound=self.sound_facts(plan, vm),
+            generation_id=str(uuid.uuid4()) if vm.fast_start else None,
         )
 
     def sound_facts(self, plan: Plan, vm: VmPlan) -> SoundFacts:
@@ -144,6 +216,8 @@ class QemuBackend(Backend):
             extra_params=facts.kernel_params,
             runas=facts.runas,
             audio_server=facts.sound.server,
+            generation_id=facts.generation_id,
+            incoming=facts.incoming,
         )
 
     def vmm(self, plan: Plan, vm: VmPlan, argv: list[str]) -> Vmm:

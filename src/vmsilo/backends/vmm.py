@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmsilo.plan.model import Plan, VmPlan
@@ -96,6 +97,15 @@ class Vmm:
         return VmmExit(code, f"{self.name} {describe_status(code)}", clean=False)
 
     async def request_poweroff(self) -> None:
+        raise NotImplementedError
+
+    def save_state(self, fd: int, while_stopped: Callable[[], None], timeout: float) -> None:
+        """Save the running guest's state into ``fd``, run ``while_stopped`` while it is
+        paused, then resume it (backends whose ``saves_state`` is true; blocking)."""
+        raise NotImplementedError
+
+    def restore_state(self, fd: int, timeout: float) -> None:
+        """Load a saved state from ``fd`` into this just started VMM (blocking)."""
         raise NotImplementedError
 
     def kill(self) -> None:

@@ -525,6 +525,46 @@ def parse_farewell(data: bytes) -> tuple[str, float | None]:
     return printable(reason, 200), seconds
 
 
+#: Bytes of host entropy in a restore message (SPEC §10).
+RESTORE_ENTROPY = 32
+
+
+@dataclass(frozen=True)
+class RestoreNotice:
+    """What the host tells a guest that was just restored from a saved state (SPEC §10): the
+    host's clock and fresh entropy; the agent answers with a new hello once both are in."""
+
+    time_ns: int
+    entropy: bytes
+
+
+def encode_restored(time_ns: int, entropy: bytes) -> bytes:
+    """The host's line on the ready port after a restore:
+    ``{"restored":"vmsilo-agent","time_ns":N,"entropy":"<hex>"}\n``."""
+    obj = {"restored": READY_MAGIC, "time_ns": time_ns, "entropy": entropy.hex()}
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def parse_restored(data: bytes) -> RestoreNotice:
+    """Parse a restore line (the agent's side); ValueError if it is not one."""
+    try:
+        obj = _loads(data.strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"not a vmsilo restore line: {data[:80]!r}") from None
+    if not isinstance(obj, dict) or obj.get("restored") != READY_MAGIC:
+        raise ValueError(f"not a vmsilo restore line: {data[:80]!r}")
+    time_ns, entropy = obj.get("time_ns"), obj.get("entropy")
+    if not isinstance(time_ns, int) or isinstance(time_ns, bool) or not 0 < time_ns < 1 << 63:
+        raise ValueError("restore line without a valid time_ns")
+    if not isinstance(entropy, str) or len(entropy) > 2 * 1024:
+        raise ValueError("restore line without entropy")
+    try:
+        raw = bytes.fromhex(entropy)
+    except ValueError:
+        raise ValueError("restore line with bad entropy") from None
+    return RestoreNotice(time_ns, raw)
+
+
 def accept_vsock_peer(cid: int, port: int) -> bool:
     """Whether the agent serves a vsock connection from ``cid``:``port`` — only the host
     (CID 2), and there only a privileged source port (SPEC §11.1).

@@ -348,6 +348,11 @@ class VmConfig(Model):
     )
     vhost_user: list[VhostUserDevice] = Field([], description="crosvm `--vhost-user` devices")
     kernel_params: list[KernelParam] = Field([], description="extra guest kernel parameters")
+    fast_start: bool = Field(
+        False,
+        description="start from a saved, booted and ready state (saved by the first start;"
+        " QEMU, no shares)",
+    )
     auto_shutdown: AutoShutdown = AutoShutdown()
     network: Network = Network()
     start_timeout: PositiveInt | None = Field(

@@ -45,12 +45,20 @@ import signal
 import socket
 import stat
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
 from vmsilo.channel.mux import ChannelMux, Link, MuxSession, StreamLink
 from vmsilo.channel.pipes import open_fd_streams
-from vmsilo.channel.protocol import accept_vsock_peer, encode_farewell, encode_ready
+from vmsilo.channel.protocol import (
+    RestoreNotice,
+    accept_vsock_peer,
+    encode_farewell,
+    encode_ready,
+    parse_restored,
+)
 from vmsilo.contracts.ports import CHANNEL_PORT, READY_PORT
 from vmsilo.guest.agent_exec import ExecSession
 from vmsilo.guest.ports import find_ready_console, find_virtio_port
@@ -134,6 +142,10 @@ class Agent:
 
 def _write_ready_blocking(path: Path, data: bytes) -> None:
     """Write the hello; a virtio-console write blocks until the host end is connected."""
+    held = RESTORE.held_fd(path)
+    if held is not None:  # a virtio port is opened once at a time: write through our fd
+        _write_all(held, data)
+        return
     st = os.stat(path)
     if stat.S_ISSOCK(st.st_mode):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -142,18 +154,24 @@ def _write_ready_blocking(path: Path, data: bytes) -> None:
         return
     fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_APPEND)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        _write_all(fd, data)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
 
 
 def _write_ready_at_once(path: Path, data: bytes) -> int:
     """Write what the virtio port takes right now without blocking (usually all of it: the
     VMM's end is connected long before the guest is up); 0 if it is not a character device
     or would block. Saves a thread start on every boot."""
+    if RESTORE.held_fd(path) is not None:
+        return 0  # (held open, blocking: the thread writes it)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
@@ -181,6 +199,118 @@ async def send_ready(path: Path, transport: str) -> None:
         log.error("cannot send the readiness hello on %s: %s", path, e)
         return
     log.info("ready (%s) sent on %s", transport, path)
+    RESTORE.listen(path, transport)
+
+
+# --------------------------------------------------------------------------- restore
+
+
+class RestoreListener:
+    """The host's side of a restore (SPEC §10), heard on the ready port.
+
+    After its first hello the agent keeps the ready port (a virtio-serial port, which only one
+    opener may hold) open and reads it in a thread. A saved state is taken while the agent sits
+    in that read; when the host restores it into a new machine, the supervisor writes one
+    :func:`~vmsilo.channel.protocol.encode_restored` line: the agent mixes the host's entropy
+    into the pool (QEMU's ``vmgenid`` has the kernel reseed too), sets the clock from the
+    host's, and only then says hello again — the new supervisor's readiness. Nothing else is
+    read from the port; a console port (a tty: crosvm) is left alone.
+    """
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.fd: int | None = None
+        self.transport = "channel"
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.tasks: set[asyncio.Future[None]] = set()
+
+    def held_fd(self, path: Path) -> int | None:
+        return self.fd if self.fd is not None and path == self.path else None
+
+    def listen(self, path: Path, transport: str) -> None:
+        self.transport = transport
+        if self.fd is not None:
+            return
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as e:
+            log.warning("cannot hold the ready port %s for restores: %s", path, e)
+            return
+        if not stat.S_ISCHR(os.fstat(fd).st_mode) or os.isatty(fd):
+            os.close(fd)
+            return
+        self.path, self.fd, self.loop = path, fd, asyncio.get_running_loop()
+        threading.Thread(target=self._read, args=(fd,), daemon=True, name="ready-port").start()
+
+    def _read(self, fd: int) -> None:
+        """The reader thread: one line at a time (bounded), handed to the loop."""
+        assert self.loop is not None
+        buf = b""
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                chunk = b""
+            if not chunk:  # the host end closed: no restore can come through this boot
+                self.loop.call_soon_threadsafe(self._closed, fd)
+                return
+            buf += chunk
+            while b"\n" in buf:
+                line, _, buf = buf.partition(b"\n")
+                self.loop.call_soon_threadsafe(self._line, line)
+            buf = buf[-8192:]
+
+    def _closed(self, fd: int) -> None:
+        if self.fd == fd:
+            self.fd = self.path = None
+            os.close(fd)
+
+    def _line(self, line: bytes) -> None:
+        try:
+            notice = parse_restored(line)
+        except ValueError:
+            return
+        task = asyncio.ensure_future(self._restored(notice))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _restored(self, notice: RestoreNotice) -> None:
+        log.info("restored from a saved state: new entropy, clock from the host")
+        try:
+            with open("/dev/urandom", "wb") as f:
+                f.write(notice.entropy)
+        except OSError as e:
+            log.warning("cannot mix the host's entropy in: %s", e)
+        try:
+            time.clock_settime_ns(time.CLOCK_REALTIME, notice.time_ns)
+        except (OSError, PermissionError) as e:
+            log.warning("cannot set the clock: %s", e)
+        if self.path is not None:
+            await send_ready(self.path, self.transport)
+        await _forget_neighbours()
+
+
+async def _forget_neighbours() -> None:
+    """The restored guest's ARP/NDP entries name the old machine's host taps (new MACs now):
+    flush them so that the first packets out do not go to a MAC nobody has."""
+    if not any(n != "lo" for n in os.listdir("/sys/class/net")):
+        return
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "ip",
+            "neigh",
+            "flush",
+            "all",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await proc.wait()
+    except OSError as e:
+        log.warning("cannot flush the neighbour tables: %s", e)
+
+
+RESTORE = RestoreListener()
 
 
 async def send_farewell(path: Path | None, agent: Agent) -> None:

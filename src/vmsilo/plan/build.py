@@ -275,6 +275,7 @@ def _plan_vm(
         service_unit=f"vmsilo-{name}-vm.service",
         socket_unit=f"vmsilo-{name}-command.socket",
         not_applied=feature_table(vm.hypervisor).not_applied,
+        fast_start=vm.fast_start,
     )
 
 

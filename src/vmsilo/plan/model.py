@@ -206,6 +206,8 @@ class VmPlan:
     service_unit: str
     socket_unit: str
     not_applied: tuple[str, ...]
+    #: start from a saved ready state (SPEC §10)
+    fast_start: bool = False
 
     @property
     def kernel_cmdline(self) -> str:

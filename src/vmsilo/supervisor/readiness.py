@@ -15,7 +15,9 @@ neither the transport (vsock vs. the channel mux) nor the protocol version.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+import time
 
 from vmsilo.channel.mux import ChannelMux
 from vmsilo.channel.protocol import KNOWN_TRANSPORTS, ReadyHello, parse_farewell, parse_ready
@@ -50,7 +52,16 @@ class Readiness:
 
     def __init__(self, vm_name: str) -> None:
         self.vm_name = vm_name
-        self.ready = asyncio.Event()  # the guest agent said hello: sessions may flow
+        #: the guest agent said hello (this boot, or after this restore)
+        self.said_hello = asyncio.Event()
+        #: sessions may flow: the hello, or after it the saved state taken (fastStart)
+        self.ready = asyncio.Event()
+        #: fastStart's first boot: the supervisor sets ``ready`` itself once the state is
+        #: saved, so that no session's traces are in it (SPEC §10)
+        self.hold_sessions = False
+        #: the VMM's connection on the ready port (the host talks to a restored agent on it)
+        self.ready_writer: asyncio.StreamWriter | None = None
+        self.ready_port_up = asyncio.Event()
         #: the VMM's end of the channel port is accepted
         self.channel_up = asyncio.Event()
         self.operational = asyncio.Event()  # and the start is complete (netvm routing too)
@@ -66,6 +77,9 @@ class Readiness:
     def reset(self) -> None:
         """Before a reboot (crosvm reset): the new VMM connects and says hello anew."""
         self.ready.clear()
+        self.said_hello.clear()
+        self.ready_port_up.clear()
+        self.ready_writer = None
         self.channel_up.clear()
         self.hello = None
         self.farewell = None
@@ -84,9 +98,19 @@ class Readiness:
             done.cancel()
         return event.is_set() and not self.finished.is_set()
 
+    def send_restored(self) -> None:
+        """Tell a just restored guest's agent the host's clock and fresh entropy (SPEC §10);
+        it answers with a new hello."""
+        from vmsilo.channel.protocol import RESTORE_ENTROPY, encode_restored
+
+        assert self.ready_writer is not None
+        self.ready_writer.write(encode_restored(time.time_ns(), os.urandom(RESTORE_ENTROPY)))
+
     async def on_ready_port(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        self.ready_writer = writer
+        self.ready_port_up.set()
         try:
             while (line := await read_line(reader)) is not None:
                 try:
@@ -105,7 +129,9 @@ class Readiness:
                     return
                 if self.hello is None:  # (none came on another connection meanwhile)
                     self.hello = hello
-                    self.ready.set()
+                    self.said_hello.set()
+                    if not self.hold_sessions:
+                        self.ready.set()
         finally:
             writer.close()
 

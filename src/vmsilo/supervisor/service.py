@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import Awaitable
 from dataclasses import replace
@@ -29,7 +30,7 @@ from typing import Any
 
 from vmsilo.backends.vmm import Vmm, VmmExit
 from vmsilo.errors import VmsiloError
-from vmsilo.supervisor import guest_tasks, stopping
+from vmsilo.supervisor import guest_tasks, saved, stopping
 from vmsilo.supervisor.console import ConsoleLog, ConsoleRelay
 from vmsilo.supervisor.notify import sd_notify
 from vmsilo.supervisor.prelaunch import STOP_SIGNALS, Prelaunch, failure_of
@@ -38,6 +39,9 @@ from vmsilo.supervisor.sessions import Sessions, refuse_queued
 from vmsilo.supervisor.sidecars import Sidecars
 from vmsilo.supervisor.sound import SoundDaemon
 from vmsilo.supervisor.state import KILL_SIGNAL, now
+
+#: Longest wait for a restored guest's hello before it boots instead (s; at most startTimeout).
+RESTORE_TIMEOUT = 20.0
 
 
 class Supervisor:
@@ -123,6 +127,8 @@ class Supervisor:
             self.sound = SoundDaemon(vm.name, launch.sound, launch.sound_socket, self._sound_failed)
             launch.sound_socket = None
             await self.sound.start()
+        if launch.restoring:
+            await self._restore()
         while True:
             exit_info = await self._boot()
             if exit_info is None or not exit_info.restart or self.stop_requested.is_set():
@@ -163,11 +169,81 @@ class Supervisor:
         if self.launch.owns_command_socket:
             sock.close()
 
+    async def _restore(self) -> None:
+        """Load the saved state into the VMM that waits for it (SPEC §10) and have the
+        restored agent say hello; if that fails or takes longer than :data:`RESTORE_TIMEOUT`
+        (or the VMM exits), boot instead — logged, never a hang. A stop request leaves the
+        rest to :meth:`_boot`."""
+        launch, readiness = self.launch, self.readiness
+        vm, vmm, state = launch.vm, launch.vmm, launch.saved
+        assert vmm is not None and state is not None
+        timeout = min(float(vm.start_timeout), RESTORE_TIMEOUT)
+        started = now()
+
+        async def restore() -> None:
+            if not await readiness.wait_for(readiness.ready_port_up):
+                raise VmsiloError("the VMM never connected to the ready port")
+            # (QEMU creates its QMP socket before it connects to ours: it is there now)
+            fd = os.open(state.state, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                await asyncio.to_thread(vmm.restore_state, fd, timeout)
+            finally:
+                os.close(fd)
+            launch.state.extra["restore_s"] = round(now() - started, 3)
+            readiness.send_restored()
+            await readiness.said_hello.wait()
+
+        task = self.spawn(restore())
+        vmm_exit = self.spawn(vmm.wait())
+        stop = self.spawn(self.stop_requested.wait())
+        await asyncio.wait(
+            {task, vmm_exit, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        vmm_exit.cancel()
+        stop.cancel()
+        if task.done() and task.exception() is None:
+            launch.state.extra["start"] = "restored"
+            return
+        if stop.done() and not task.done():
+            task.cancel()
+            return
+        if task.done():
+            why = str(task.exception())
+        elif vmm_exit.done():
+            why = vmm_exit.result().reason
+        else:
+            why = f"not ready within {timeout:g} s"
+        task.cancel()
+        saved.log(vm, f"restoring the saved state failed ({why}); booting instead")
+        vmm.kill()
+        await stopping.reap(vmm)
+        state.forget()
+        launch.state.extra["restore_failed"] = why
+        self.readiness.reset()
+        self.console.log.mark_boot()
+        launch.start_vmm(restore=False)
+
+    async def _save(self) -> None:
+        """fastStart's first boot: save the ready guest before any session is served."""
+        launch, vm, vmm, state = self.launch, self.launch.vm, self.launch.vmm, self.launch.saved
+        assert vmm is not None and state is not None
+        launch.spawner.send("step saving the ready state (fastStart)")
+        try:
+            meta = await saved.save(vm, vmm, state, float(vm.start_timeout))
+        except Exception as e:  # the VM runs on; the next start boots again
+            saved.log(vm, f"saving the ready state failed: {e}")
+            launch.state.extra["save_failed"] = str(e)
+            return
+        saved.log(vm, f"ready state saved in {meta['save_s']} s ({state.directory})")
+        launch.state.extra["saved"] = meta
+
     async def _boot(self) -> VmmExit | None:
         """Wait for the launched VMM's guest to say hello, then until the VM ends."""
-        launch, ready = self.launch, self.readiness.ready
+        launch, ready = self.launch, self.readiness.said_hello
         vm, vmm = launch.vm, launch.vmm
         assert vmm is not None
+        save = launch.saved is not None and not launch.restoring
+        self.readiness.hold_sessions = save
         vmm_exit = self.spawn(vmm.wait())
         hello = self.spawn(ready.wait())
         stop = self.spawn(self.stop_requested.wait())
@@ -194,6 +270,10 @@ class Supervisor:
                 f"VM {vm.name} was not ready within startTimeout ({vm.start_timeout} s)",
                 f"see the console log {vm.paths.console_log}; raise startTimeout if it is slow",
             )
+        if save:
+            await self._save()
+        self.readiness.hold_sessions = False
+        self.readiness.ready.set()
         if vm.is_netvm:
             launch.spawner.send("step configuring the netvm")
             detail = await guest_tasks.configure_netvm(vm)
