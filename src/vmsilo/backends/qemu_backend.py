@@ -13,7 +13,6 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 from vmsilo.backends import accel, features
 from vmsilo.backends.base import NO_SOUND, Backend, HostFacts, SoundFacts, dns_facts
@@ -97,22 +96,17 @@ class QemuVmm(Vmm):
 
     def restore_state(self, fd: int, timeout: float) -> None:
         """Load the saved state in ``fd`` into this VMM (started with ``-incoming defer``) and
-        return once the guest runs (its ``RESUME``). Blocking; QmpError on failure (QEMU then
+        let the guest run. The state was saved paused (:meth:`save_state`), so QEMU keeps it
+        paused after loading: ``cont`` starts it. Blocking; QmpError on failure (QEMU then
         exits by itself: a failed incoming migration ends the process)."""
-
-        def resumed_or_failed(event: dict[str, Any]) -> bool:
-            return event.get("event") == "RESUME" or migration_status(event) in (
-                "failed",
-                "cancelled",
-            )
-
         with Qmp(self.vm.paths.qmp, timeout) as qmp:
             qmp.execute("migrate-set-capabilities", {"capabilities": _EVENTS})
             qmp.execute("getfd", {"fdname": RESTORE_FD}, fds=[fd])
             qmp.execute("migrate-incoming", {"uri": f"fd:{RESTORE_FD}"})
-            event = qmp.wait_event(resumed_or_failed, timeout)
-            if event.get("event") != "RESUME":
-                raise QmpError(f"restoring the state {migration_status(event)}")
+            done = qmp.wait_event(lambda e: migration_status(e) in MIGRATION_DONE, timeout)
+            if migration_status(done) != "completed":
+                raise QmpError(f"restoring the state {migration_status(done)}")
+            qmp.execute("cont")
 
 
 #: QMP names of the state file's descriptor while QEMU writes, resp. reads it.
