@@ -73,7 +73,7 @@ def test_each_restore_is_a_new_machine(inst: Install) -> None:
     stop(inst)
 
     seen: list[str] = []
-    for n in range(2):
+    for _ in range(2):
         before = inst.launch_count()
         st = start(inst)
         assert st["restored"] is True, st
@@ -176,10 +176,6 @@ network.netvm = "host"
 @pytest.mark.vm
 def test_network_after_a_restore(image: Any, state_dir: Path) -> None:
     with qemu_install(state_dir, "fastnet", NET_VM, netns=True) as inst:
-        inst.config.write_text(
-            inst.config.read_text().replace('accel = "tcg"', 'accel = "tcg"')
-            + ""
-        )
         assert inst.netns is not None
         start(inst, "fsnet")
         stop(inst, "fsnet")
