@@ -91,8 +91,8 @@ def test_each_restore_is_a_new_machine(inst: Install) -> None:
         # the disposable root is as saved: nothing of the boot run nor of an earlier restore
         assert not [f for f in files if f == "booted" or f.startswith("restored-")], files
         seen.append(rand)
-        # the clock comes from the host, although the state was saved a while ago
-        assert time.time() - meta["saved_at"] > 5
+        # the clock comes from the host, not from the saved state
+        assert guest_now - meta["saved_at"] > 0.5
         assert abs(host_now - guest_now) < 2, (host_now, guest_now)
         kernel_log = run(inst, "dmesg")
         assert "EXT4-fs error" not in kernel_log and "EXT4-fs warning" not in kernel_log
