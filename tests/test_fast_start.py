@@ -162,6 +162,71 @@ def test_a_changed_plan_boots_and_saves_a_new_state(inst: Install) -> None:
     stop(inst)
 
 
+@pytest.mark.vm
+def test_an_image_rebuild_boots_and_saves_a_new_state(inst: Install) -> None:
+    """A rebuilt image is a new version directory that ``current`` points to (here: the same
+    files, hard-linked, so the session's image stays what it was)."""
+    if not saved_dirs(inst):
+        start(inst)
+        stop(inst)
+    [old] = saved_dirs(inst)
+    images = inst.state_dir / "images" / "default"
+    current = images / "current"
+    version = current.resolve()
+    rebuilt = images / f"{version.name}-rebuilt"
+    rebuilt.mkdir()
+    for f in version.iterdir():
+        os.link(f, rebuilt / f.name)
+    current.unlink()
+    current.symlink_to(rebuilt.name)
+    try:
+        st = start(inst)
+        assert st["restored"] is False
+        stop(inst)
+        [new] = saved_dirs(inst)
+        assert new != old
+    finally:
+        current.unlink()
+        current.symlink_to(version.name)
+        for f in rebuilt.iterdir():
+            f.unlink()
+        rebuilt.rmdir()
+
+
+TMPFS_VM = """
+[vms.fstmp]
+hypervisor = "qemu"
+memory = 512
+cpus = 1
+sharedHome = false
+fastStart = true
+rootOverlay.type = "tmpfs"
+"""
+
+
+@pytest.mark.vm
+def test_tmpfs_root_and_an_unprivileged_qemu(image: Any, state_dir: Path, host_user: Any) -> None:
+    """A tmpfs disposable root (in the saved RAM) starts as saved on every restore, and the
+    hardening stays on: QEMU drops to the desktop user (``-runas``) and still saves and loads
+    the state through the descriptors the supervisor hands it."""
+    with qemu_install(state_dir, "fasttmp", TMPFS_VM) as inst:
+        inst.config.write_text(
+            inst.config.read_text().replace('user = "root"', f'user = "{host_user.pw_name}"')
+        )
+        start(inst, "fstmp")
+        pid = inst.status("fstmp")["pid"]
+        assert os.stat(f"/proc/{pid}").st_uid == host_user.pw_uid
+        stop(inst, "fstmp")
+        for _ in range(2):
+            st = start(inst, "fstmp")
+            assert st["restored"] is True
+            pid = inst.status("fstmp")["pid"]
+            assert os.stat(f"/proc/{pid}").st_uid == host_user.pw_uid
+            out = run(inst, "sh", "-c", "ls /var/tmp; echo x > /var/tmp/mark-$$", vm="fstmp")
+            assert "mark-" not in out
+            stop(inst, "fstmp")
+
+
 NET_VM = """
 [vms.fsnet]
 hypervisor = "qemu"
