@@ -279,6 +279,11 @@ sharedDirectories.data = {{ path = "/srv", mountPoint = "/data" }}
 [vms.c]
 fastStart = true
 sharedHome = false
+[vms.d]
+hypervisor = "qemu"
+fastStart = true
+sharedHome = false
+additionalDisks = [{{ path = "/srv/data.img" }}, {{ path = "/srv/ro.img", ro = true }}]
 """
     )
     p = subprocess.run(
@@ -291,4 +296,6 @@ sharedHome = false
     assert "vms.b.sharedDirectories.data: fastStart cannot restore a VM with shares:" in err
     assert "share 'data'" in err
     assert "vms.c.fastStart: fastStart is not available with crosvm" in err
+    assert "vms.d.additionalDisks[0]: fastStart cannot restore a VM with a writable disk" in err
+    assert "additionalDisks[1]" not in err
     assert err.count("hint:") >= 3

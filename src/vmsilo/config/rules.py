@@ -125,8 +125,9 @@ def _check_vm(config: Config, name: str, vm: VmConfig, known: set[str]) -> Itera
 
 
 def _check_fast_start(vm: VmConfig, at: Callable[..., str]) -> Iterator[Problem]:
-    """fastStart with shares (SPEC §10): QEMU 7.2 cannot migrate vhost-user-fs devices and
-    vmsilo does not hot-plug them after a restore yet, so every share is refused by name."""
+    """fastStart (SPEC §10) with shares: QEMU 7.2 cannot migrate vhost-user-fs devices and
+    vmsilo does not hot-plug them after a restore yet, so every share is refused by name; so
+    are writable disks, PCI passthrough and vhost-user devices."""
     if not vm.fast_start:
         return
     if vm.shared_home is not False:
@@ -140,6 +141,34 @@ def _check_fast_start(vm: VmConfig, at: Callable[..., str]) -> Iterator[Problem]
             at("sharedDirectories", tag),
             f"fastStart cannot restore a VM with shares: share {tag!r}",
             f"remove sharedDirectories.{tag}, or remove fastStart",
+        )
+    # a restored guest's RAM caches what its disks held at save time: a disk written since
+    # (by the previous run) would be corrupted; passed-through and vhost-user devices keep
+    # state outside QEMU that no saved state holds
+    if vm.root_disk is not None and vm.root_disk.ro is not True:
+        yield Problem(
+            at("rootDisk"),
+            "fastStart cannot restore a VM with a writable disk: rootDisk",
+            "set rootDisk.ro = true, or remove fastStart",
+        )
+    for i, disk in enumerate(vm.additional_disks):
+        if disk.ro is not True:
+            yield Problem(
+                at("additionalDisks", i),
+                f"fastStart cannot restore a VM with a writable disk: {disk.path}",
+                f"set additionalDisks[{i}].ro = true, or remove fastStart",
+            )
+    if vm.pci_devices:
+        yield Problem(
+            at("pciDevices"),
+            "fastStart cannot save a VM with passed-through PCI devices",
+            "remove pciDevices, or remove fastStart",
+        )
+    if vm.vhost_user:
+        yield Problem(
+            at("vhostUser"),
+            "fastStart cannot save a VM with vhost-user devices",
+            "remove vhostUser, or remove fastStart",
         )
 
 
