@@ -78,6 +78,8 @@ class HostFacts:
     generation_id: str | None = None
     #: QEMU fastStart: wait for a saved state instead of booting
     incoming: bool = False
+    #: QEMU fastStart under -runas: the disposable disk's inherited descriptors (rw, ro)
+    ephemeral_fds: tuple[int, int] | None = None
 
     @property
     def kernel_params(self) -> list[str]:

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 
 from vmsilo.backends import accel, features
 from vmsilo.backends.base import NO_SOUND, Backend, HostFacts, SoundFacts, dns_facts
-from vmsilo.backends.qemu import qemu_argv
+from vmsilo.backends.qemu import qemu_argv, share_port
 from vmsilo.backends.qmp import MIGRATION_DONE, Qmp, QmpError, migration_status
-from vmsilo.backends.vmm import Vmm
+from vmsilo.backends.vmm import ResumeFailed, Vmm
 from vmsilo.contracts.ports import CHANNEL_PORT
 from vmsilo.host import sound
 from vmsilo.host.findings import Finding
@@ -84,15 +85,24 @@ class QemuVmm(Vmm):
             qmp.execute("migrate-set-capabilities", {"capabilities": _EVENTS})
             qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
             qmp.execute("stop")
+            failure: BaseException | None = None
             try:
                 qmp.execute("getfd", {"fdname": SAVE_FD}, fds=[fd])
                 qmp.execute("migrate", {"uri": f"fd:{SAVE_FD}"})
                 done = qmp.wait_event(lambda e: migration_status(e) in MIGRATION_DONE, timeout)
                 if migration_status(done) != "completed":
                     raise QmpError(f"saving the state {migration_status(done)}")
+                _wait_postmigrate(qmp, timeout)
                 while_stopped()
+            except BaseException as e:
+                failure = e
+                raise
             finally:
-                qmp.execute("cont")
+                try:
+                    qmp.execute("cont")
+                except QmpError as e:
+                    after = f" (after: {failure})" if failure is not None else ""
+                    raise ResumeFailed(f"{e}{after}") from e
 
     def restore_state(self, fd: int, timeout: float) -> None:
         """Load the saved state in ``fd`` into this VMM (started with ``-incoming defer``) and
@@ -107,6 +117,45 @@ class QemuVmm(Vmm):
             if migration_status(done) != "completed":
                 raise QmpError(f"restoring the state {migration_status(done)}")
             qmp.execute("cont")
+
+    def plug_shares(self, connections: Sequence[tuple[str, int]], timeout: float) -> None:
+        """Hot-plug the shares of a fastStart VM (SPEC §10): for each (tag, socket connected
+        to its virtiofsd), hand QEMU the socket (``getfd``), make it a chardev
+        (``chardev-add`` on that descriptor: QEMU, dropped to ``-runas``, need not open
+        anything) and plug a ``vhost-user-fs-pci`` device into the share's root port."""
+        with Qmp(self.vm.paths.qmp, timeout) as qmp:
+            for n, (tag, fd) in enumerate(connections):
+                name = f"fs-{tag}"
+                qmp.execute("getfd", {"fdname": name}, fds=[fd])
+                addr = {"type": "fd", "data": {"str": name}}
+                qmp.execute(
+                    "chardev-add",
+                    {
+                        "id": name,
+                        "backend": {"type": "socket", "data": {"addr": addr, "server": False}},
+                    },
+                )
+                qmp.execute(
+                    "device_add",
+                    {
+                        "driver": "vhost-user-fs-pci",
+                        "id": f"fsdev-{tag}",
+                        "chardev": name,
+                        "tag": tag,
+                        "bus": share_port(n),
+                    },
+                )
+
+
+def _wait_postmigrate(qmp: Qmp, timeout: float) -> None:
+    """QEMU 7.2 reports a migration ``completed`` (its event) a moment before it leaves the
+    ``finish-migrate`` run state, and until then ``cont`` fails ("Migration is not finalized
+    yet"); no event marks that step, so ask — each answer is one turn of QEMU's main loop,
+    which is what that step waits for — bounded by ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while qmp.execute("query-status").get("status") == "finish-migrate":
+        if time.monotonic() > deadline:
+            raise QmpError("QEMU did not finish the migration in time")
 
 
 #: QMP names of the state file's descriptor while QEMU writes, resp. reads it.
@@ -212,6 +261,7 @@ class QemuBackend(Backend):
             audio_server=facts.sound.server,
             generation_id=facts.generation_id,
             incoming=facts.incoming,
+            ephemeral_fds=facts.ephemeral_fds,
         )
 
     def vmm(self, plan: Plan, vm: VmPlan, argv: list[str]) -> Vmm:

@@ -565,6 +565,39 @@ def parse_restored(data: bytes) -> RestoreNotice:
     return RestoreNotice(time_ns, raw)
 
 
+def encode_mount() -> bytes:
+    """The host's line asking the agent to mount the shares it just hot-plugged (SPEC §10)."""
+    return json.dumps({"mount": READY_MAGIC}, separators=(",", ":")).encode() + b"\n"
+
+
+def is_mount_request(data: bytes) -> bool:
+    try:
+        obj = _loads(data.strip())
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(obj, dict) and obj.get("mount") == READY_MAGIC
+
+
+def encode_mounted(errors: list[str]) -> bytes:
+    """The agent's answer once every share is mounted or given up on."""
+    obj = {"mounted": READY_MAGIC, "errors": errors}
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def parse_mounted(data: bytes) -> list[str]:
+    """The errors of a mounted line (made safe to print); ValueError if it is not one."""
+    try:
+        obj = _loads(data.strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"not a vmsilo mounted line: {data[:80]!r}") from None
+    if not isinstance(obj, dict) or obj.get("mounted") != READY_MAGIC:
+        raise ValueError(f"not a vmsilo mounted line: {data[:80]!r}")
+    errors = obj.get("errors")
+    if not isinstance(errors, list):
+        raise ValueError("mounted line without errors")
+    return [printable(str(e), 200) for e in errors[:16]]
+
+
 def accept_vsock_peer(cid: int, port: int) -> bool:
     """Whether the agent serves a vsock connection from ``cid``:``port`` — only the host
     (CID 2), and there only a privileged source port (SPEC §11.1).

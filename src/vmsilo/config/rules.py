@@ -125,23 +125,11 @@ def _check_vm(config: Config, name: str, vm: VmConfig, known: set[str]) -> Itera
 
 
 def _check_fast_start(vm: VmConfig, at: Callable[..., str]) -> Iterator[Problem]:
-    """fastStart (SPEC §10) with shares: QEMU 7.2 cannot migrate vhost-user-fs devices and
-    vmsilo does not hot-plug them after a restore yet, so every share is refused by name; so
-    are writable disks, PCI passthrough and vhost-user devices."""
+    """What a saved state cannot hold (SPEC §10): writable disks, PCI passthrough and
+    vhost-user devices. (Shares are fine: their virtiofs devices are hot-plugged after every
+    start, see :meth:`vmsilo.supervisor.service.Supervisor._plug_shares`.)"""
     if not vm.fast_start:
         return
-    if vm.shared_home is not False:
-        yield Problem(
-            at("sharedHome"),
-            "fastStart cannot restore a VM with shares: share 'home' (sharedHome) is on",
-            "set sharedHome = false, or remove fastStart",
-        )
-    for tag in vm.shared_directories:
-        yield Problem(
-            at("sharedDirectories", tag),
-            f"fastStart cannot restore a VM with shares: share {tag!r}",
-            f"remove sharedDirectories.{tag}, or remove fastStart",
-        )
     # a restored guest's RAM caches what its disks held at save time: a disk written since
     # (by the previous run) would be corrupted; passed-through and vhost-user devices keep
     # state outside QEMU that no saved state holds

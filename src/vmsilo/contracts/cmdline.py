@@ -89,6 +89,10 @@ class Route:
         return ":" in self.dest
 
 
+#: ``vmsilo.sharesLater=1``: a fastStart VM's shares are hot-plugged after its start (SPEC §10)
+SHARES_LATER = "vmsilo.sharesLater"
+
+
 @dataclass(frozen=True)
 class GuestParams:
     """What the guest init takes from its command line."""
@@ -105,6 +109,9 @@ class GuestParams:
     auto_shutdown_after: int | None = None
     console: str = "hvc0"
     errors: tuple[str, ...] = ()  # parameters that could not be parsed (logged at boot)
+    #: the shares' devices come later (hot-plugged by the host, fastStart): the agent mounts
+    #: them when the host says so, not the init at boot
+    shares_later: bool = False
 
 
 # --- encoding (host) --------------------------------------------------------------------------
@@ -272,6 +279,7 @@ def parse_cmdline(text: str) -> GuestParams:
     auto_enable = False
     auto_after = 300
     console = "hvc0"
+    shares_later = False
     errors: list[str] = []
     for word in split_cmdline(text):
         key, sep, value = word.partition("=")
@@ -300,6 +308,8 @@ def parse_cmdline(text: str) -> GuestParams:
                 shares.append(parse_share(value))
             elif key == "vmsilo.rootOverlay":
                 overlay = value
+            elif key == SHARES_LATER:
+                shares_later = value == "1"
             elif key == "autoShutdown.enable":
                 auto_enable = value in ("1", "true", "yes")
             elif key == "autoShutdown.after":
@@ -321,4 +331,5 @@ def parse_cmdline(text: str) -> GuestParams:
         auto_shutdown_after=auto_after if auto_enable else None,
         console=console,
         errors=tuple(errors),
+        shares_later=shares_later,
     )

@@ -56,7 +56,9 @@ from vmsilo.channel.protocol import (
     RestoreNotice,
     accept_vsock_peer,
     encode_farewell,
+    encode_mounted,
     encode_ready,
+    is_mount_request,
     parse_restored,
 )
 from vmsilo.contracts.ports import CHANNEL_PORT, READY_PORT
@@ -266,6 +268,11 @@ class RestoreListener:
             os.close(fd)
 
     def _line(self, line: bytes) -> None:
+        if is_mount_request(line):
+            task = asyncio.ensure_future(self._mount())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            return
         try:
             notice = parse_restored(line)
         except ValueError:
@@ -288,6 +295,65 @@ class RestoreListener:
         if self.path is not None:
             await send_ready(self.path, self.transport)
         await _forget_neighbours()
+
+    async def _mount(self) -> None:
+        errors = await mount_shares()
+        if self.path is not None:
+            data = encode_mounted(errors)
+            try:
+                await asyncio.to_thread(_write_ready_blocking, self.path, data)
+            except OSError as e:
+                log.error("cannot answer the mount request: %s", e)
+
+
+#: How long a hot-plugged share may take to show up in the guest (s).
+SHARE_WAIT = 20.0
+
+
+async def mount_shares() -> list[str]:
+    """Mount the shares of the kernel command line whose devices the host just hot-plugged
+    (fastStart, SPEC §10); the errors. A share's tag is known to virtiofs only once its PCI
+    device is probed: a mount that fails is tried again on the next kernel uevent (the
+    device's arrival), until :data:`SHARE_WAIT`."""
+    from vmsilo.contracts.cmdline import parse_cmdline
+    from vmsilo.contracts.mount import sys_mount
+    from vmsilo.guest.actions import MakeDir, Mount, share_actions
+    from vmsilo.guest.boot import load_modules, make_dir, mounted_targets, read_text
+
+    params = parse_cmdline(read_text("/proc/cmdline"))
+    load_modules(["virtiofs"])
+    uevents = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)
+    uevents.bind((0, 1))
+    uevents.setblocking(False)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SHARE_WAIT
+    errors: list[str] = []
+    try:
+        for act in share_actions(params):
+            if isinstance(act, MakeDir):
+                make_dir(act)
+                continue
+            if not isinstance(act, Mount) or act.target in mounted_targets():
+                continue
+            while True:
+                try:
+                    sys_mount(act.source, act.target, act.fstype, act.flags, act.data)
+                    log.info("share %s mounted on %s", act.source, act.target)
+                    break
+                except OSError as e:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        errors.append(f"share {act.source}: {e}")
+                        break
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(loop.sock_recv(uevents, 65536), left)
+    finally:
+        uevents.close()
+    return errors
+
+
+#: The kernel's uevent netlink family (not in the socket module).
+NETLINK_KOBJECT_UEVENT = 15
 
 
 async def _forget_neighbours() -> None:

@@ -192,13 +192,29 @@ class Prelaunch:
                 argv = backend.argv(self.plan, vm, facts)
         if vm.root_overlay == "raw" and not self.restoring:
             create_ephemeral_disk(vm.paths.ephemeral_disk, vm.root_overlay_size)
+        fds: tuple[int, int] | None = None
+        if self.saved is not None and facts.runas is not None and vm.root_overlay == "raw":
+            # saving inactivates the disk and `cont` activates it again, reopening it: QEMU,
+            # dropped to the user, gets it from descriptors we open (the file stays root's)
+            disk = vm.paths.ephemeral_disk
+            fds = (
+                os.open(disk, os.O_RDWR | os.O_CLOEXEC),
+                os.open(disk, os.O_RDONLY | os.O_CLOEXEC),
+            )
+            facts = replace(facts, ephemeral_fds=fds)
+            argv = backend.argv(self.plan, vm, facts)
         self._prepare_sound(backend.sound_sidecar(self.plan, vm, facts))
         self.state.extra["sound"] = {"available": facts.sound.available, "why": facts.sound.why}
         if facts.sound.why is not None:
             print(f"vmsilo supervisor: VM {vm.name}: sound: {facts.sound.why}", file=sys.stderr)
         self.vmm = backend.vmm(self.plan, vm, argv)
         self.spawner.send(f"step starting {backend.name}")
-        pid = self.vmm.start()
+        try:
+            self.vmm.pass_fds = fds or ()
+            pid = self.vmm.start()
+        finally:
+            for fd in fds or ():
+                os.close(fd)
         self.state.extra["vmm_started_at"] = now()
         if vm.fast_start:
             self.state.extra["start"] = "restoring" if self.restoring else "booted"

@@ -20,7 +20,13 @@ import sys
 import time
 
 from vmsilo.channel.mux import ChannelMux
-from vmsilo.channel.protocol import KNOWN_TRANSPORTS, ReadyHello, parse_farewell, parse_ready
+from vmsilo.channel.protocol import (
+    KNOWN_TRANSPORTS,
+    ReadyHello,
+    parse_farewell,
+    parse_mounted,
+    parse_ready,
+)
 
 #: Longest line read from the ready port; a hello is about 80 bytes.
 MAX_READY_LINE = 4096
@@ -62,6 +68,8 @@ class Readiness:
         #: the VMM's connection on the ready port (the host talks to a restored agent on it)
         self.ready_writer: asyncio.StreamWriter | None = None
         self.ready_port_up = asyncio.Event()
+        #: the agent's answer to :meth:`send_mount`
+        self.mounted: asyncio.Future[list[str]] | None = None
         #: the VMM's end of the channel port is accepted
         self.channel_up = asyncio.Event()
         self.operational = asyncio.Event()  # and the start is complete (netvm routing too)
@@ -116,7 +124,8 @@ class Readiness:
                 try:
                     hello = parse_ready(line)
                 except ValueError:
-                    self._farewell(line)
+                    if not self._mounted(line):
+                        self._farewell(line)
                     continue
                 if self.hello is not None or (
                     hello.compatible() and hello.transport not in KNOWN_TRANSPORTS
@@ -132,6 +141,8 @@ class Readiness:
                     self.said_hello.set()
                     if not self.hold_sessions:
                         self.ready.set()
+        except ConnectionError:
+            pass  # the VMM went away (its exit is handled elsewhere)
         finally:
             writer.close()
 
@@ -144,6 +155,25 @@ class Readiness:
                 " first one",
                 file=sys.stderr,
             )
+
+    def _mounted(self, line: bytes) -> bool:
+        """The agent's answer to a mount request (fastStart shares); whether it was one."""
+        try:
+            errors = parse_mounted(line)
+        except ValueError:
+            return False
+        if self.mounted is not None and not self.mounted.done():
+            self.mounted.set_result(errors)
+        return True
+
+    def send_mount(self) -> asyncio.Future[list[str]]:
+        """Ask the agent to mount the shares just hot-plugged; its answer (the errors)."""
+        from vmsilo.channel.protocol import encode_mount
+
+        assert self.ready_writer is not None
+        self.mounted = asyncio.get_running_loop().create_future()
+        self.ready_writer.write(encode_mount())
+        return self.mounted
 
     def _farewell(self, line: bytes) -> None:
         try:

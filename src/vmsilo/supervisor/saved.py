@@ -58,6 +58,7 @@ def state_key(plan: Plan, vm: VmPlan, backend: Backend, facts: HostFacts) -> str
         facts,
         generation_id=KEY_GENERATION_ID if facts.generation_id is not None else None,
         incoming=False,
+        ephemeral_fds=None,
     )
     image_files = [vm.kernel, vm.initramfs]
     image_files += [d.path for d in vm.disks if d.role != "ephemeral"]

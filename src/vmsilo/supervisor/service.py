@@ -23,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import sys
 from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any
 
-from vmsilo.backends.vmm import Vmm, VmmExit
+from vmsilo.backends.vmm import ResumeFailed, Vmm, VmmExit
 from vmsilo.errors import VmsiloError
 from vmsilo.supervisor import guest_tasks, saved, stopping
 from vmsilo.supervisor.console import ConsoleLog, ConsoleRelay
@@ -230,12 +231,48 @@ class Supervisor:
         launch.spawner.send("step saving the ready state (fastStart)")
         try:
             meta = await saved.save(vm, vmm, state, float(vm.start_timeout))
+        except ResumeFailed as e:  # paused for good: better a failed start than a hang
+            raise VmsiloError(
+                f"VM {vm.name}: saving its ready state left it paused: {e}",
+                f"see the supervisor log {vm.paths.supervisor_log}; remove fastStart to boot it"
+                " without saving",
+            ) from e
         except Exception as e:  # the VM runs on; the next start boots again
             saved.log(vm, f"saving the ready state failed: {e}")
             launch.state.extra["save_failed"] = str(e)
             return
         saved.log(vm, f"ready state saved in {meta['save_s']} s ({state.directory})")
         launch.state.extra["saved"] = meta
+
+    async def _plug_shares(self) -> None:
+        """fastStart with shares (SPEC §10): the saved machine has no virtiofs devices (QEMU
+        7.2 cannot migrate them), so after every start — boot (after the save) or restore —
+        each share's device is hot-plugged on a connection to its virtiofsd, and the agent
+        mounts them before the VM is ready. A share that does not mount fails the start."""
+        launch, vm, vmm = self.launch, self.launch.vm, self.launch.vmm
+        assert vmm is not None
+        launch.spawner.send("step plugging in the shares")
+        connections: list[tuple[str, int]] = []
+        socks = []
+        try:
+            for share in vm.shares:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.connect(share.socket)
+                connections.append((share.tag, sock.fileno()))
+            await asyncio.to_thread(vmm.plug_shares, connections, float(vm.start_timeout))
+        finally:
+            for sock in socks:  # (QEMU holds its own copies now)
+                sock.close()
+        try:
+            errors = await asyncio.wait_for(self.readiness.send_mount(), vm.start_timeout)
+        except TimeoutError:
+            errors = ["the guest did not answer the mount request"]
+        if errors:
+            raise VmsiloError(
+                f"VM {vm.name}: shares not mounted: {'; '.join(errors)}",
+                f"see the console log {vm.paths.console_log}",
+            )
 
     async def _boot(self) -> VmmExit | None:
         """Wait for the launched VMM's guest to say hello, then until the VM ends."""
@@ -272,6 +309,8 @@ class Supervisor:
             )
         if save:
             await self._save()
+        if launch.saved is not None and vm.shares:
+            await self._plug_shares()
         self.readiness.hold_sessions = False
         self.readiness.ready.set()
         if vm.is_netvm:
