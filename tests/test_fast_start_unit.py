@@ -94,3 +94,71 @@ def test_sparse_copy_keeps_holes_and_can_drop_zeros(tmp_path: Path) -> None:
     assert lean.read_bytes() == src.read_bytes()
     assert written < 2 << 20 and lean.stat().st_blocks * 512 < 2 << 20
     assert not os.path.exists(str(lean) + ".new")
+
+
+SHARED = """
+user = "alice"
+[qemu]
+accel = "tcg"
+[vms.fast]
+hypervisor = "qemu"
+fastStart = {fast}
+sharedDirectories.docs = {{ path = "/srv/docs", mountPoint = "/mnt/docs" }}
+"""
+
+
+def test_shares_of_a_fast_start_vm_wait_for_hot_plug() -> None:
+    """The saved machine has a root port per share and no virtiofs device; the guest is told
+    to leave the shares to the agent (``vmsilo.sharesLater=1``). Without fastStart nothing
+    changes."""
+    plan = plan_of(SHARED.format(fast="true"))
+    argv = qemu_argv(plan, plan.vms["fast"])
+    text = " ".join(argv)
+    assert "vhost-user-fs-pci" not in text and "id=fs-" not in text
+    assert "pcie-root-port,id=fsport0,chassis=1" in argv
+    assert "pcie-root-port,id=fsport1,chassis=2" in argv
+    assert argv[argv.index("-append") + 1].endswith(" vmsilo.sharesLater=1")
+    assert "memory-backend-memfd,id=mem,size=2048M,share=on" in argv  # vhost-user needs it
+    plain = plan_of(SHARED.format(fast="false"))
+    argv = qemu_argv(plain, plain.vms["fast"])
+    assert "pcie-root-port" not in " ".join(argv) and "vmsilo.sharesLater" not in " ".join(argv)
+    assert "vhost-user-fs-pci,chardev=fs-docs,tag=docs" in argv
+
+
+def test_guest_leaves_shares_to_the_agent_when_told() -> None:
+    from vmsilo.contracts.cmdline import parse_cmdline
+
+    later = parse_cmdline("vmsilo.share=docs,/mnt/docs vmsilo.sharesLater=1")
+    assert later.shares_later and [s.tag for s in later.shares] == ["docs"]
+    assert not parse_cmdline("vmsilo.share=docs,/mnt/docs").shares_later
+
+
+def test_mount_lines() -> None:
+    from vmsilo.channel.protocol import (
+        encode_mount,
+        encode_mounted,
+        is_mount_request,
+        parse_mounted,
+    )
+
+    assert is_mount_request(encode_mount()) and not is_mount_request(b'{"mount":"x"}')
+    assert parse_mounted(encode_mounted([])) == []
+    [error] = parse_mounted(encode_mounted(["share home: \x1b[2Jbad"]))
+    assert error.startswith("share home: ") and "\x1b" not in error  # guest text, filtered
+    with pytest.raises(ValueError):
+        parse_mounted(b'{"mounted":"vmsilo-agent"}')
+
+
+def test_disposable_disk_as_a_descriptor_set() -> None:
+    plan = plan_of(CONFIG.format(memory=512, fast="true"))
+    vm = plan.vms["fast"]
+    argv = qemu_argv(plan, vm, ephemeral_fds=(7, 8))
+    assert argv[argv.index("-add-fd") : argv.index("-add-fd") + 4] == [
+        "-add-fd",
+        "fd=7,set=1",
+        "-add-fd",
+        "fd=8,set=1",
+    ]
+    [drive] = [a for a in argv if "serial=" not in a and a.startswith("file=/dev/fdset/1")]
+    assert "file.locking=off" in drive and "readonly=off" in drive
+    assert not any(a.startswith("file=/dev/fdset") for a in qemu_argv(plan, vm))

@@ -351,7 +351,7 @@ class VmConfig(Model):
     fast_start: bool = Field(
         False,
         description="start from a saved, booted and ready state (saved by the first start;"
-        " QEMU, no shares)",
+        " QEMU; no writable disks, PCI passthrough or vhost-user devices)",
     )
     auto_shutdown: AutoShutdown = AutoShutdown()
     network: Network = Network()

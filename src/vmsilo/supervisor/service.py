@@ -64,6 +64,8 @@ class Supervisor:
         self.console = ConsoleRelay(ConsoleLog(launch.vm.paths.console_log))
         self.sidecars = Sidecars(on_failure=self._share_failed)
         self.sound: SoundDaemon | None = None
+        #: fastStart with shares: the virtiofsd daemons starting while the guest restores
+        self.sidecars_up: asyncio.Task[None] | None = None
 
     def _kill_requested(self) -> None:
         self.kill_now.set()
@@ -123,7 +125,12 @@ class Supervisor:
             launch.close_unserved()
             return None
         # the VMM is already waiting on the shares' sockets (and the sound daemon's)
-        await self.sidecars.start(plan, vm, launch.share_sockets)
+        sidecars = self.sidecars.start(plan, vm, launch.share_sockets)
+        if launch.saved is not None and vm.shares:
+            # hot-plugged once the guest is up (fastStart): the daemons start meanwhile
+            self.sidecars_up = self.spawn(sidecars)
+        else:
+            await sidecars
         if launch.sound is not None and launch.sound_socket is not None:
             self.sound = SoundDaemon(vm.name, launch.sound, launch.sound_socket, self._sound_failed)
             launch.sound_socket = None
@@ -251,6 +258,8 @@ class Supervisor:
         mounts them before the VM is ready. A share that does not mount fails the start."""
         launch, vm, vmm = self.launch, self.launch.vm, self.launch.vmm
         assert vmm is not None
+        if self.sidecars_up is not None:
+            await self.sidecars_up
         launch.spawner.send("step plugging in the shares")
         connections: list[tuple[str, int]] = []
         socks = []
