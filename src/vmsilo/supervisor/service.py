@@ -113,6 +113,8 @@ class Supervisor:
     async def _run_launched(self) -> VmmExit | None:
         launch = self.launch
         vm, plan = launch.vm, launch.plan
+        # fastStart's first boot: no session before the state is saved (and the shares are in)
+        self.readiness.hold_sessions = launch.saved is not None
         await self._take_over_sockets()
         if vm.netvm not in (None, "host"):
             netvm = plan.vms.get(str(vm.netvm))
@@ -289,7 +291,6 @@ class Supervisor:
         vm, vmm = launch.vm, launch.vmm
         assert vmm is not None
         save = launch.saved is not None and not launch.restoring
-        self.readiness.hold_sessions = save
         vmm_exit = self.spawn(vmm.wait())
         hello = self.spawn(ready.wait())
         stop = self.spawn(self.stop_requested.wait())
