@@ -29,7 +29,11 @@ from vmsilo.channel.protocol import (
 )
 
 STATE = Path(os.environ.get("VMSILO_BENCH_STATE", "/var/lib/vmsilo"))
-TOOLS = {"vmsilo": "vmsilo.cli.vmsilo", "vm-run": "vmsilo.cli.vm_run"}
+TOOLS = {
+    "vmsilo": "vmsilo.cli.vmsilo",
+    "vm-run": "vmsilo.cli.vm_run",
+    "vm-copy": "vmsilo.cli.vm_copy",
+}
 
 
 class BenchVM:

@@ -48,6 +48,10 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("state")
 
 
+#: What the test image adds to the base packages (one image serves every VM test).
+DESKTOP_TEST_PACKAGES = ("foot", "wayland-utils", "wl-clipboard")
+
+
 @pytest.fixture(scope="session")
 def image(state_dir: Path):  # type: ignore[no-untyped-def]
     """The default guest image, built once per test session."""
@@ -56,7 +60,8 @@ def image(state_dir: Path):  # type: ignore[no-untyped-def]
 
     t = time.monotonic()
     built = build_image(
-        ImageSpec(name="default", suite="bookworm", packages=()),
+        # the Wayland tests' programs: a terminal, wayland-info and the clipboard tools
+        ImageSpec(name="default", suite="bookworm", packages=DESKTOP_TEST_PACKAGES),
         state_dir,
         cache_dir=IMAGE_CACHE,
         progress=lambda m: print("[image]", m),

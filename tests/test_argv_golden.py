@@ -126,7 +126,7 @@ EXPECTED_UPSTREAM = [
     "--gpu=context-types=cross-domain:virgl2:venus",
     "--gpu-render-server=path=/opt/virgl/render_server",
     "--wayland-sock",
-    "/run/user/1000/wayland-1",
+    "/run/user/1000/vmsilo/work-wayland.socket",  # the VM's filter, not the compositor (§9.1)
     "--vhost-user",
     "type=sound,socket=/run/vms/work-sound.socket",
     "-s",
@@ -293,7 +293,11 @@ def test_defaults_follow_the_hypervisor() -> None:
     assert c.gpu is not None and c.gpu.context_types == ("cross-domain", "virgl2")
     assert c.gpu.wayland_socket == "/run/user/1000/wayland-0"
     assert (c.sound.playback, c.sound.capture) == (True, False)
-    assert q.gpu is None and (q.sound.playback, q.sound.capture) == (False, False)
+    # v3: QEMU shows windows through waypipe by default (SPEC §9.1), no OpenGL unless asked
+    assert q.gpu is not None and (q.gpu.wayland, q.gpu.opengl, q.gpu.vulkan) == (True, False, False)
+    assert q.gpu.filter_socket == "/run/user/1000/vmsilo/q-wayland.socket"
+    assert q.gpu.waypipe_socket == "/run/user/1000/vmsilo/q-waypipe.socket"
+    assert (q.sound.playback, q.sound.capture) == (False, False)
     assert "hugepages" in q.not_applied and "packed-queue" in q.not_applied
     assert c.not_applied == ()
     assert [s.tag for s in c.shares] == ["home"]

@@ -95,6 +95,35 @@ def test_qemu_argv_maps_the_plan() -> None:
     assert vsock[vsock.index("-cpu") + 1] == "host"
 
 
+def test_qemu_windows_go_through_waypipe_by_default() -> None:
+    """SPEC §9.1: a QEMU VM shows windows unless ``gpu = false``; the guest learns it from
+    ``vmsilo.waypipe=1``, which comes before the user's ``kernelParams`` (they can override
+    it) and is not one of the plan's parameters (SPEC §3's list stays crosvm's)."""
+    from vmsilo.contracts.cmdline import WAYPIPE_PARAM, parse_cmdline
+
+    plan = plan_of(
+        'user = "alice"\n[vms.q]\nhypervisor = "qemu"\nkernelParams = ["quiet"]\n'
+        '[vms.g]\nhypervisor = "qemu"\ngpu = true\n'
+        '[vms.n]\nhypervisor = "qemu"\ngpu = false\n'
+    )
+
+    def append_of(name: str) -> str:
+        argv = qemu_argv(plan, plan.vms[name], "tcg")
+        return argv[argv.index("-append") + 1]
+
+    for name in ("q", "g"):
+        words = append_of(name).split(" ")
+        assert words[2] == WAYPIPE_PARAM and WAYPIPE_PARAM not in plan.vms[name].kernel_params
+        assert parse_cmdline(append_of(name)).waypipe
+    assert append_of("q").split(" ").index("quiet") > 2
+    append = append_of("n")
+    assert WAYPIPE_PARAM not in append and not parse_cmdline(append).waypipe
+    assert not parse_cmdline(append + " " + WAYPIPE_PARAM + " vmsilo.waypipe=0").waypipe
+    # gpu = true on QEMU: windows and virgl OpenGL (no longer refused)
+    assert "virtio-gpu-gl-pci" in qemu_argv(plan, plan.vms["g"], "tcg")
+    assert "virtio-gpu-gl-pci" not in qemu_argv(plan, plan.vms["q"], "tcg")
+
+
 def test_argv_backend_qemu_cli(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(

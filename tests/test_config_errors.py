@@ -372,12 +372,6 @@ BAD: list[tuple[str, str, str, str]] = [
         "printable ASCII",
     ),
     (
-        "qemu-gpu-true",
-        U + "[vms.a]\nhypervisor = 'qemu'\ngpu = true\n",
-        "vms.a.gpu",
-        "QEMU cannot provide Wayland",
-    ),
-    (
         "qemu-gpu-vulkan",
         U + "[vms.a]\nhypervisor = 'qemu'\ngpu = { vulkan = true }\n",
         "vms.a.gpu",

@@ -89,3 +89,34 @@ def test_nftables_is_checked_for_netvm_links(
     alone = _cfg(tmp_path, '[vms.q]\nhypervisor = "qemu"\n')
     _, out, _ = run_vmsilo(["-c", alone, "doctor", "--json"])
     assert "nft" not in {f["check"] for f in json.loads(out)["findings"]}
+
+
+def test_windows_need_a_compositor_and_waypipe(tmp_path: Path) -> None:
+    """QEMU VMs show windows through waypipe (SPEC §9.1): doctor names the compositor socket
+    and waypipe, warns (never fails) when either is missing, and says nothing without gpu."""
+    import shutil
+    import socket
+
+    sock = tmp_path / "wayland-7"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock))
+    try:
+        body = (
+            f'[vms.q]\nhypervisor = "qemu"\nsharedHome = false\n'
+            f'gpu = {{ wayland = true, waylandSocket = "{sock}" }}\n'
+            '[vms.r]\nhypervisor = "qemu"\nsharedHome = false\n'
+            f'gpu = {{ wayland = true, waylandSocket = "{tmp_path}/none" }}\n'
+            '[vms.s]\nhypervisor = "qemu"\nsharedHome = false\ngpu = false\n'
+        )
+        _, out, _ = run_vmsilo(["-c", _cfg(tmp_path, body), "doctor", "--json"])
+    finally:
+        listener.close()
+    findings = [f for f in json.loads(out)["findings"] if f["check"] == "Wayland compositor"]
+    by_level = {f["level"]: f["detail"] for f in findings}
+    assert by_level["ok"] == f"{sock} (windows of q)"  # s has no gpu: not listed
+    assert by_level["warn"].startswith(f"no socket at {tmp_path}/none: window programs in r fail")
+    assert len(findings) == 2
+    waypipe = [f for f in json.loads(out)["findings"] if f["check"] == "waypipe"]
+    assert len(waypipe) == 1
+    assert waypipe[0]["level"] == ("ok" if shutil.which("waypipe") else "warn")
+    assert "q, r" in waypipe[0]["detail"]

@@ -31,6 +31,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 TOOLS = {
     "vmsilo": "vmsilo.cli.vmsilo",
     "vm-run": "vmsilo.cli.vm_run",
+    "vm-copy": "vmsilo.cli.vm_copy",
     "vm-start": "vmsilo.cli.vm_start",
     "vm-stop": "vmsilo.cli.vm_stop",
     "vm-shell": "vmsilo.cli.vm_shell",

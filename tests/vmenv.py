@@ -24,6 +24,7 @@ sharedHome = false
 TOOLS = {
     "vmsilo": "vmsilo.cli.vmsilo",
     "vm-run": "vmsilo.cli.vm_run",
+    "vm-copy": "vmsilo.cli.vm_copy",
     "vm-start": "vmsilo.cli.vm_start",
     "vm-stop": "vmsilo.cli.vm_stop",
     "vm-shell": "vmsilo.cli.vm_shell",

@@ -144,8 +144,9 @@ def test_qemu_runs_as_the_user_under_seccomp(config: Path, host_user: pwd.struct
 
 
 def test_writable_paths_keep_awkward_names() -> None:
-    """ProtectSystem=strict leaves exactly runtimeDir, stateDir and rw shares writable, even
-    with blanks, ``%`` or ``$`` in their names (a path-list setting expands no ``$``)."""
+    """ProtectSystem=strict leaves exactly runtimeDir, stateDir, rw shares and (windows) the
+    user's runtime dir writable, even with blanks, ``%`` or ``$`` in their names (a path-list
+    setting expands no ``$``)."""
     plan = plan_of(
         """
 user = "alice"
@@ -158,7 +159,9 @@ stateDir = "/var/lib/vm silo $HOME"
         f"{SYSTEMD_DIR}/{plan.vms['work'].service_unit}"
     ]
     line = next(x for x in text.splitlines() if x.startswith("ReadWritePaths="))
-    assert line == ('ReadWritePaths="-/run/vm silo %%h" "-/var/lib/vm silo $HOME" -/shared/work')
+    assert line == (
+        'ReadWritePaths="-/run/vm silo %%h" "-/var/lib/vm silo $HOME" -/shared/work -/run/user/1000'
+    )
 
 
 def test_runas_only_from_root_to_someone_else(monkeypatch: pytest.MonkeyPatch) -> None:

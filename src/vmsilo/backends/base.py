@@ -62,6 +62,73 @@ class SoundSidecar:
         return sound_device_argv(self.binary, fd, self.backend)
 
 
+#: Where the QEMU path's waypipe is looked for (Debian's package ``waypipe``).
+WAYPIPE = "waypipe"
+
+
+@dataclass(frozen=True)
+class WindowsSidecar:
+    """The desktop user's side of a VM's windows (SPEC §9.1): :mod:`vmsilo.wayland.bridge`,
+    run by the supervisor as the user — the filter, and under QEMU the waypipe client."""
+
+    vm: str
+    color: str
+    compositor: str  # the desktop's Wayland socket
+    filter_socket: str
+    #: QEMU: where the waypipe client listens for the VM's streams (None: the VMM itself
+    #: connects to the filter, crosvm upstream)
+    waypipe_socket: str | None
+    waypipe: str | None  # the waypipe program
+    uid: int
+    gid: int
+    home: str
+    runtime_dir: str
+    #: started before the VMM (crosvm connects at once) instead of at the first window (QEMU)
+    at_launch: bool
+
+    def argv(self, python: str, *, drop: bool) -> list[str]:
+        """The bridge's command line; ``drop``: it is started as root and becomes the user."""
+        argv = [python, "-m", "vmsilo.wayland.bridge", "--vm", self.vm, "--color", self.color]
+        if drop:
+            argv += ["--uid", str(self.uid), "--gid", str(self.gid)]
+        argv += ["--listen", self.filter_socket, "--upstream", self.compositor]
+        if self.waypipe_socket is not None and self.waypipe is not None:
+            argv += ["--waypipe", self.waypipe, "--waypipe-socket", self.waypipe_socket]
+        return argv
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": self.home,
+            "XDG_RUNTIME_DIR": self.runtime_dir,
+            "LANG": "C.UTF-8",
+        }
+
+
+def windows_sidecar(plan: Plan, vm: VmPlan, *, waypipe: bool) -> WindowsSidecar | None:
+    """``vm``'s :class:`WindowsSidecar` (None without Wayland); ``waypipe``: the QEMU path."""
+    gpu = vm.gpu
+    if gpu is None or not gpu.wayland:
+        return None
+    import shutil
+
+    u = plan.user
+    return WindowsSidecar(
+        vm=vm.name,
+        color=vm.color,
+        compositor=gpu.wayland_socket,
+        filter_socket=gpu.filter_socket,
+        waypipe_socket=gpu.waypipe_socket if waypipe else None,
+        waypipe=(shutil.which(WAYPIPE) or WAYPIPE) if waypipe else None,
+        uid=u.uid,
+        gid=u.gid,
+        home=u.home,
+        runtime_dir=u.runtime_dir,
+        at_launch=not waypipe,
+    )
+
+
 @dataclass(frozen=True)
 class HostFacts:
     """What a VMM's argv depends on besides the plan, read from this host."""
@@ -139,6 +206,10 @@ class Backend(ABC):
     def doctor_sound(self, plan: Plan, vms: Sequence[VmPlan]) -> Iterator[Finding]:
         """The doctor's sound findings for this backend's VMs with sound."""
         return iter(())
+
+    def windows(self, plan: Plan, vm: VmPlan) -> WindowsSidecar | None:
+        """The desktop user's side of ``vm``'s windows the supervisor runs (None: none)."""
+        return None
 
     def probe_step(self, plan: Plan, vm: VmPlan) -> str | None:
         """What ``host_facts(probe=True)`` will spend noticeable time on (a start says it on a

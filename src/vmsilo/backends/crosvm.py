@@ -67,7 +67,8 @@ def crosvm_argv(
         if gpu.vulkan:
             argv.append(f"--gpu-render-server=path={plan.crosvm.render_server}")
         if gpu.wayland and not vmsilo:
-            argv += ["--wayland-sock", gpu.wayland_socket]
+            # the VM's filter, not the compositor (SPEC §9.1)
+            argv += ["--wayland-sock", gpu.filter_socket]
     if vm.sound.playback and sound:
         if vmsilo:
             argv.append(

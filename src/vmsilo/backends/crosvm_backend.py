@@ -10,7 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from vmsilo.backends import features
-from vmsilo.backends.base import NO_SOUND, Backend, HostFacts, SoundFacts, SoundSidecar
+from vmsilo.backends.base import (
+    NO_SOUND,
+    Backend,
+    HostFacts,
+    SoundFacts,
+    SoundSidecar,
+    WindowsSidecar,
+    windows_sidecar,
+)
 from vmsilo.backends.crosvm import control_argv, crosvm_argv
 from vmsilo.backends.vmm import Vmm, VmmExit
 from vmsilo.errors import VmsiloError
@@ -92,6 +100,13 @@ class CrosvmBackend(Backend):
         if not sound.is_socket(socket):
             return SoundFacts(True, False, f"no PipeWire server at {socket}: the sound is silent")
         return SoundFacts()
+
+    def windows(self, plan: Plan, vm: VmPlan) -> WindowsSidecar | None:
+        """Upstream: the filter, which ``--wayland-sock`` names, up before the VMM. The vmsilo
+        flavor registers its security context at the compositor itself: no filter there."""
+        if plan.crosvm.flavor != "upstream":
+            return None
+        return windows_sidecar(plan, vm, waypipe=False)
 
     def sound_sidecar(self, plan: Plan, vm: VmPlan, facts: HostFacts) -> SoundSidecar | None:
         if plan.crosvm.flavor != "upstream" or not facts.sound.device:

@@ -3,10 +3,12 @@ Backend objects of the VMs in use, so the host layer never names a hypervisor.""
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 from collections.abc import Iterator
 
-from vmsilo.backends.base import Backend
+from vmsilo.backends.base import WAYPIPE, Backend
 from vmsilo.backends.registry import BACKENDS, backend_for
 from vmsilo.host.doctor import VmmChecks, device_access
 from vmsilo.host.findings import Finding, Level
@@ -79,4 +81,46 @@ def check_sound(plan: Plan) -> Iterator[Finding]:
 
 
 #: What ``vmsilo doctor`` passes to :func:`vmsilo.host.doctor.diagnose`.
-VMM_CHECKS = VmmChecks(devices=(check_kvm, check_vsock), programs=(check_binaries, check_sound))
+def check_windows(plan: Plan) -> Iterator[Finding]:
+    """Whether the VMs with Wayland will show windows (SPEC §9.1): the compositor's socket and,
+    for the QEMU path, waypipe. Neither is worth a VM: without them it starts, and a window
+    program in it fails with the reason."""
+    sidecars = [s for vm in plan.vms.values() if (s := backend_for(vm).windows(plan, vm))]
+    by_socket: dict[str, list[str]] = {}
+    for s in sidecars:
+        by_socket.setdefault(s.compositor, []).append(s.vm)
+    for path, names in by_socket.items():
+        vms = ", ".join(names)
+        if is_socket(path):
+            yield Finding("Wayland compositor", "ok", f"{path} (windows of {vms})")
+        else:
+            yield Finding(
+                "Wayland compositor",
+                "warn",
+                f"no socket at {path}: window programs in {vms} fail until it exists",
+                f"log in as {plan.user.name} to a Wayland desktop, or set gpu.waylandSocket",
+            )
+    piped = [s.vm for s in sidecars if s.waypipe_socket is not None]
+    if piped:
+        found = shutil.which(WAYPIPE)
+        if found:
+            yield Finding("waypipe", "ok", f"{found} (windows of {', '.join(piped)})")
+        else:
+            yield Finding(
+                "waypipe",
+                "warn",
+                f"not installed: {', '.join(piped)} cannot show windows",
+                "apt-get install waypipe",
+            )
+
+
+def is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+VMM_CHECKS = VmmChecks(
+    devices=(check_kvm, check_vsock), programs=(check_binaries, check_sound, check_windows)
+)

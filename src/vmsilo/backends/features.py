@@ -52,17 +52,17 @@ class FeatureTable:
     vhost_user_devices: MappingProxyType[str, str] | None = None
     #: built-in crosvm tunings it does not apply (``vmsilo plan`` lists them)
     not_applied: tuple[str, ...] = ()
-    #: whether an unset ``gpu`` means Wayland + OpenGL
-    default_gpu: bool = False
+    #: what an unset ``gpu`` means: the features on (empty: no GPU)
+    default_gpu: tuple[tuple[str, bool], ...] = ()
     #: whether an unset ``sound.playback`` means on
     default_playback: bool = False
 
 
 _QEMU_GPU = Refusal(
     ("gpu",),
-    "QEMU cannot provide Wayland (cross-domain) or Vulkan (venus) here",
-    "cross-domain needs QEMU >= 8.1 with rutabaga (Debian 12 has 7.2); use"
-    " hypervisor = 'crosvm', or gpu = { opengl = true }",
+    "QEMU cannot provide Vulkan (venus) here",
+    "venus needs QEMU >= 8.1 with rutabaga (Debian 12 has 7.2); use hypervisor = 'crosvm',"
+    " or gpu = { wayland = true, opengl = true }",
 )
 
 
@@ -100,7 +100,7 @@ _CROSVM_FAST_START = Refusal(
 CROSVM = FeatureTable(
     label="crosvm",
     refused=MappingProxyType({"fastStart": _CROSVM_FAST_START}),
-    default_gpu=True,
+    default_gpu=(("wayland", True), ("opengl", True)),
     default_playback=True,
 )
 
@@ -108,7 +108,6 @@ QEMU = FeatureTable(
     label="QEMU",
     refused=MappingProxyType(
         {
-            "gpu.wayland": _QEMU_GPU,
             "gpu.vulkan": _QEMU_GPU,
             # sound: no virtio-sound before QEMU 8.2, so QEMU plays through an emulated Intel
             # HDA card instead (SPEC §9.2): nothing to refuse
@@ -116,6 +115,8 @@ QEMU = FeatureTable(
     ),
     vhost_user_devices=QEMU_VHOST_USER_DEVICES,
     not_applied=QEMU_NOT_APPLIED,
+    # windows through waypipe over the channel (SPEC §9.1); OpenGL only when asked for
+    default_gpu=(("wayland", True),),
 )
 
 TABLES: MappingProxyType[str, FeatureTable] = MappingProxyType({"crosvm": CROSVM, "qemu": QEMU})

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from vmsilo.backends.features import QEMU_VHOST_USER_DEVICES, Accel
-from vmsilo.contracts.cmdline import SHARES_LATER
+from vmsilo.contracts.cmdline import SHARES_LATER, WAYPIPE_PARAM
 from vmsilo.contracts.ports import CHANNEL_PORT, CONSOLE_PORT, READY_PORT
 from vmsilo.plan.model import Plan, VmPlan
 
@@ -74,6 +74,8 @@ def qemu_argv(
     booting. ``ephemeral_fds``: the disposable disk as inherited descriptors (read-write,
     read-only), for a saving QEMU that runs as another user."""
     p = vm.paths
+    # windows go through waypipe over the channel: the guest runs its server (SPEC §9.1)
+    waypipe = [WAYPIPE_PARAM] if vm.gpu is not None and vm.gpu.wayland else []
     argv = [
         plan.qemu.binary,
         "-name",
@@ -109,6 +111,7 @@ def qemu_argv(
             [
                 "console=hvc0",
                 "panic=-1",
+                *waypipe,
                 *vm.kernel_params,
                 *extra_params,
                 *([f"{SHARES_LATER}=1"] if shares_later(vm) else []),

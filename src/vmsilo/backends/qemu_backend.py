@@ -16,7 +16,15 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 
 from vmsilo.backends import accel, features
-from vmsilo.backends.base import NO_SOUND, Backend, HostFacts, SoundFacts, dns_facts
+from vmsilo.backends.base import (
+    NO_SOUND,
+    Backend,
+    HostFacts,
+    SoundFacts,
+    WindowsSidecar,
+    dns_facts,
+    windows_sidecar,
+)
 from vmsilo.backends.qemu import qemu_argv, share_port
 from vmsilo.backends.qmp import MIGRATION_DONE, Qmp, QmpError, migration_status
 from vmsilo.backends.vmm import ResumeFailed, Vmm
@@ -208,6 +216,10 @@ class QemuBackend(Backend):
             sound=self.sound_facts(plan, vm),
             generation_id=str(uuid.uuid4()) if vm.fast_start else None,
         )
+
+    def windows(self, plan: Plan, vm: VmPlan) -> WindowsSidecar | None:
+        """waypipe over the channel (SPEC §9.1), started at the VM's first window."""
+        return windows_sidecar(plan, vm, waypipe=True)
 
     def sound_facts(self, plan: Plan, vm: VmPlan) -> SoundFacts:
         """The HDA card is always there; it plays into the user's audio server when QEMU's

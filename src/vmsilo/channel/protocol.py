@@ -433,6 +433,56 @@ class ExecRequest:
         return req
 
 
+#: Stream services the host may open instead of a program (SPEC §9.1): the control stream on
+#: which the guest asks for Wayland streams, and one such stream (by the guest's ticket).
+SERVICE_WAYLAND_CONTROL = "wayland-control"
+SERVICE_WAYLAND = "wayland"
+SERVICES = (SERVICE_WAYLAND_CONTROL, SERVICE_WAYLAND)
+#: Tickets are small numbers the guest hands out; anything bigger is malformed.
+MAX_TICKET = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class ServiceRequest:
+    """An OPEN that names a stream service instead of a program.
+
+    Only the supervisor sends these: it refuses them from command-socket clients, so no local
+    account can take a guest's Wayland connection (SPEC §11.1: every stream is host-opened)."""
+
+    service: str
+    ticket: int = 0
+
+    def encode(self) -> bytes:
+        return encode_json(
+            {"version": PROTOCOL_VERSION, "service": self.service, "ticket": self.ticket}
+        )
+
+
+def is_service_open(payload: bytes) -> bool:
+    """Whether an OPEN payload asks for a service (malformed JSON: no — it fails later)."""
+    try:
+        return "service" in decode_json(payload)
+    except ProtocolError:
+        return False
+
+
+def decode_open(payload: bytes) -> ExecRequest | ServiceRequest:
+    """Parse any OPEN payload: a program to run or a service to serve."""
+    obj = decode_json(payload)
+    if "service" not in obj:
+        return ExecRequest.decode(payload)
+    version = obj.get("version")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolVersionError(PROTOCOL_VERSION, version if isinstance(version, int) else None)
+    service = obj.get("service")
+    if service not in SERVICES:
+        raise ProtocolError(f"unknown service {str(service)[:40]!r}")
+    ticket = _small_int(obj.get("ticket", 0), MAX_TICKET)
+    if ticket is None:
+        raise ProtocolError("bad ticket")
+    return ServiceRequest(str(service), ticket)
+
+
 # --------------------------------------------------------------------------- readiness
 
 #: Marker every readiness line starts with, so stray console noise is not mistaken for it.

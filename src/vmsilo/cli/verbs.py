@@ -368,6 +368,12 @@ def cmd_image_build(
             progress=progress,
             force=args.force,
         )
+    from vmsilo.image.desktop import image_entries, select_entries
+
+    offered = list(image_entries(built.path))
+    for vm in loaded.plan.vms.values():  # an unknown id is an image-build error (SPEC §9.3)
+        if vm.image == built.name:
+            select_entries(vm.name, vm.image, vm.desktop_entries, offered)
     verb = "unchanged" if built.reused else "built"
     print(
         f"image {built.name} {verb}: version {built.version} in"

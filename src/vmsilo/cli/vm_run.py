@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 from vmsilo.errors import UsageError, VmsiloError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from vmsilo.channel.protocol import ChannelError
     from vmsilo.cli.start_status import StartStatus
     from vmsilo.config.users import UserLookup
@@ -200,6 +202,7 @@ def main(
 ) -> int:
     """vm-run; ``prog`` names the tool in messages (``vm-shell --ssh`` runs through here)."""
     err = stderr or sys.stderr
+    args: RunArgs | str | None = None
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         if args is None:
@@ -210,17 +213,38 @@ def main(
 
             print(f"vm-run (vmsilo) {__version__}", file=sys.stdout)
             return 0
-        return _run(args, users, err, app, prog)
+        status = _run(args, users, err, app, prog)
+        if status in (126, 127):
+            what = "was not found" if status == 127 else "cannot be executed"
+            _unattended_failure(args, err, prog, f"{args.argv[0]} {what}")
+        return status
     except VmsiloError as e:
         print(f"{prog}: {e}", file=err)
+        _unattended_failure(args, err, prog, str(e))
         return EXIT_FAILURE
     except OSError as e:  # e.g. PermissionError: one line, never a traceback
         from vmsilo.cli.common import os_error
 
         print(f"{prog}: {os_error(e)}", file=err)
+        _unattended_failure(args, err, prog, str(os_error(e)))
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+
+
+def _unattended_failure(args: RunArgs | str | None, err: TextIO, prog: str, text: str) -> None:
+    """A ``--detach`` launch without a terminal (a menu entry, SPEC §9.3) has nobody reading
+    standard error: its failure also goes to the journal and a desktop notification."""
+    if not isinstance(args, RunArgs) or not args.detach:
+        return
+    try:
+        if os.isatty(err.fileno()):
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
+    from vmsilo.cli.notify import report_launch_failure
+
+    report_launch_failure(prog, args.vm, text)
 
 
 @dataclass
@@ -268,51 +292,90 @@ def quick_look(config: str | None, name: str) -> QuickLook | None:
     )
 
 
-def _run(args: RunArgs, users: UserLookup | None, err: TextIO, app: App | None, prog: str) -> int:
+@dataclass
+class Reached:
+    """A VM's command socket, and what watches its start when this call started it."""
+
+    socket_path: str
+    watch: StartWatch | None = None
+    status: StartStatus | None = None
+
+
+def reach_vm(
+    config: str | None,
+    name: str,
+    *,
+    autostart: bool,
+    users: UserLookup | None,
+    err: TextIO,
+    app: App | None,
+    show_status: bool = True,
+) -> Reached:
+    """The command socket of VM ``name``, starting the VM first unless it runs (or raise with
+    ``autostart`` off). vm-run's way to a VM, shared with vm-copy; the caller ends
+    ``status`` (a status line on a terminal, unless ``show_status`` is off) when it is done."""
     from vmsilo.defaults import command_socket
     from vmsilo.host.sockets import socket_live
 
-    watch = None
-    status: StartStatus | None = None  # only on a start: the warm path never loads it (nor rich)
-    socket_path: str | None = None
-    look = quick_look(args.config, args.vm) if users is None else None
-    try:
-        if look is not None:
-            candidate = command_socket(look.runtime_dir, args.vm)
-            if socket_live(candidate):
-                socket_path = candidate
-            elif args.autostart and os.geteuid() == 0:
-                from vmsilo.cli.start_status import start_status
-                from vmsilo.lifecycle.app import open_app
-                from vmsilo.plan.cache import load_plan
-
-                cached = load_plan(look.runtime_dir, look.text, look.user)
-                if cached is not None and args.vm in cached.vms:
-                    socket_path = cached.vms[args.vm].paths.command_socket
-                    lifecycle = app or open_app(look.path, state_dir=cached.state_dir)
-                    status = start_status(args.vm, err)
-                    watch = lifecycle.start_for_client(cached, cached.vms[args.vm], progress=status)
-        if socket_path is None:
-            from vmsilo.cli.common import load, select_vm
+    look = quick_look(config, name) if users is None else None
+    if look is not None:
+        candidate = command_socket(look.runtime_dir, name)
+        if socket_live(candidate):
+            return Reached(candidate)
+        if autostart and os.geteuid() == 0:
+            from vmsilo.cli.start_status import start_status
             from vmsilo.lifecycle.app import open_app
+            from vmsilo.plan.cache import load_plan
 
-            loaded = load(args.config, users, cache=True)
-            vm = select_vm(loaded.plan, args.vm)
-            socket_path = vm.paths.command_socket
-            lifecycle = app or open_app(loaded.path, state_dir=loaded.plan.state_dir)
-            if not lifecycle.command_socket_live(vm):
-                if not args.autostart:
-                    raise VmsiloError(
-                        f"VM {vm.name} is not running", f"start it: vm-start {vm.name}"
+            cached = load_plan(look.runtime_dir, look.text, look.user)
+            if cached is not None and name in cached.vms:
+                lifecycle = app or open_app(look.path, state_dir=cached.state_dir)
+                status = start_status(name, err) if show_status else None
+                reached = Reached(cached.vms[name].paths.command_socket, status=status)
+                with _done_on_error(status):
+                    reached.watch = lifecycle.start_for_client(
+                        cached, cached.vms[name], progress=status
                     )
-                from vmsilo.cli.start_status import start_status
+                return reached
+    from vmsilo.cli.common import load, select_vm
+    from vmsilo.lifecycle.app import open_app
 
-                status = start_status(vm.name, err)
-                watch = lifecycle.start_for_client(loaded.plan, vm, progress=status)
-        return _session(args, socket_path, watch, status, prog, err)
-    finally:
+    loaded = load(config, users, cache=True)
+    vm = select_vm(loaded.plan, name)
+    lifecycle = app or open_app(loaded.path, state_dir=loaded.plan.state_dir)
+    if lifecycle.command_socket_live(vm):
+        return Reached(vm.paths.command_socket)
+    if not autostart:
+        raise VmsiloError(f"VM {vm.name} is not running", f"start it: vm-start {vm.name}")
+    from vmsilo.cli.start_status import start_status
+
+    status = start_status(vm.name, err) if show_status else None
+    reached = Reached(vm.paths.command_socket, status=status)
+    with _done_on_error(status):
+        reached.watch = lifecycle.start_for_client(loaded.plan, vm, progress=status)
+    return reached
+
+
+@contextlib.contextmanager
+def _done_on_error(status: StartStatus | None) -> Iterator[None]:
+    """Erase the status line before a failed start's message."""
+    try:
+        yield
+    except BaseException:
         if status is not None:
-            status.done()  # before any message about the outcome
+            status.done()
+        raise
+
+
+def _run(args: RunArgs, users: UserLookup | None, err: TextIO, app: App | None, prog: str) -> int:
+    reached = reach_vm(
+        args.config, args.vm, autostart=args.autostart, users=users, err=err, app=app
+    )
+    try:
+        return _session(args, reached.socket_path, reached.watch, reached.status, prog, err)
+    finally:
+        if reached.status is not None:
+            reached.status.done()  # before any message about the outcome
 
 
 def _session(

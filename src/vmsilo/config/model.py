@@ -51,6 +51,8 @@ from vmsilo.config.types import (
 from vmsilo.defaults import DEFAULT_IMAGE, RUNTIME_DIR, SHARED_ROOT, STATE_DIR
 
 PositiveInt = Annotated[int, Field(ge=1)]
+#: A desktop file id as in ``/usr/share/applications/<id>.desktop``.
+DesktopId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$", max_length=200)]
 
 
 def shown(default: str) -> dict[str, Any]:
@@ -170,7 +172,10 @@ class SharedDirectory(Model):
 
 
 class GpuConfig(Model):
-    wayland: bool = Field(False, description="windows on the host's Wayland desktop")
+    wayland: bool = Field(
+        False,
+        description="windows on the host's Wayland desktop (QEMU: waypipe over the channel)",
+    )
     opengl: bool = Field(False, description="OpenGL through virgl")
     vulkan: bool = Field(False, description="Vulkan through venus (crosvm only)")
     wayland_socket: HostPath | None = Field(
@@ -340,7 +345,7 @@ class VmConfig(Model):
     gpu: GpuSetting | None = Field(
         None,
         description="`true` (wayland + opengl), `false`, or a table of features",
-        json_schema_extra=shown("crosvm: `true`; qemu: `false`"),
+        json_schema_extra=shown("crosvm: `true`; qemu: `{ wayland = true }`"),
     )
     sound: SoundConfig = SoundConfig()
     pci_devices: list[PciDevice] = Field(
@@ -362,6 +367,13 @@ class VmConfig(Model):
         None, description="overrides the global one", json_schema_extra=shown("global")
     )
     crosvm: CrosvmVm = CrosvmVm()
+    desktop_entries: list[DesktopId] | None = Field(
+        None,
+        description="desktop file ids (without `.desktop`) of the image's own packages whose"
+        " menu entries `vmsilo install` writes; `[]` none; checked against the image at"
+        " install and image build",
+        json_schema_extra=shown("all"),
+    )
 
 
 class CrosvmGlobal(Model):
@@ -392,6 +404,16 @@ class ImageConfig(Model):
     suite: Suite = Field("bookworm", description="the Debian release it is built from")
 
 
+class CopyLimits(Model):
+    """``vm-copy``'s limits (SPEC §9.4): what one copy may carry, enforced by the destination
+    VM's unpacker whatever the source sends."""
+
+    max_bytes: PositiveInt = Field(64 << 30, description="bytes of file data in one `vm-copy`")
+    max_files: PositiveInt = Field(
+        1_000_000, description="files, directories and symlinks in one `vm-copy`"
+    )
+
+
 class GlobalConfig(Model):
     """Everything but the VMs, validated first so VM errors can be collected per VM."""
 
@@ -416,6 +438,7 @@ class GlobalConfig(Model):
     )
     crosvm: CrosvmGlobal = CrosvmGlobal()
     qemu: QemuGlobal = QemuGlobal()
+    copy_limits: CopyLimits = Field(CopyLimits(), alias="copy")
     images: dict[ImageName, ImageConfig] = Field(
         {},
         description="guest images by name; an image `default` always exists",

@@ -108,6 +108,8 @@ class GuestParams:
     root_overlay: str = ROOT_OVERLAY_TMPFS
     auto_shutdown_after: int | None = None
     console: str = "hvc0"
+    #: windows through waypipe over the channel (QEMU with ``gpu.wayland``, SPEC §9.1)
+    waypipe: bool = False
     errors: tuple[str, ...] = ()  # parameters that could not be parsed (logged at boot)
     #: the shares' devices come later (hot-plugged by the host, fastStart): the agent mounts
     #: them when the host says so, not the init at boot
@@ -133,6 +135,13 @@ def _network(i: NetInterface) -> list[str]:
     out += [f"rd.route={dest}:{via}:{i.name}" for dest, via in i.routes]
     out += [f"rd.route=[{dest}]:[{via}]:{i.name}" for dest, via in i.v6_routes]
     return out
+
+
+#: Added by the QEMU backend when the VM shows windows through waypipe (SPEC §9.1): the guest
+#: then runs a waypipe server for its user before it says ready. Not part of the plan's
+#: parameters (SPEC §3's list), which crosvm shares; a user's ``vmsilo.waypipe=0`` in
+#: ``kernelParams`` comes later and wins.
+WAYPIPE_PARAM = "vmsilo.waypipe=1"
 
 
 def nameserver_params(servers: tuple[str, ...]) -> list[str]:
@@ -279,6 +288,7 @@ def parse_cmdline(text: str) -> GuestParams:
     auto_enable = False
     auto_after = 300
     console = "hvc0"
+    waypipe = False
     shares_later = False
     errors: list[str] = []
     for word in split_cmdline(text):
@@ -314,6 +324,8 @@ def parse_cmdline(text: str) -> GuestParams:
                 auto_enable = value in ("1", "true", "yes")
             elif key == "autoShutdown.after":
                 auto_after = int(value)
+            elif key == "vmsilo.waypipe":
+                waypipe = value in ("1", "true", "yes")
             elif key == "console":
                 console = value.split(",")[0]
         except ValueError as e:
@@ -330,6 +342,7 @@ def parse_cmdline(text: str) -> GuestParams:
         root_overlay=overlay,
         auto_shutdown_after=auto_after if auto_enable else None,
         console=console,
+        waypipe=waypipe,
         errors=tuple(errors),
         shares_later=shares_later,
     )

@@ -25,15 +25,20 @@ GUEST_MODULES: tuple[str, ...] = (
     "vmsilo/channel/pipes.py",
     "vmsilo/channel/protocol.py",
     "vmsilo/channel/relay.py",
+    "vmsilo/channel/splice.py",
     "vmsilo/guest/__init__.py",
     "vmsilo/guest/actions.py",
     "vmsilo/guest/agent.py",
     "vmsilo/guest/agent_exec.py",
     "vmsilo/guest/boot.py",
+    "vmsilo/guest/copy_pack.py",
+    "vmsilo/guest/copy_rules.py",
+    "vmsilo/guest/copy_unpack.py",
     "vmsilo/guest/init.py",
     "vmsilo/guest/netvm.py",
     "vmsilo/guest/ports.py",
     "vmsilo/guest/sound.py",
+    "vmsilo/guest/wayland.py",
 )
 
 #: Executable data files (made mode 0755 in the image).

@@ -50,11 +50,17 @@ import time
 import warnings
 from pathlib import Path
 
-from vmsilo.channel.mux import ChannelMux, Link, MuxSession, StreamLink
+from vmsilo.channel.mux import ChannelMux, Link, MuxSession, StreamLink, error_code
 from vmsilo.channel.pipes import open_fd_streams
 from vmsilo.channel.protocol import (
+    ExecRequest,
+    FrameType,
+    ProtocolError,
     RestoreNotice,
+    ServiceRequest,
     accept_vsock_peer,
+    decode_open,
+    encode_error,
     encode_farewell,
     encode_mounted,
     encode_ready,
@@ -64,6 +70,8 @@ from vmsilo.channel.protocol import (
 from vmsilo.contracts.ports import CHANNEL_PORT, READY_PORT
 from vmsilo.guest.agent_exec import ExecSession
 from vmsilo.guest.ports import find_ready_console, find_virtio_port
+from vmsilo.guest.wayland import WaylandBridge
+from vmsilo.guest.wayland import session_env as wayland_env
 
 log = logging.getLogger("vmsilo.agent")
 
@@ -91,6 +99,10 @@ class Agent:
         self.uid = uid
         self.gid = gid
         self.auto_shutdown_after = auto_shutdown_after
+        #: windows through waypipe (SPEC §9.1), when the host asked for them
+        self.wayland: WaylandBridge | None = None
+        #: what the default user's sessions get on top of the clean environment
+        self.user_env: dict[bytes, bytes] = {}
         #: Live sessions: connected exec sessions plus detached programs still running.
         self.live_sessions = 0
         self.shutdown = asyncio.Event()
@@ -125,18 +137,59 @@ class Agent:
             self.shutdown.set()
 
     async def handle_link(self, link: Link) -> None:
-        """Serve one session (mux session or vsock connection) until its program is gone."""
-        self.session_started()
+        """Serve one session (mux session or vsock connection) until its program is gone.
+
+        Service sessions (the host's Wayland streams) do not count as sessions: a window
+        belongs to a program whose own session keeps the VM awake."""
         try:
-            await ExecSession(link, self, default_uid=self.uid, default_gid=self.gid).run()
+            request = await _read_open(link)
+            if isinstance(request, ServiceRequest):
+                await self._serve_service(link, request)
+                return
+            if request is None:
+                return
+            self.session_started()
+            try:
+                await ExecSession(
+                    link,
+                    self,
+                    default_uid=self.uid,
+                    default_gid=self.gid,
+                    request=request,
+                    user_env=self.user_env,
+                ).run()
+            finally:
+                self.session_ended()
         except Exception:
             log.exception("session failed")
         finally:
             link.close()
-            self.session_ended()
+
+    async def _serve_service(self, link: Link, request: ServiceRequest) -> None:
+        if self.wayland is None:
+            await link.send(
+                FrameType.ERROR,
+                encode_error("service", "this guest shows no windows (no vmsilo.waypipe=1)"),
+            )
+            return
+        await self.wayland.serve(link, request)
 
     async def handle_mux_session(self, session: MuxSession) -> None:
         await self.handle_link(session)
+
+
+async def _read_open(link: Link) -> ExecRequest | ServiceRequest | None:
+    """A session's OPEN frame, parsed; None (after telling the peer) when there is none."""
+    try:
+        frame = await link.recv()
+        if frame is None:
+            return None
+        if frame.type != FrameType.OPEN:
+            raise ProtocolError("a session must start with an OPEN frame")
+        return decode_open(frame.payload)
+    except ProtocolError as e:
+        await link.send(FrameType.ERROR, encode_error(error_code(e), str(e)))
+        return None
 
 
 # --------------------------------------------------------------------------- readiness
@@ -528,6 +581,20 @@ async def serve_channel(agent: Agent, channel: Path, ready: Path | None, *, reco
 # --------------------------------------------------------------------------- main
 
 
+async def start_wayland(agent: Agent) -> None:
+    """Bring up the VM user's Wayland display before hello, so that a program started at
+    once finds it. A failure costs windows, never the VM: it is logged and the agent goes on."""
+    bridge = WaylandBridge(agent.uid, agent.gid)
+    try:
+        await bridge.start()
+    except (TimeoutError, OSError) as e:
+        log.error("windows are unavailable: cannot start the waypipe server: %s", e)
+        await bridge.close()
+        return
+    agent.wayland = bridge
+    agent.user_env = wayland_env(agent.uid)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmsilo-agent", description="vmsilo guest agent")
     p.add_argument("--ready-port", default=READY_PORT, help="virtio-console port for hello")
@@ -539,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-path", type=Path, help="(tests) ready file or Unix socket")
     p.add_argument(
         "--vsock-path", type=Path, help="(tests) serve vsock-style sessions on this Unix socket"
+    )
+    p.add_argument(
+        "--waypipe", action="store_true", help="serve windows through waypipe (SPEC §9.1)"
     )
     p.add_argument("--log-level", default="INFO")
     return p
@@ -565,6 +635,8 @@ async def serve(args: argparse.Namespace) -> int:
     uid, gid = args.user if args.user is not None else (os.getuid(), os.getgid())
     agent = Agent(uid, gid, args.auto_shutdown_after)
     agent.start()
+    if args.waypipe:
+        await start_wayland(agent)
     ready: Path | None = args.ready_path
     if ready is None and args.ready_port:
         ready = find_virtio_port(args.ready_port) or find_ready_console()

@@ -110,8 +110,11 @@ def resolve_user(name: str | None, default_uid: int, default_gid: int) -> Identi
     return Identity(uid, gid, uname, home or "/", shell or "/bin/sh", groups)
 
 
-def build_env(ident: Identity, request: ExecRequest) -> dict[bytes, bytes]:
-    """A clean environment for the user, plus the request's K=V additions (which win)."""
+def build_env(
+    ident: Identity, request: ExecRequest, session: dict[bytes, bytes] | None = None
+) -> dict[bytes, bytes]:
+    """A clean environment for the user, the session's additions (the VM user's desktop), then
+    the request's K=V additions (which win)."""
     env: dict[bytes, bytes] = {
         b"PATH": ROOT_PATH if ident.uid == 0 else USER_PATH,
         b"HOME": os.fsencode(ident.home),
@@ -122,6 +125,7 @@ def build_env(ident: Identity, request: ExecRequest) -> dict[bytes, bytes]:
     }
     if request.tty:
         env[b"TERM"] = os.fsencode(request.term or "xterm-256color")
+    env.update(session or {})
     for entry in request.env_bytes():
         key, _, value = entry.partition(b"=")
         env[key] = value
@@ -184,8 +188,14 @@ class ExecSession:
         *,
         default_uid: int,
         default_gid: int,
+        request: ExecRequest | None = None,
+        user_env: dict[bytes, bytes] | None = None,
     ) -> None:
         self.link = link
+        #: the OPEN request when the caller already read it (else run() reads it)
+        self.given = request
+        #: added to the default user's environment (the Wayland session, SPEC §9.1)
+        self.user_env = user_env or {}
         self.tracker = tracker
         self.default_uid = default_uid
         self.default_gid = default_gid
@@ -208,7 +218,7 @@ class ExecSession:
     # ------------------------------------------------------------------ entry
 
     async def run(self) -> None:
-        request = await self._read_open()
+        request = self.given or await self._read_open()
         if request is None:
             return
         self.request = request
@@ -243,7 +253,8 @@ class ExecSession:
 
     async def _spawn(self, req: ExecRequest) -> None:
         ident = resolve_user(req.user, self.default_uid, self.default_gid)
-        env = build_env(ident, req)
+        desktop = self.user_env if ident.uid == self.default_uid else None
+        env = build_env(ident, req, desktop)
         cwd = req.cwd_bytes()
         if cwd is None:
             cwd = os.fsencode(ident.home) if os.path.isdir(ident.home) else b"/"

@@ -87,6 +87,8 @@ def agent_argv(p: GuestParams) -> list[str]:
     ]
     if p.auto_shutdown_after is not None:
         argv += ["--auto-shutdown-after", str(p.auto_shutdown_after)]
+    if p.waypipe:
+        argv.append("--waypipe")
     return argv
 
 

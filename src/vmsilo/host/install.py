@@ -27,6 +27,7 @@ from vmsilo.contracts.fs import atomic_write
 from vmsilo.defaults import STATE_DIR
 from vmsilo.errors import VmsiloError
 from vmsilo.host.manifest import Manifest, manifest_rel, read_manifest
+from vmsilo.host.menu import render_menu_files
 from vmsilo.host.systemd import systemd_running
 from vmsilo.host.units import enable_links, render_host_files
 from vmsilo.plan.model import HostUserPlan, Plan
@@ -125,6 +126,13 @@ def _safe_rel(rel: str) -> str:
     return rel
 
 
+def _same(path: Path, data: str | bytes) -> bool:
+    """``path`` is a regular file holding exactly ``data``."""
+    if not path.is_file() or path.is_symlink():
+        return False
+    return path.read_bytes() == (data.encode() if isinstance(data, str) else data)
+
+
 def _mkdirs(root: Path, rel_dir: str, created: list[str]) -> None:
     """Create ``root/rel_dir`` and its missing parents, recording each one created."""
     missing = []
@@ -163,7 +171,8 @@ def install(
             f"cannot create {root}: {e.strerror}", "pass an existing directory as --root"
         ) from None
     exe = list(exe) if exe is not None else vmsilo_exe()
-    files = render_host_files(plan, exe, config)
+    files: dict[str, str | bytes] = dict(render_host_files(plan, exe, config))
+    files.update(render_menu_files(plan))  # reads the images' kept entries (SPEC §9.3)
     links = enable_links(plan)
     manifest = manifest_rel(plan.state_dir)
     old = read_manifest(root, plan.state_dir)
@@ -181,7 +190,7 @@ def install(
     for rel, text in files.items():
         path = root / rel
         if path.is_symlink() or (path.exists() and rel not in owned):
-            if path.is_file() and not path.is_symlink() and path.read_text() == text:
+            if _same(path, text):
                 report.unchanged.append(rel)
                 continue
             raise VmsiloError(
@@ -196,7 +205,7 @@ def install(
         for rel, text in files.items():
             path = root / rel
             _mkdirs(root, str(Path(rel).parent), new.dirs)
-            if path.is_file() and not path.is_symlink() and path.read_text() == text:
+            if _same(path, text):
                 if rel not in report.unchanged:
                     report.unchanged.append(rel)
                 continue

@@ -178,10 +178,13 @@ HARDENING: tuple[tuple[str, str], ...] = (
 
 
 def _writable_paths(plan: Plan, vm: VmPlan) -> list[str]:
-    """What ProtectSystem=strict must leave writable: runtimeDir, stateDir and rw shares
-    (``-``: a path that does not exist yet is no error)."""
+    """What ProtectSystem=strict must leave writable: runtimeDir, stateDir, rw shares and, for
+    windows, the user's runtime dir (``-``: a path that does not exist yet is no error)."""
     paths = [plan.runtime_dir, plan.state_dir]
     paths += [s.host_path for s in vm.shares if not s.read_only]
+    if vm.gpu is not None and vm.gpu.wayland:
+        # the desktop user's bridge (SPEC §9.1) makes its sockets in the user's runtime dir
+        paths.append(plan.user.runtime_dir)
     if vm.netvm == "host":
         paths.append("/proc/sys/net/ipv4/ip_forward")
     return [systemd_path_word("-" + p) for p in dict.fromkeys(paths)]

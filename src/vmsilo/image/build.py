@@ -32,6 +32,7 @@ import vmsilo
 from vmsilo.contracts.guest_files import GUEST_DATA, GUEST_FILES
 from vmsilo.errors import VmsiloError
 from vmsilo.image.cpio import write_initramfs
+from vmsilo.image.desktop import DESKTOP_DIR, collect_entries
 from vmsilo.image.kernel import (
     GUEST_MODULES,
     ON_DEMAND_MODULES,
@@ -47,7 +48,7 @@ from vmsilo.image.store import clean_stale, locked
 from vmsilo.runcmd import run
 
 #: Bump when the layout or content of what the builder produces changes.
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the menu entries kept beside the image (desktop/)
 #: Bump when the post-processing of the cached mmdebstrap root changes.
 ROOT_FORMAT = "1"
 #: ``iproute2``: ``ip`` for whoever debugs a guest's network (busybox's applet is not enough).
@@ -63,6 +64,9 @@ BASE_PACKAGES: tuple[str, ...] = (
     "pulseaudio-utils",
     "alsa-utils",
     "libasound2-plugins",
+    # windows on the host desktop (SPEC §9.1): waypipe's server, and a font for programs
+    "waypipe",
+    "fonts-dejavu-core",
 )
 HOST_BUSYBOX = Path("/bin/busybox")
 GUEST_PYTHON_DIR = "usr/lib/python3/dist-packages/vmsilo"
@@ -232,6 +236,9 @@ def _set_current(image_dir: Path, version: str) -> None:
 
 def _fsync_tree(directory: Path) -> None:
     for p in directory.iterdir():
+        if p.is_dir():
+            _fsync_tree(p)
+            continue
         with open(p, "rb") as f:
             os.fsync(f.fileno())
     fd = os.open(directory, os.O_RDONLY)
@@ -383,6 +390,9 @@ def build_image(
 
             say("assembling the root")
             tree = _assemble_root(root, work / "root", mods, spec, version, kernel.kver)
+            entries = collect_entries(tree, spec.packages, out / DESKTOP_DIR)
+            if entries:
+                say(f"menu entries kept: {' '.join(entries)}")
 
             say("packing root.erofs (mkfs.erofs)")
             run(

@@ -221,7 +221,7 @@ def _plan_vm(
 
     shares = _shares(config, name, vm, R)
     disks = _disks(vm, image, paths)
-    gpu = _gpu(vm, user)
+    gpu = _gpu(name, vm, user)
     sound = _sound(vm)
     auto_after = vm.auto_shutdown.after if vm.auto_shutdown.enable else None
 
@@ -275,6 +275,7 @@ def _plan_vm(
         service_unit=f"vmsilo-{name}-vm.service",
         socket_unit=f"vmsilo-{name}-command.socket",
         not_applied=feature_table(vm.hypervisor).not_applied,
+        desktop_entries=None if vm.desktop_entries is None else tuple(vm.desktop_entries),
         fast_start=vm.fast_start,
     )
 
@@ -339,10 +340,20 @@ def _disks(vm: VmConfig, image: ImagePlan, paths: RuntimePaths) -> tuple[DiskPla
     return tuple(disks)
 
 
-def _gpu(vm: VmConfig, user: HostUserPlan) -> GpuPlan | None:
+def _gpu(vm_name: str, vm: VmConfig, user: HostUserPlan) -> GpuPlan | None:
     setting = vm.gpu
     if setting is None:
-        setting = feature_table(vm.hypervisor).default_gpu
+        default = feature_table(vm.hypervisor).default_gpu
+        on = dict(default)
+        setting = (
+            GpuConfig(
+                wayland=on.get("wayland", False),
+                opengl=on.get("opengl", False),
+                vulkan=on.get("vulkan", False),
+            )
+            if on
+            else False
+        )
     if setting is False:
         return None
     table = GpuConfig(wayland=True, opengl=True) if setting is True else setting
@@ -352,6 +363,8 @@ def _gpu(vm: VmConfig, user: HostUserPlan) -> GpuPlan | None:
         opengl=table.opengl,
         vulkan=table.vulkan,
         wayland_socket=table.wayland_socket or f"{user.runtime_dir}/wayland-0",
+        filter_socket=f"{user.runtime_dir}/vmsilo/{vm_name}-wayland.socket",
+        waypipe_socket=f"{user.runtime_dir}/vmsilo/{vm_name}-waypipe.socket",
     )
 
 

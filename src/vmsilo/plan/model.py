@@ -87,6 +87,11 @@ class GpuPlan:
     opengl: bool
     vulkan: bool
     wayland_socket: str
+    #: the VM's filter socket (SPEC §9.1): what its Wayland clients reach instead of
+    #: ``wayland_socket`` (crosvm upstream's ``--wayland-sock``, waypipe's display under QEMU)
+    filter_socket: str = ""
+    #: where the host's waypipe client listens for the VM's streams (QEMU path)
+    waypipe_socket: str = ""
 
     @property
     def context_types(self) -> tuple[str, ...]:
@@ -206,6 +211,8 @@ class VmPlan:
     service_unit: str
     socket_unit: str
     not_applied: tuple[str, ...]
+    #: ``desktopEntries``: the menu entries to install (None: every one the image offers)
+    desktop_entries: tuple[str, ...] | None = None
     #: start from a saved ready state (SPEC §10)
     fast_start: bool = False
 

@@ -98,6 +98,8 @@ def vm_to_json(vm: VmPlan) -> dict[str, Any]:
             "opengl": gpu.opengl,
             "vulkan": gpu.vulkan,
             "waylandSocket": gpu.wayland_socket,
+            "filterSocket": gpu.filter_socket,
+            "waypipeSocket": gpu.waypipe_socket,
             "contextTypes": list(gpu.context_types),
         },
         "sound": {
@@ -125,6 +127,7 @@ def vm_to_json(vm: VmPlan) -> dict[str, Any]:
         "paths": {_camel(k): v for k, v in vm.paths.as_dict().items()},
         "units": {"service": vm.service_unit, "socket": vm.socket_unit},
         "notApplied": list(vm.not_applied),
+        "desktopEntries": None if vm.desktop_entries is None else list(vm.desktop_entries),
     }
 
 

@@ -29,7 +29,10 @@ from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any
 
+from vmsilo.backends.registry import backend_for
 from vmsilo.backends.vmm import ResumeFailed, Vmm, VmmExit
+from vmsilo.channel.mux import Link
+from vmsilo.channel.protocol import ChannelError
 from vmsilo.errors import VmsiloError
 from vmsilo.supervisor import guest_tasks, saved, stopping
 from vmsilo.supervisor.console import ConsoleLog, ConsoleRelay
@@ -40,6 +43,7 @@ from vmsilo.supervisor.sessions import Sessions, refuse_queued
 from vmsilo.supervisor.sidecars import Sidecars
 from vmsilo.supervisor.sound import SoundDaemon
 from vmsilo.supervisor.state import KILL_SIGNAL, now
+from vmsilo.supervisor.windows import Bridge, DesktopUnavailable, WindowStreams, open_vsock_link
 
 #: Longest wait for a restored guest's hello before it boots instead (s; at most startTimeout).
 RESTORE_TIMEOUT = 20.0
@@ -66,6 +70,40 @@ class Supervisor:
         self.sound: SoundDaemon | None = None
         #: fastStart with shares: the virtiofsd daemons starting while the guest restores
         self.sidecars_up: asyncio.Task[None] | None = None
+        sidecar = backend_for(launch.vm).windows(launch.plan, launch.vm)
+        #: the desktop user's side of the VM's windows (SPEC §9.1; None: no Wayland)
+        self.bridge = Bridge(sidecar, self._log) if sidecar is not None else None
+
+    def _log(self, message: str) -> None:
+        print(f"vmsilo supervisor: VM {self.launch.vm.name}: {message}", file=sys.stderr)
+
+    async def _open_guest_link(self) -> Link:
+        """A new host-opened session to the guest agent (vsock connection or mux stream)."""
+        hello = self.readiness.hello
+        if hello is not None and hello.transport == "vsock":
+            return await open_vsock_link(self.launch.vm.id)
+        mux = self.readiness.mux
+        if mux is None:
+            raise ChannelError("the guest's channel port is not connected")
+        return mux.open_session()
+
+    async def _start_windows(self) -> None:
+        """crosvm upstream: the filter before the guest needs it; QEMU: the control stream
+        once the guest is ready (the bridge itself starts at the first window)."""
+        bridge = self.bridge
+        if bridge is None:
+            return
+        if bridge.sidecar.at_launch:
+            try:
+                await bridge.ensure()
+            except DesktopUnavailable as e:
+                self._log(f"windows are unavailable: {e}")
+            return
+        self.spawn(self._window_streams(bridge))
+
+    async def _window_streams(self, bridge: Bridge) -> None:
+        await self.readiness.ready.wait()
+        await WindowStreams(bridge, self._open_guest_link, self._log).run()
 
     def _kill_requested(self) -> None:
         self.kill_now.set()
@@ -137,6 +175,7 @@ class Supervisor:
             self.sound = SoundDaemon(vm.name, launch.sound, launch.sound_socket, self._sound_failed)
             launch.sound_socket = None
             await self.sound.start()
+        await self._start_windows()
         if launch.restoring:
             await self._restore()
         while True:
@@ -363,6 +402,8 @@ class Supervisor:
         await self.sidecars.stop()
         if self.sound is not None:
             await self.sound.stop()
+        if self.bridge is not None:
+            await self.bridge.stop()
         self.launch.close_unserved()  # e.g. the sound socket of a start that failed first
         self.console.log.close()
         stopping.record_end(self.launch, self.failure, exit_info, self.start_exit)

@@ -25,6 +25,7 @@ from vmsilo.channel.protocol import (
     encode_error,
     encode_frame,
     encode_json,
+    is_service_open,
 )
 from vmsilo.channel.relay import relay_opened, relay_vsock_opened
 from vmsilo.plan.model import VmPlan
@@ -77,6 +78,11 @@ class Sessions:
             return
         if first.type != FrameType.OPEN:
             await send_error(client, "protocol", "a session must start with an OPEN frame")
+            return
+        if is_service_open(first.payload):
+            # a guest's Wayland streams are the supervisor's to open (SPEC §11.1): a local
+            # account must not be able to take a program's window connection
+            await send_error(client, "protocol", "service streams are opened by vmsilo only")
             return
         control = _control_request(first.payload)
         task = asyncio.current_task()

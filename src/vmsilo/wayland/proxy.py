@@ -42,11 +42,6 @@ HIGH_WATER = 4 << 20
 IMPLEMENTATION_ERROR = 3
 
 
-def filter_socket_path(runtime_dir: str, vm: str) -> str:
-    """The VM's filter socket (SPEC §9.1): ``<runtime dir>/vmsilo/<vm>-wayland.socket``."""
-    return f"{runtime_dir}/vmsilo/{vm}-wayland.socket"
-
-
 class _Side:
     """One socket of a link and what waits to be sent to it."""
 
