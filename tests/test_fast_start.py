@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -177,9 +178,7 @@ def test_an_image_rebuild_boots_and_saves_a_new_state(inst: Install) -> None:
     current = images / "current"
     version = current.resolve()
     rebuilt = images / f"{version.name}-rebuilt"
-    rebuilt.mkdir()
-    for f in version.iterdir():
-        os.link(f, rebuilt / f.name)
+    shutil.copytree(version, rebuilt, copy_function=os.link)
     current.unlink()
     current.symlink_to(rebuilt.name)
     try:
@@ -191,9 +190,7 @@ def test_an_image_rebuild_boots_and_saves_a_new_state(inst: Install) -> None:
     finally:
         current.unlink()
         current.symlink_to(version.name)
-        for f in rebuilt.iterdir():
-            f.unlink()
-        rebuilt.rmdir()
+        shutil.rmtree(rebuilt)
 
 
 TMPFS_VM = """
