@@ -108,6 +108,8 @@ class Desktop:
             listen,
             "--upstream",
             upstream or self.socket_path,
+            "--control",
+            f"{self.runtime}/vmsilo/{vm}-control.socket",
         )
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdout is not None
@@ -116,13 +118,14 @@ class Desktop:
             proc.kill()
             _, err = proc.communicate(timeout=10)
             raise AssertionError(f"proxy did not start: {err.decode()}")
-        return Proxy(proc, listen)
+        return Proxy(proc, listen, f"{self.runtime}/vmsilo/{vm}-control.socket")
 
 
 @dataclass
 class Proxy:
     proc: subprocess.Popen[bytes]
     listen: str
+    control: str
 
     def stop(self) -> str:
         """Stop it by its pid; its stderr (the log)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IMAGE_CACHE
+from conftest import DESKTOP_TEST_PACKAGES, IMAGE_CACHE
 from guestvm import GuestVM
 from vmsilo.channel.protocol import parse_ready
 from vmsilo.image.build import BuiltImage, ImageSpec, build_image
@@ -24,7 +24,7 @@ from vmsilo.image.store import list_images
 
 pytestmark = pytest.mark.vm
 
-SPEC = ImageSpec(name="default", suite="bookworm", packages=())
+SPEC = ImageSpec(name="default", suite="bookworm", packages=DESKTOP_TEST_PACKAGES)  # as the fixture
 
 
 @pytest.fixture
@@ -38,7 +38,13 @@ def vmdir(tmp_path: Path) -> Iterator[Path]:
 
 def test_layout_and_reuse(image: BuiltImage, state_dir: Path) -> None:
     assert image.path == state_dir / "images" / "default" / image.version
-    assert sorted(p.name for p in image.path.iterdir()) == ["initrd.img", "root.erofs", "vmlinuz"]
+    # the test image's own packages (foot) bring menu entries, kept beside it (SPEC §9.3)
+    assert sorted(p.name for p in image.path.iterdir()) == [
+        "desktop",
+        "initrd.img",
+        "root.erofs",
+        "vmlinuz",
+    ]
     assert (image.path / "vmlinuz").read_bytes()[:4] == b"\x7fELF"  # uncompressed kernel
     assert os.readlink(state_dir / "images" / "default" / "current") == image.version
     mtime = (image.path / "root.erofs").stat().st_mtime_ns

@@ -22,7 +22,16 @@ from vmsilo.host.install import exe_notes
 from vmsilo.plan.model import HostUserPlan
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = ("vmsilo", "vm-run", "vm-copy", "vm-start", "vm-stop", "vm-shell", "vm-start-debug")
+COMMANDS = (
+    "vmsilo",
+    "vm-run",
+    "vm-copy",
+    "vm-clipboard",
+    "vm-start",
+    "vm-stop",
+    "vm-shell",
+    "vm-start-debug",
+)
 
 
 def _user(uid: int = 4242, gid: int = 4242) -> HostUserPlan:

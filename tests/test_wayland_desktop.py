@@ -292,3 +292,48 @@ def test_sway_rules_accepted_and_applied_to_filtered_windows(desk: Desktop, work
     win = next(w for w in desk.tree_windows() if w["id"] == opened["id"])
     assert win["border"] == "pixel" and win["current_border_width"] == BORDER_PX
     close_window(desk, term)
+
+
+def test_a_vm_copies_and_pastes_inside_and_across_only_when_asked(desk: Desktop) -> None:
+    """SPEC §9.1 item 3 and §9.4: the VM's own programs share its clipboard (the filter keeps
+    it); another VM and the host never see it; the control socket (vm-clipboard's way) moves it
+    to another VM when asked, and only then."""
+    from vmsilo.cli.vm_clipboard import ask
+
+    work = desk.start_proxy("work", "green")
+    bank = desk.start_proxy("banking", "red")
+    kb = desk.popen("wtype", "-s", "600000", "-k", "Shift_L", stdout=DN, stderr=DN)
+    env = desk.env(work.listen, WAYLAND_DEBUG="1")
+    copy = subprocess.Popen(
+        desk.argv("wl-copy", "--foreground", "INSIDE-WORK"),
+        env=env,
+        stdout=DN,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert copy.stderr is not None
+        assert any(b"set_selection" in line for line in copy.stderr), "wl-copy never asked"
+        # another program of the same VM pastes it
+        assert desk.run("wl-paste", "-n", display=work.listen).stdout == b"INSIDE-WORK"
+        # neither the other VM nor the host sees it
+        assert b"INSIDE-WORK" not in desk.run("timeout", "5", "wl-paste", "-n").stdout
+        other = desk.run("timeout", "5", "wl-paste", "-n", display=bank.listen)
+        assert b"INSIDE-WORK" not in other.stdout
+        # the user moves it: work's selection out, into banking's
+        answer, data = ask(work.control, {"op": "copy"})
+        assert answer["ok"] and data == b"INSIDE-WORK", answer
+        assert answer["mime"] == "text/plain;charset=utf-8"
+        paste = {"op": "paste", "mime": answer["mime"], "size": len(data)}
+        answer, _ = ask(bank.control, paste, data)
+        assert answer["ok"], answer
+        assert desk.run("wl-paste", "-n", display=bank.listen).stdout == b"INSIDE-WORK"
+        assert b"INSIDE-WORK" not in desk.run("timeout", "5", "wl-paste", "-n").stdout
+        # the control socket is the user's alone
+        assert oct(os.stat(work.control).st_mode & 0o777) == "0o600"
+    finally:
+        copy.kill()
+        copy.wait()
+        kb.kill()
+        kb.wait()
+        log = work.stop() + bank.stop()
+    assert "Traceback" not in log, log

@@ -319,3 +319,78 @@ def test_rules_rendering() -> None:
         "usr/share/color-schemes/vmsilo-bank.colors",
     }
     assert "activeBackground=102,51,153" in files["usr/share/color-schemes/vmsilo-bank.colors"]
+
+
+def test_compositor_range_ids_are_dense_for_the_client() -> None:
+    """libwayland refuses a new compositor-range id beyond the next free one: the objects the
+    filter hides (the host's offers) must leave no gap, and the filter's own clipboard offers
+    must not collide with the compositor's objects. So those ids are translated."""
+    s = connected()
+    s.from_client(msg(2, req("wl_registry", "bind"), 5, NewId(3, "wl_seat", 1)), [])
+    s.from_client(msg(2, req("wl_registry", "bind"), 4, NewId(4, "wl_data_device_manager", 3)), [])
+    s.from_client(msg(4, req("wl_data_device_manager", "get_data_device"), NewId(5), 3), [])
+    s.from_client(msg(3, req("wl_seat", "get_keyboard"), NewId(6)), [])
+    # the host's offer (hidden), then a compositor object the client does see: the tablet
+    # seat's tablet would be one; any typed new_id in a visible event is, e.g. a test double
+    [(data, _)] = s.from_upstream(
+        msg(5, ev("wl_data_device", "data_offer"), NewId(0xFF000000))
+        + msg(6, ev("wl_keyboard", "enter"), 1, 0, b""),
+        [],
+    )
+    # the keyboard enter passes (no selection in the VM yet: no offer of the filter's)
+    assert header(data, 0)[0] == 6
+    # the VM copies: a source of the client's becomes the VM's selection, shown to the focused
+    # client through the filter's own offer — the first compositor-range id the client sees
+    s.from_client(msg(4, req("wl_data_device_manager", "create_data_source"), NewId(7)), [])
+    s.from_client(msg(7, req("wl_data_source", "offer"), b"text/plain"), [])
+    injected: list[bytes] = []
+    s.inject = lambda chunks: injected.extend(d for d, _ in chunks)
+    assert s.from_client(msg(5, req("wl_data_device", "set_selection"), 7, 1), []) == []
+    data = b"".join(injected)
+    oid, opcode, size = header(data, 0)
+    assert (oid, opcode) == (5, 0)  # wl_data_device.data_offer
+    assert decode(ev("wl_data_device", "data_offer"), data[8:size], deque()) == [NewId(0xFF000000)]
+    # a paste from the filter's offer becomes a `send` to the source's client, with the fd
+    r, w = os.pipe()
+    try:
+        injected.clear()
+        s.from_client(msg(0xFF000000, req("wl_data_offer", "receive"), b"text/plain", w), [w])
+        oid, opcode, size = header(b"".join(injected), 0)
+        assert (oid, opcode) == (7, 1)  # wl_data_source.send
+    finally:
+        os.close(r)
+    # the compositor's hidden offer is still not the client's to use
+    with pytest.raises(Violation):
+        s.from_client(msg(0xFF000001, req("wl_data_offer", "destroy")), [])
+
+
+def test_visible_compositor_objects_are_renumbered_both_ways() -> None:
+    s = Session(P, LABELS)
+    s.from_client(msg(1, req("wl_display", "get_registry"), NewId(2)), [])
+    s.from_upstream(
+        msg(2, ev("wl_registry", "global"), 1, b"wl_seat", 7)
+        + msg(2, ev("wl_registry", "global"), 2, b"zwp_tablet_manager_v2", 1)
+        + msg(2, ev("wl_registry", "global"), 3, b"wl_data_device_manager", 3),
+        [],
+    )
+    s.from_client(msg(2, req("wl_registry", "bind"), 1, NewId(3, "wl_seat", 7)), [])
+    s.from_client(msg(2, req("wl_registry", "bind"), 2, NewId(4, "zwp_tablet_manager_v2", 1)), [])
+    s.from_client(msg(2, req("wl_registry", "bind"), 3, NewId(5, "wl_data_device_manager", 3)), [])
+    s.from_client(msg(5, req("wl_data_device_manager", "get_data_device"), NewId(6), 3), [])
+    s.from_client(msg(4, req("zwp_tablet_manager_v2", "get_tablet_seat"), NewId(7), 3), [])
+    # two hidden offers, then the compositor's tablet: the client sees it as the first id
+    [(data, _)] = s.from_upstream(
+        msg(6, ev("wl_data_device", "data_offer"), NewId(0xFF000000))
+        + msg(6, ev("wl_data_device", "data_offer"), NewId(0xFF000001))
+        + msg(7, ev("zwp_tablet_seat_v2", "tablet_added"), NewId(0xFF000002))
+        + msg(0xFF000002, ev("zwp_tablet_v2", "name"), b"pen"),
+        [],
+    )
+    first, second = header(data, 0), header(data, header(data, 0)[2])
+    assert first[0] == 7
+    added = decode(ev("zwp_tablet_seat_v2", "tablet_added"), data[8 : first[2]], deque())
+    assert added == [NewId(0xFF000000)]
+    assert second[0] == 0xFF000000  # the tablet's event, in the client's numbers
+    # the client's request on it goes to the compositor's number
+    [(data, _)] = s.from_client(msg(0xFF000000, req("zwp_tablet_v2", "destroy")), [])
+    assert header(data, 0)[0] == 0xFF000002

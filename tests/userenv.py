@@ -32,6 +32,7 @@ TOOLS = {
     "vmsilo": "vmsilo.cli.vmsilo",
     "vm-run": "vmsilo.cli.vm_run",
     "vm-copy": "vmsilo.cli.vm_copy",
+    "vm-clipboard": "vmsilo.cli.vm_clipboard",
     "vm-start": "vmsilo.cli.vm_start",
     "vm-stop": "vmsilo.cli.vm_stop",
     "vm-shell": "vmsilo.cli.vm_shell",

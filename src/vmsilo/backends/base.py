@@ -79,6 +79,7 @@ class WindowsSidecar:
     #: connects to the filter, crosvm upstream)
     waypipe_socket: str | None
     waypipe: str | None  # the waypipe program
+    control_socket: str  # the filter's, for vm-clipboard
     uid: int
     gid: int
     home: str
@@ -92,6 +93,7 @@ class WindowsSidecar:
         if drop:
             argv += ["--uid", str(self.uid), "--gid", str(self.gid)]
         argv += ["--listen", self.filter_socket, "--upstream", self.compositor]
+        argv += ["--control", self.control_socket]
         if self.waypipe_socket is not None and self.waypipe is not None:
             argv += ["--waypipe", self.waypipe, "--waypipe-socket", self.waypipe_socket]
         return argv
@@ -121,6 +123,7 @@ def windows_sidecar(plan: Plan, vm: VmPlan, *, waypipe: bool) -> WindowsSidecar 
         filter_socket=gpu.filter_socket,
         waypipe_socket=gpu.waypipe_socket if waypipe else None,
         waypipe=(shutil.which(WAYPIPE) or WAYPIPE) if waypipe else None,
+        control_socket=gpu.control_socket,
         uid=u.uid,
         gid=u.gid,
         home=u.home,

@@ -103,6 +103,10 @@ class Agent:
         self.wayland: WaylandBridge | None = None
         #: what the default user's sessions get on top of the clean environment
         self.user_env: dict[bytes, bytes] = {}
+        #: set once the user's desktop (the waypipe server) is up, or failed; sessions of the
+        #: user wait for it (see :func:`start_wayland`)
+        self.desktop_up = asyncio.Event()
+        self.desktop_up.set()
         #: Live sessions: connected exec sessions plus detached programs still running.
         self.live_sessions = 0
         self.shutdown = asyncio.Event()
@@ -157,6 +161,7 @@ class Agent:
                     default_gid=self.gid,
                     request=request,
                     user_env=self.user_env,
+                    desktop_up=self.desktop_up,
                 ).run()
             finally:
                 self.session_ended()
@@ -190,6 +195,10 @@ async def _read_open(link: Link) -> ExecRequest | ServiceRequest | None:
     except ProtocolError as e:
         await link.send(FrameType.ERROR, encode_error(error_code(e), str(e)))
         return None
+
+
+#: Tasks that must not be garbage-collected while they run.
+_background: set[asyncio.Task[None]] = set()
 
 
 # --------------------------------------------------------------------------- readiness
@@ -581,18 +590,30 @@ async def serve_channel(agent: Agent, channel: Path, ready: Path | None, *, reco
 # --------------------------------------------------------------------------- main
 
 
-async def start_wayland(agent: Agent) -> None:
-    """Bring up the VM user's Wayland display before hello, so that a program started at
-    once finds it. A failure costs windows, never the VM: it is logged and the agent goes on."""
+def start_wayland(agent: Agent) -> None:
+    """Bring up the VM user's Wayland display beside hello, not before it: waypipe's start
+    (its libraries, under emulation ~0.6 s) stays off the boot's path. A session of the VM
+    user that starts meanwhile waits for it (:attr:`Agent.desktop_up`), so a program run at
+    once still finds its display. A failure costs windows, never the VM: it is logged."""
     bridge = WaylandBridge(agent.uid, agent.gid)
-    try:
-        await bridge.start()
-    except (TimeoutError, OSError) as e:
-        log.error("windows are unavailable: cannot start the waypipe server: %s", e)
-        await bridge.close()
-        return
     agent.wayland = bridge
     agent.user_env = wayland_env(agent.uid)
+
+    async def start() -> None:
+        try:
+            await bridge.start()
+        except (TimeoutError, OSError) as e:
+            log.error("windows are unavailable: cannot start the waypipe server: %s", e)
+            await bridge.close()
+            agent.wayland = None
+            agent.user_env.clear()  # (sessions hold this dict)
+        finally:
+            agent.desktop_up.set()
+
+    agent.desktop_up.clear()
+    task = asyncio.ensure_future(start())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -636,7 +657,7 @@ async def serve(args: argparse.Namespace) -> int:
     agent = Agent(uid, gid, args.auto_shutdown_after)
     agent.start()
     if args.waypipe:
-        await start_wayland(agent)
+        start_wayland(agent)
     ready: Path | None = args.ready_path
     if ready is None and args.ready_port:
         ready = find_virtio_port(args.ready_port) or find_ready_console()

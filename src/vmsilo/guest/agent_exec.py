@@ -190,12 +190,15 @@ class ExecSession:
         default_gid: int,
         request: ExecRequest | None = None,
         user_env: dict[bytes, bytes] | None = None,
+        desktop_up: asyncio.Event | None = None,
     ) -> None:
         self.link = link
         #: the OPEN request when the caller already read it (else run() reads it)
         self.given = request
         #: added to the default user's environment (the Wayland session, SPEC §9.1)
         self.user_env = user_env or {}
+        #: set once that session's display is up (a program of the user waits for it)
+        self.desktop_up = desktop_up
         self.tracker = tracker
         self.default_uid = default_uid
         self.default_gid = default_gid
@@ -253,6 +256,8 @@ class ExecSession:
 
     async def _spawn(self, req: ExecRequest) -> None:
         ident = resolve_user(req.user, self.default_uid, self.default_gid)
+        if ident.uid == self.default_uid and self.desktop_up is not None:
+            await self.desktop_up.wait()  # only right after boot: the display is coming up
         desktop = self.user_env if ident.uid == self.default_uid else None
         env = build_env(ident, req, desktop)
         cwd = req.cwd_bytes()

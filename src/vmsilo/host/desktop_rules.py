@@ -45,6 +45,13 @@ def render_sway(plan: Plan, config: str = "the config") -> str:
         criteria = _sway_string(f"^vmsilo:{vm.name}:")
         lines.append(f"for_window [app_id={criteria}] title_format {_sway_string(markup)}")
         lines.append(f"for_window [app_id={criteria}] border pixel {BORDER_PX}")
+    lines += [
+        "# The clipboard between VMs, as Qubes binds it (SPEC §9.4): the focused VM's selection",
+        "# into the vmsilo clipboard, and from it into the focused VM. Uncomment to use them",
+        "# (they take Ctrl-Shift-C/V from the host's own programs, e.g. terminals):",
+        "# bindsym Ctrl+Shift+c exec vm-clipboard copy",
+        "# bindsym Ctrl+Shift+v exec vm-clipboard paste",
+    ]
     return "\n".join(lines) + "\n"
 
 

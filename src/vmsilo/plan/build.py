@@ -365,6 +365,7 @@ def _gpu(vm_name: str, vm: VmConfig, user: HostUserPlan) -> GpuPlan | None:
         wayland_socket=table.wayland_socket or f"{user.runtime_dir}/wayland-0",
         filter_socket=f"{user.runtime_dir}/vmsilo/{vm_name}-wayland.socket",
         waypipe_socket=f"{user.runtime_dir}/vmsilo/{vm_name}-waypipe.socket",
+        control_socket=f"{user.runtime_dir}/vmsilo/{vm_name}-control.socket",
     )
 
 

@@ -92,6 +92,8 @@ class GpuPlan:
     filter_socket: str = ""
     #: where the host's waypipe client listens for the VM's streams (QEMU path)
     waypipe_socket: str = ""
+    #: the filter's control socket: vm-clipboard's way to the VM's selection (SPEC §9.4)
+    control_socket: str = ""
 
     @property
     def context_types(self) -> tuple[str, ...]:

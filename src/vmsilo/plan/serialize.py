@@ -100,6 +100,7 @@ def vm_to_json(vm: VmPlan) -> dict[str, Any]:
             "waylandSocket": gpu.wayland_socket,
             "filterSocket": gpu.filter_socket,
             "waypipeSocket": gpu.waypipe_socket,
+            "controlSocket": gpu.control_socket,
             "contextTypes": list(gpu.context_types),
         },
         "sound": {

@@ -82,9 +82,10 @@ def run(
     upstream: str,
     waypipe: str | None,
     waypipe_socket: str | None,
+    control: str | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (0) or until the waypipe client dies (1)."""
-    proxy = Proxy(policy.Labels(vm, color), listen, upstream)
+    proxy = Proxy(policy.Labels(vm, color), listen, upstream, control=control)
     proxy.bind()
     child: subprocess.Popen[bytes] | None = None
     ended = {"child": False}
@@ -144,13 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--upstream", required=True, help="the compositor's socket")
     p.add_argument("--waypipe", help="the waypipe program (QEMU path)")
     p.add_argument("--waypipe-socket", help="where the waypipe client listens (QEMU path)")
+    p.add_argument("--control", help="the filter's control socket (vm-clipboard)")
     p.add_argument("--uid", type=int, help="become this user first (started by root)")
     p.add_argument("--gid", type=int, help="and this group")
     a = p.parse_args(argv)
     try:
         if a.uid is not None:
             become(a.uid, a.gid if a.gid is not None else a.uid)
-        return run(a.vm, a.color, a.listen, a.upstream, a.waypipe, a.waypipe_socket)
+        return run(a.vm, a.color, a.listen, a.upstream, a.waypipe, a.waypipe_socket, a.control)
     except (OSError, BridgeError, protocol.ProtocolFileError) as e:
         print(f"vmsilo wayland bridge: {e}", file=sys.stderr)
         return 1

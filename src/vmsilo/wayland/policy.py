@@ -5,13 +5,14 @@ The globals are an **allowlist**: a global reaches a VM only when its interface 
 forbidden list is not what enforces anything; it names what must never appear, for the tests and
 for a reader checking that no entry of it slipped into the allowlist.
 
-Clipboard, primary selection and drag-and-drop (§9.1 item 3): ``wl_data_device_manager`` is
-offered, because GTK 3 (Firefox) dereferences it unconditionally, but hollow: the session drops
-every ``wl_data_device`` event (no offer, selection or drag ever reaches the VM, so it cannot
-read one) and its ``set_selection``/``start_drag`` requests (nothing of the VM reaches the host),
-and kills a client that talks to an offer it was never shown. Primary selection is optional for
-every toolkit and simply not offered. The in-VM clipboard and §9.4's host-initiated copy come
-with a proxy-local data device later.
+Clipboard, primary selection and drag-and-drop (§9.1 item 3): the compositor's data device never
+speaks to the VM — the session drops every ``wl_data_device`` event of the compositor's (no
+offer, selection or drag of the host or another VM reaches the VM, so it cannot read one) and
+``start_drag``, and kills a client that talks to an offer it was never shown. The VM's
+``set_selection`` goes to the VM's own clipboard in the filter (:mod:`.clipboard`), which the
+filter offers to the VM's focused clients itself: copy and paste work between the VM's
+programs, and ``vm-clipboard`` (§9.4) is the only way across. Primary selection is optional for
+every toolkit and simply not offered.
 """
 
 from __future__ import annotations
@@ -97,10 +98,9 @@ FORBIDDEN_GLOBALS: frozenset[str] = frozenset(
     }
 )
 
-#: ``wl_data_device`` requests that would carry something of the VM out (dropped).
-DROPPED_REQUESTS: frozenset[tuple[str, str]] = frozenset(
-    {("wl_data_device", "set_selection"), ("wl_data_device", "start_drag")}
-)
+#: ``wl_data_device`` requests that would carry something of the VM out (dropped; the VM's
+#: ``set_selection`` goes to its own clipboard in the filter instead).
+DROPPED_REQUESTS: frozenset[tuple[str, str]] = frozenset({("wl_data_device", "start_drag")})
 #: Interfaces whose events never reach the VM; objects they announce stay hidden.
 SILENCED_INTERFACES: frozenset[str] = frozenset({"wl_data_device"})
 

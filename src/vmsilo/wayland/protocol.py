@@ -61,11 +61,14 @@ class Message:
     nfds: int = field(init=False)
     #: whether the message needs decoding at all (new objects or fds); others pass as bytes
     plain: bool = field(init=False)
+    #: whether it names other objects (which may need their ids translated)
+    objects: bool = field(init=False)
 
     def __post_init__(self) -> None:
         nfds = sum(1 for a in self.args if a.code == "h")
         object.__setattr__(self, "nfds", nfds)
         object.__setattr__(self, "plain", not any(a.code in "nh" for a in self.args))
+        object.__setattr__(self, "objects", any(a.code == "o" for a in self.args))
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,15 +23,28 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from vmsilo.wayland import policy, protocol
+from vmsilo.wayland.clipboard import Clipboard
+from vmsilo.wayland.control import ControlServer
 from vmsilo.wayland.protocol import Interface
 from vmsilo.wayland.security_context import SecurityContext
-from vmsilo.wayland.session import Chunk, Session, UpstreamError, Violation, close_fds
+from vmsilo.wayland.session import (
+    Chunk,
+    Session,
+    UpstreamError,
+    Violation,
+    close_chunks,
+    close_fds,
+)
 from vmsilo.wayland.wire import encode
+
+T = TypeVar("T")
 
 READ_SIZE = 65536
 #: SCM_RIGHTS room for one read: more than libwayland sends at once, so a client that sends
@@ -75,6 +88,7 @@ class Proxy:
         upstream: str,
         protocols: dict[str, Interface] | None = None,
         log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+        control: str | None = None,
     ) -> None:
         self.labels = labels
         self.listen_path = listen
@@ -86,6 +100,13 @@ class Proxy:
         self.listener: socket.socket | None = None
         self.context = SecurityContext(self.protocols, labels, listen + ".context", log)
         self._stop_r, self._stop_w = os.pipe()
+        #: the VM's own clipboard, shared by its connections (SPEC §9.1 item 3)
+        self.clipboard = Clipboard()
+        #: work other threads hand to the loop (:meth:`call`), and the pipe that wakes it
+        self._calls: deque[Callable[[], None]] = deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        #: vm-clipboard's way in (SPEC §9.4; None: no control socket)
+        self.control = ControlServer(self, control) if control is not None else None
 
     # ------------------------------------------------------------ set-up
 
@@ -107,6 +128,9 @@ class Proxy:
         self.listener = s
         self.selector.register(s, selectors.EVENT_READ, self._accept)
         self.selector.register(self._stop_r, selectors.EVENT_READ, None)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._run_calls)
+        if self.control is not None:
+            self.control.start()
         self.context.ensure(self.upstream_path)
 
     def stop(self) -> None:
@@ -125,6 +149,8 @@ class Proxy:
             self.close()
 
     def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
         for link in list(self.links):
             self._close(link, None)
         if self.listener is not None:
@@ -135,6 +161,40 @@ class Proxy:
         self.selector.close()
         os.close(self._stop_r)
         os.close(self._stop_w)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # ------------------------------------------------------------ other threads
+
+    def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
+        """Run ``fn`` on the loop's thread and return its result (from another thread: the
+        control socket's). Raises TimeoutError when the loop does not get to it."""
+        done = threading.Event()
+        box: list[T] = []
+
+        def run() -> None:
+            try:
+                box.append(fn())
+            finally:
+                done.set()
+
+        self._calls.append(run)
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+        if not done.wait(timeout):
+            raise TimeoutError("the filter is busy")
+        if not box:
+            raise RuntimeError("the filter failed to do it (see its log)")
+        return box[0]
+
+    def _run_calls(self, _fileobj: object, _mask: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 4096)
+        while self._calls:
+            try:
+                self._calls.popleft()()
+            except Exception as e:  # a failed call must not end the filter
+                self.log(f"{self.labels.vm}: clipboard: {e!r}")
 
     # ------------------------------------------------------------ links
 
@@ -153,7 +213,8 @@ class Proxy:
             return
         client.setblocking(False)
         up.setblocking(False)
-        link = Link(client, up, Session(self.protocols, self.labels))
+        link = Link(client, up, Session(self.protocols, self.labels, self.clipboard))
+        link.session.inject = lambda chunks: self._inject(link, chunks)
         self.links.add(link)
         link.client.callback = lambda s, m: self._ready(link, m, True)
         link.upstream.callback = lambda s, m: self._ready(link, m, False)
@@ -241,6 +302,19 @@ class Proxy:
                 self.selector.unregister(side.sock)
             side.events = events
 
+    def _inject(self, link: Link, chunks: list[Chunk]) -> None:
+        """Messages the filter itself sends a client (its clipboard's offers and requests)."""
+        if link.closed:
+            close_chunks(chunks)
+            return
+        for chunk in chunks:
+            link.client.queue.append(chunk)
+            link.client.queued += len(chunk[0])
+        try:
+            self._flush(link, link.client)
+        except OSError as e:
+            self._close(link, f"{self.labels.vm}: connection lost: {e}")
+
     def _close(self, link: Link, why: str | None) -> None:
         if link.closed:
             return
@@ -269,10 +343,10 @@ def _fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-def serve(vm: str, color: str, listen: str, upstream: str) -> None:
+def serve(vm: str, color: str, listen: str, upstream: str, control: str | None = None) -> None:
     """Run the filter for one VM until SIGTERM or SIGINT (what the supervisor's starter calls
     in a process of the user's)."""
-    proxy = Proxy(policy.Labels(vm, color), listen, upstream)
+    proxy = Proxy(policy.Labels(vm, color), listen, upstream, control=control)
     proxy.bind()
     signal.signal(signal.SIGTERM, lambda *_: proxy.stop())
     signal.signal(signal.SIGINT, lambda *_: proxy.stop())
@@ -289,9 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--color", required=True)
     p.add_argument("--listen", required=True, help="the VM's filter socket")
     p.add_argument("--upstream", required=True, help="the compositor's socket")
+    p.add_argument("--control", help="the control socket for vm-clipboard")
     a = p.parse_args(argv)
     try:
-        serve(a.vm, a.color, a.listen, a.upstream)
+        serve(a.vm, a.color, a.listen, a.upstream, a.control)
     except (OSError, protocol.ProtocolFileError) as e:
         print(f"vmsilo wayland filter: {e}", file=sys.stderr)
         return 1

@@ -10,8 +10,15 @@ fds and new objects, and applies :mod:`vmsilo.wayland.policy` on the way:
   higher version is a violation;
 * ``xdg_toplevel.set_title``/``set_app_id`` are rewritten; a new toplevel is given
   ``[vm]`` and the VM's app_id at once, before the client's first commit;
-* ``wl_data_device`` events are dropped (objects they announce stay hidden: a request to one is
-  a violation) and its ``set_selection``/``start_drag`` requests too.
+* the compositor's ``wl_data_device`` events are dropped (objects they announce stay hidden: a
+  request to one is a violation) and ``start_drag`` too; ``set_selection`` goes to the VM's own
+  clipboard (:mod:`vmsilo.wayland.clipboard`), never to the compositor, and the VM's clients
+  get that clipboard's offers from the filter itself when they have keyboard focus.
+
+Ids in the compositor's range (``0xff000000`` up) are *translated*: the client sees the
+compositor's visible objects and the filter's own offers numbered densely in one sequence, as
+libwayland requires (a client refuses a new server id beyond the next free one, so hidden
+objects must not leave gaps and the filter's offers must not collide with the compositor's).
 
 A message the client cannot have meant (unknown object, opcode out of range, bad length, string
 without NUL, too many fds, a new id outside its range or in use) raises :class:`Violation`:
@@ -30,7 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmsilo.wayland import policy
-from vmsilo.wayland.protocol import Interface, Message
+from vmsilo.wayland.clipboard import Clipboard
+from vmsilo.wayland.protocol import Arg, Interface, Message
 from vmsilo.wayland.wire import (
     MAX_MESSAGE,
     SERVER_ID_BASE,
@@ -99,7 +107,12 @@ Hook = Callable[["Session", int, Message, list[Value], Output], None]
 class Session:
     """The state of one client connection (see the module docstring)."""
 
-    def __init__(self, protocols: dict[str, Interface], labels: policy.Labels) -> None:
+    def __init__(
+        self,
+        protocols: dict[str, Interface],
+        labels: policy.Labels,
+        clipboard: Clipboard | None = None,
+    ) -> None:
         self.protocols = protocols
         self.labels = labels
         self.objects: dict[int, Obj] = {1: Obj(protocols["wl_display"])}
@@ -109,6 +122,21 @@ class Session:
         self._ubuf = bytearray()
         self._ufds: deque[int] = deque()
         self.toplevel = protocols.get("xdg_toplevel")
+        #: compositor-range ids: the compositor's visible objects ↔ the client's numbers
+        self.up2cl: dict[int, int] = {}
+        self.cl2up: dict[int, int] = {}
+        #: the filter's own objects in the client's compositor range (its clipboard offers)
+        self.local: dict[int, str] = {}
+        self._srv_next = SERVER_ID_BASE
+        self._srv_free: list[int] = []
+        #: the VM's clipboard (shared by the VM's connections) and what it needs of this one
+        self.clipboard = clipboard if clipboard is not None else Clipboard()
+        self.devices: set[int] = set()  # the client's wl_data_device objects
+        self.sources: dict[int, list[bytes]] = {}  # its wl_data_source objects → mime types
+        self.focused = False  # one of its surfaces has keyboard focus
+        #: sends messages the filter makes itself to this client (set by the proxy)
+        self.inject: Callable[[list[Chunk]], None] = close_chunks
+        self.clipboard.join(self)
 
     # ----------------------------------------------------------------- feeding
 
@@ -153,7 +181,8 @@ class Session:
         return out.take()
 
     def close(self) -> None:
-        """Close the fds still waiting for their messages."""
+        """Close the fds still waiting for their messages; leave the VM's clipboard."""
+        self.clipboard.leave(self)
         close_fds(self._cfds)
         close_fds(self._ufds)
         self._cfds.clear()
@@ -164,7 +193,16 @@ class Session:
     def _request(
         self, buf: bytearray, pos: int, oid: int, opcode: int, size: int, out: Output
     ) -> None:
-        obj = self.objects.get(oid)
+        up = oid
+        if oid >= SERVER_ID_BASE:
+            if oid in self.local:
+                self._local_request(buf, pos, oid, opcode, size)
+                return
+            mapped = self.cl2up.get(oid)
+            if mapped is None:
+                raise Violation(f"request to unknown object {oid}")
+            up = mapped
+        obj = self.objects.get(up)
         if obj is None or obj.hidden:
             raise Violation(f"request to unknown object {oid}")
         try:
@@ -172,10 +210,9 @@ class Session:
         except IndexError:
             raise Violation(f"{obj.iface.name}: no request {opcode}") from None
         hook = REQUEST_HOOKS.get((obj.iface.name, msg.name))
-        if hook is None and msg.plain:
+        translate = up != oid or (msg.objects and bool(self.cl2up or self.local))
+        if hook is None and msg.plain and not translate:
             out.add(buf[pos : pos + size])
-            if msg.destructor and oid >= SERVER_ID_BASE:
-                del self.objects[oid]
             return
         try:
             args = decode(msg, bytes(buf[pos + 8 : pos + size]), self._cfds)
@@ -185,10 +222,48 @@ class Session:
             if arg.code == "n" and arg.interface is not None:
                 assert isinstance(value, NewId)
                 self._new_client_object(value.id, arg.interface)
+        if translate:
+            pairs = zip(msg.args, args, strict=True)
+            args = [self._upstream_ref(a, v) if a.code == "o" else v for a, v in pairs]
         if hook is not None:
-            hook(self, oid, msg, args, out)
+            hook(self, up, msg, args, out)
         else:
-            out.add(buf[pos : pos + size], _fds_of(msg, args))
+            out.add(*encode(up, msg, args))
+        if msg.destructor and oid >= SERVER_ID_BASE:
+            self._forget_server(oid)
+
+    def _upstream_ref(self, arg: Arg, value: Value) -> Value:
+        """An object argument of the client's, in the compositor's numbers."""
+        if not isinstance(value, int) or value < SERVER_ID_BASE:
+            return value
+        mapped = self.cl2up.get(value)
+        if mapped is None:  # one of the filter's own offers, or nothing: not the compositor's
+            raise Violation(f"{arg.name}: object {value} is not the compositor's")
+        return mapped
+
+    def _client_ref(self, arg: Arg, value: Value) -> Value | _Drop:
+        """An object argument of the compositor's, in the client's numbers (or drop the
+        message: it names an object the client never saw)."""
+        if not isinstance(value, int) or value < SERVER_ID_BASE:
+            return value
+        mapped = self.up2cl.get(value)
+        if mapped is not None:
+            return mapped
+        return 0 if arg.nullable else DROP
+
+    def _alloc_server_id(self) -> int:
+        if self._srv_free:
+            return self._srv_free.pop()
+        oid = self._srv_next
+        self._srv_next += 1
+        return oid
+
+    def _forget_server(self, cl: int) -> None:
+        up = self.cl2up.pop(cl, None)
+        if up is not None:
+            self.up2cl.pop(up, None)
+            self.objects.pop(up, None)
+        self._srv_free.append(cl)
 
     def _new_client_object(self, oid: int, interface: str) -> None:
         if not 0 < oid < SERVER_ID_BASE or oid in self.objects:
@@ -226,6 +301,109 @@ class Session:
     def _drop(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
         close_fds(_fds_of(msg, args))
 
+    # ------------------------------------------------------ the VM's own clipboard
+
+    def _get_data_device(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
+        new = args[0]
+        assert isinstance(new, NewId)
+        self.devices.add(new.id)
+        out.add(*encode(oid, msg, args))  # the compositor's device: its events stay silenced
+
+    def _create_data_source(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
+        new = args[0]
+        assert isinstance(new, NewId)
+        self.sources[new.id] = []
+        out.add(*encode(oid, msg, args))
+
+    def _source_offer(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
+        mime = args[0]
+        offered = self.sources.get(oid)
+        if isinstance(mime, bytes) and offered is not None and len(offered) < MAX_MIME_TYPES:
+            offered.append(mime)
+        out.add(*encode(oid, msg, args))
+
+    def _source_destroy(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
+        self.sources.pop(oid, None)
+        self.clipboard.source_gone(self, oid)
+        out.add(*encode(oid, msg, args))
+
+    def _device_release(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
+        self.devices.discard(oid)
+        out.add(*encode(oid, msg, args))
+
+    def _set_selection(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
+        """The VM's selection changes; the compositor never hears of it (SPEC §9.1, 3)."""
+        source = args[0]
+        assert isinstance(source, int)
+        if source and source not in self.sources:
+            raise Violation(f"set_selection with unknown source {source}")
+        self.clipboard.set_selection(self, source)
+
+    def _keyboard_enter(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
+        self.focused = True
+        self.clipboard.focus_changed()
+        offers = self.clipboard.current()
+        if offers is not None:
+            self.offer_selection(offers, out)  # before enter, as compositors do
+        out.add(*encode(oid, msg, args))
+
+    def _keyboard_leave(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
+        self.focused = False
+        self.clipboard.focus_changed()
+        out.add(*encode(oid, msg, args))
+
+    def _local_request(self, buf: bytearray, pos: int, oid: int, opcode: int, size: int) -> None:
+        """A request to one of the filter's own offers: nothing of it reaches the compositor."""
+        iface = self.protocols["wl_data_offer"]
+        try:
+            msg = iface.requests[opcode]
+        except IndexError:
+            raise Violation(f"wl_data_offer: no request {opcode}") from None
+        try:
+            args = decode(msg, bytes(buf[pos + 8 : pos + size]), self._cfds)
+        except WireError as e:
+            raise Violation(str(e)) from None
+        if msg.name == "receive":
+            mime, fd = args
+            assert isinstance(fd, int)
+            self.clipboard.receive(mime if isinstance(mime, bytes) else b"", fd)
+        elif msg.destructor:
+            del self.local[oid]
+            self._srv_free.append(oid)
+        # accept, finish, set_actions: drag-and-drop bookkeeping, which never starts here
+
+    def offer_selection(self, mimes: list[bytes] | None, out: Output | None = None) -> None:
+        """Show the client the VM's selection (``None``: there is none) on each of its data
+        devices: a fresh offer of the filter's own, its types, then ``selection``."""
+        o = out if out is not None else Output()
+        device = self.protocols["wl_data_device"]
+        data_offer, selection = (
+            _event_named(device, "data_offer"),
+            _event_named(device, "selection"),
+        )
+        offer_type = _event_named(self.protocols["wl_data_offer"], "offer")
+        for dev in sorted(self.devices):
+            if mimes is None:
+                o.add(*encode(dev, selection, [0]))
+                continue
+            mine = self._alloc_server_id()
+            self.local[mine] = "wl_data_offer"
+            o.add(*encode(dev, data_offer, [NewId(mine)]))
+            for mime in mimes:
+                o.add(*encode(mine, offer_type, [mime]))
+            o.add(*encode(dev, selection, [mine]))
+        if out is None:
+            self.inject(o.take())
+
+    def source_event(self, source: int, name: str, args: list[Value]) -> None:
+        """Tell the client something about its own source (``send`` with an fd, ``cancelled``)."""
+        if source not in self.sources:
+            close_fds([v for v in args if isinstance(v, int) and name == "send"])
+            return
+        o = Output()
+        o.add(*encode(source, _event_named(self.protocols["wl_data_source"], name), args))
+        self.inject(o.take())
+
     # ------------------------------------------------------------------ events
 
     def _event(
@@ -240,25 +418,46 @@ class Session:
             raise UpstreamError(f"{obj.iface.name}: no event {opcode}") from None
         silenced = obj.hidden or obj.iface.name in policy.SILENCED_INTERFACES
         hook = EVENT_HOOKS.get((obj.iface.name, msg.name))
-        if hook is None and msg.plain and not silenced:
+        cl = oid
+        if oid >= SERVER_ID_BASE and not silenced:
+            mapped = self.up2cl.get(oid)
+            if mapped is None:
+                raise UpstreamError(f"event for unmapped object {oid}")
+            cl = mapped
+        translate = cl != oid or (msg.objects and bool(self.up2cl))
+        if hook is None and msg.plain and not silenced and not translate:
             out.add(buf[pos : pos + size])
             return
         try:
             args = decode(msg, bytes(buf[pos + 8 : pos + size]), self._ufds)
         except WireError as e:
             raise UpstreamError(str(e)) from None
-        for arg, value in zip(msg.args, args, strict=True):
+        for i, (arg, value) in enumerate(zip(msg.args, args, strict=True)):
             if arg.code == "n" and isinstance(value, NewId):
                 iface = self.protocols.get(arg.interface or "")
                 if iface is None:
                     raise UpstreamError(f"unknown interface {arg.interface}")
                 self.objects[value.id] = Obj(iface, hidden=silenced)
+                if value.id >= SERVER_ID_BASE and not silenced:
+                    mine = self._alloc_server_id()
+                    self.up2cl[value.id] = mine
+                    self.cl2up[mine] = value.id
+                    args[i] = NewId(mine)
         if silenced:
             close_fds(_fds_of(msg, args))
-        elif hook is not None:
+            return
+        if hook is not None:
             hook(self, oid, msg, args, out)
-        else:
-            out.add(buf[pos : pos + size], _fds_of(msg, args))
+            return
+        mapped_args: list[Value] = []
+        for arg, value in zip(msg.args, args, strict=True):
+            ref = self._client_ref(arg, value) if arg.code == "o" else value
+            if ref is DROP:
+                close_fds(_fds_of(msg, args))
+                return
+            assert not isinstance(ref, _Drop)
+            mapped_args.append(ref)
+        out.add(*encode(cl, msg, mapped_args))
 
     def _global(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
         name, interface, version = args
@@ -283,6 +482,24 @@ class Session:
         out.add(encode(oid, msg, args)[0])
 
 
+class _Drop:
+    """The marker of a message that names an object its receiver never saw."""
+
+
+DROP = _Drop()
+#: Mime types a source may offer (more are ignored).
+MAX_MIME_TYPES = 32
+
+
+def close_chunks(chunks: list[Chunk]) -> None:
+    for _, fds in chunks:
+        close_fds(fds)
+
+
+def _event_named(iface: Interface, name: str) -> Message:
+    return next(m for m in iface.events if m.name == name)
+
+
 def _fds_of(msg: Message, args: list[Value]) -> list[int]:
     if not msg.nfds:
         return []
@@ -300,10 +517,18 @@ REQUEST_HOOKS: dict[tuple[str, str], Hook] = {
     ("xdg_toplevel", "set_title"): Session._set_title,
     ("xdg_toplevel", "set_app_id"): Session._set_app_id,
     ("xdg_surface", "get_toplevel"): Session._get_toplevel,
+    ("wl_data_device_manager", "get_data_device"): Session._get_data_device,
+    ("wl_data_device_manager", "create_data_source"): Session._create_data_source,
+    ("wl_data_source", "offer"): Session._source_offer,
+    ("wl_data_source", "destroy"): Session._source_destroy,
+    ("wl_data_device", "release"): Session._device_release,
+    ("wl_data_device", "set_selection"): Session._set_selection,
     **{key: Session._drop for key in policy.DROPPED_REQUESTS},
 }
 EVENT_HOOKS: dict[tuple[str, str], Hook] = {
     ("wl_registry", "global"): Session._global,
     ("wl_registry", "global_remove"): Session._global_remove,
     ("wl_display", "delete_id"): Session._delete_id,
+    ("wl_keyboard", "enter"): Session._keyboard_enter,
+    ("wl_keyboard", "leave"): Session._keyboard_leave,
 }
