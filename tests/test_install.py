@@ -352,6 +352,12 @@ COMP_WORDS=(vm-run --root ba); COMP_CWORD=2; _vmsilo_vm_tool; echo "run: ${{COMP
 COMP_WORDS=(vm-run banking ech); COMP_CWORD=2; _vmsilo_vm_tool; echo "cmd: ${{COMPREPLY[*]}}"
 COMP_WORDS=(vmsilo st); COMP_CWORD=1; _vmsilo; echo "verbs: ${{COMPREPLY[*]}}"
 COMP_WORDS=(vmsilo -c {root_cfg} stop n); COMP_CWORD=4; _vmsilo; echo "vms: ${{COMPREPLY[*]}}"
+COMP_WORDS=(vm-copy ba); COMP_CWORD=1; _vmsilo_vm_copy; echo "src: ${{COMPREPLY[*]}}"
+COMP_WORDS=(vm-copy banking n); COMP_CWORD=2; _vmsilo_vm_copy; echo "dst: ${{COMPREPLY[*]}}"
+COMP_WORDS=(vm-copy banking netvm n); COMP_CWORD=3; _vmsilo_vm_copy; echo "path: ${{COMPREPLY[*]}}"
+COMP_WORDS=(vm-clipboard p); COMP_CWORD=1; _vmsilo_vm_clipboard; echo "clip: ${{COMPREPLY[*]}}"
+COMP_WORDS=(vm-clipboard paste b); COMP_CWORD=2; _vmsilo_vm_clipboard
+echo "into: ${{COMPREPLY[*]}}"
 """
     env = {**os.environ, "VMSILO_CONFIG": str(root_cfg)}
     p = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, env=env, timeout=60)
@@ -361,6 +367,8 @@ COMP_WORDS=(vmsilo -c {root_cfg} stop n); COMP_CWORD=4; _vmsilo; echo "vms: ${{C
     assert "echo" in lines["cmd"].split()
     assert set(lines["verbs"].split()) == {"start", "stop", "status"}
     assert lines["vms"] == "netvm"
+    assert (lines["src"], lines["dst"], lines["path"]) == ("banking", "netvm", "")
+    assert (lines["clip"], lines["into"]) == ("paste", "banking")
     assert USERS("alice") is not None  # the in-process installs above planned for alice
 
 

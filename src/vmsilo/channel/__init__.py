@@ -5,46 +5,84 @@
 * :mod:`.mux` — :class:`StreamLink` (one session per stream) and :class:`ChannelMux` (many
   sessions over the ``org.vmsilo.channel`` virtio-serial stream).
 * :mod:`.relay` — what the supervisor runs per command-socket connection.
-* :mod:`.client` — :func:`run_session`, the library behind ``vm-run`` (host only).
+* :mod:`.client` — :func:`run_session`, the asyncio client library (host only).
+* :mod:`.blocking_client` — the same session without asyncio or threads: what ``vm-run``
+  runs, so its start-up does not pay for importing asyncio (host only).
 * :mod:`.pipes` — asyncio protocols for pipes and ptys used by the agent.
 
-This package is copied into guest images: standard library only. (``client`` is imported
-lazily here because the guest never needs it.)
+This package is copied into guest images: standard library only. Every name below is loaded
+from its submodule on first use, so importing one submodule (``vm-run`` needs only
+``protocol``, ``escapes`` and ``blocking_client``) does not import asyncio with the others.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import sys
 
-from vmsilo.channel.mux import ChannelMux, Link, MuxSession, StreamLink
-from vmsilo.channel.protocol import (
-    CHANNEL_PORT_NAME,
-    MAX_FRAME,
-    PROTOCOL_VERSION,
-    READY_PORT_NAME,
-    VERSION_HINT,
-    VSOCK_PORT,
-    WINDOW,
-    ChannelError,
-    ExecRequest,
-    ProtocolError,
-    ProtocolVersionError,
-    ReadyHello,
-    accept_vsock_peer,
-    encode_ready,
-    parse_ready,
-)
-from vmsilo.channel.relay import (
-    bridge_session,
-    connect_vsock,
-    relay_client,
-    relay_opened,
-    relay_streams,
-    relay_vsock_opened,
-)
-
+#: ``typing.TYPE_CHECKING`` without importing typing (mypy takes any name spelled so for it).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from vmsilo.channel.client import run_session
+    from vmsilo.channel.mux import ChannelMux, Link, MuxSession, StreamLink
+    from vmsilo.channel.protocol import (
+        CHANNEL_PORT_NAME,
+        MAX_FRAME,
+        PROTOCOL_VERSION,
+        READY_PORT_NAME,
+        VERSION_HINT,
+        VSOCK_PORT,
+        WINDOW,
+        ChannelError,
+        ExecRequest,
+        ProtocolError,
+        ProtocolVersionError,
+        ReadyHello,
+        accept_vsock_peer,
+        encode_ready,
+        parse_ready,
+    )
+    from vmsilo.channel.relay import (
+        bridge_session,
+        connect_vsock,
+        relay_client,
+        relay_opened,
+        relay_streams,
+        relay_vsock_opened,
+    )
+
+#: Where each public name lives.
+_HOMES = {
+    "client": ("run_session",),
+    "mux": ("ChannelMux", "Link", "MuxSession", "StreamLink"),
+    "protocol": (
+        "CHANNEL_PORT_NAME",
+        "MAX_FRAME",
+        "PROTOCOL_VERSION",
+        "READY_PORT_NAME",
+        "VERSION_HINT",
+        "VSOCK_PORT",
+        "WINDOW",
+        "ChannelError",
+        "ExecRequest",
+        "ProtocolError",
+        "ProtocolVersionError",
+        "ReadyHello",
+        "accept_vsock_peer",
+        "encode_ready",
+        "parse_ready",
+    ),
+    "relay": (
+        "bridge_session",
+        "connect_vsock",
+        "relay_client",
+        "relay_opened",
+        "relay_streams",
+        "relay_vsock_opened",
+    ),
+}
+_HOME = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
     "CHANNEL_PORT_NAME",
@@ -77,8 +115,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "run_session":
-        from vmsilo.channel.client import run_session
-
-        return run_session
-    raise AttributeError(name)
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    __import__(f"{__name__}.{module}")
+    value = getattr(sys.modules[f"{__name__}.{module}"], name)
+    globals()[name] = value
+    return value

@@ -32,9 +32,10 @@ import termios
 import threading
 import tty as ttymod
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
+from vmsilo.channel.blocking_client import SIGPIPE_STATUS as SIGPIPE_STATUS
+from vmsilo.channel.blocking_client import write_all as _write_all
 from vmsilo.channel.escapes import printable
 from vmsilo.channel.mux import StreamLink
 from vmsilo.channel.protocol import (
@@ -58,9 +59,6 @@ from vmsilo.channel.protocol import (
 Target = str | os.PathLike[str] | tuple[asyncio.StreamReader, asyncio.StreamWriter]
 #: One output stream's filter (bytes in, bytes out; it may hold back an incomplete character).
 OutputFilter = Callable[[bytes], bytes]
-
-#: Status returned when our own stdout was closed under us (like a shell's SIGPIPE death).
-SIGPIPE_STATUS = 128 + signal.SIGPIPE
 
 
 class _ThreadReader:
@@ -108,6 +106,10 @@ def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) 
 def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
     if not fut.done():
         fut.set_result(value)
+
+
+#: How long output received before a channel failure may take to reach its reader.
+FAILURE_FLUSH_S = 2.0
 
 
 class _ThreadWriter:
@@ -175,20 +177,6 @@ class _ThreadWriter:
 
     def stop(self) -> None:
         self._queue.put(None)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    import select
-
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError:
-            # Someone else made the descriptor non-blocking: wait for it, still no polling.
-            select.select([], [fd], [])
-            continue
-        view = view[n:]
 
 
 def terminal_size(fd: int) -> tuple[int, int]:
@@ -294,7 +282,7 @@ class _Session:
         req = self.request
         if req.tty and self.tty_fd is not None and (req.rows == 0 or req.cols == 0):
             rows, cols = terminal_size(self.tty_fd)
-            req = replace(req, rows=rows, cols=cols)
+            req = req.replace(rows=rows, cols=cols)
         await self.link.send(FrameType.OPEN, req.encode())
         if req.detach:
             return await self._receive_loop()
@@ -410,10 +398,19 @@ class _Session:
             # a malformed frame or broken flow control: this session ends (vm-run: 255)
             raise ChannelError(f"malformed frame from the VM: {e}") from None
 
+    async def _flush_before_failing(self) -> None:
+        """Let output that arrived before a failure reach its fd — for a moment only: a reader
+        that stopped reading must not turn the failure into a hang."""
+        self._flush_filters()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._flush(), FAILURE_FLUSH_S)
+
     async def _receive_frames(self) -> int:
         while True:
             frame = await self.link.recv()
             if frame is None:
+                # what arrived before the loss is the program's output: it reaches the user
+                await self._flush_before_failing()
                 raise ChannelError("the connection to the VM was lost")
             t = frame.type
             if self.on_output is not None and t in _OUTPUT_OR_END:
@@ -434,6 +431,7 @@ class _Session:
                     await self._message(message)
                 return status
             elif t == FrameType.ERROR:
+                await self._flush_before_failing()
                 raise decode_error(frame.payload)
             else:
                 raise ProtocolError(f"unexpected frame type {t} from the VM")

@@ -35,13 +35,16 @@ import enum
 import json
 import signal
 import struct
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 from vmsilo.channel.escapes import printable
 from vmsilo.contracts.ports import CHANNEL_PORT, READY_PORT
 from vmsilo.contracts.ports import VSOCK_PORT as VSOCK_PORT  # the agent's port (SPEC §6)
+
+#: ``typing.TYPE_CHECKING`` without importing typing, which vm-run does not otherwise need.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from typing import Any
 
 #: Version of the frame protocol; bump on any incompatible change. Client and agent must agree.
 PROTOCOL_VERSION = 1
@@ -137,14 +140,54 @@ class ProtocolVersionError(ProtocolError):
         self.remote = remote
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class _Record:
+    """An immutable value with equality, hash and repr over its ``__slots__``.
+
+    What ``@dataclass(frozen=True)`` gave these types, without importing :mod:`dataclasses`
+    (which imports :mod:`inspect`): ``vm-run`` loads this module on every call, and its
+    start-up time is the point (see :mod:`vmsilo.channel.blocking_client`)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def _init(self, **values: object) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} of a frozen {type(self).__name__}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r} of a frozen {type(self).__name__}")
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class Frame(_Record):
     """One decoded frame. ``version`` is kept so receivers can report mismatches."""
 
+    __slots__ = ("payload", "session", "type", "version")
     type: int
     session: int
-    payload: bytes = b""
-    version: int = PROTOCOL_VERSION
+    payload: bytes
+    version: int
+
+    def __init__(
+        self, type: int, session: int, payload: bytes = b"", version: int = PROTOCOL_VERSION
+    ) -> None:
+        self._init(type=type, session=session, payload=payload, version=version)
 
     @property
     def cost(self) -> int:
@@ -326,8 +369,7 @@ def _to_bytes(value: str | bytes) -> bytes:
     return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
 
 
-@dataclass(frozen=True)
-class ExecRequest:
+class ExecRequest(_Record):
     """What to run in the guest, as sent in the OPEN frame.
 
     ``argv`` is executed as is (no shell); every element travels as base64 of its exact bytes,
@@ -336,16 +378,49 @@ class ExecRequest:
     guest's default user, or a user name (``"root"``).
     """
 
+    __slots__ = ("argv", "cols", "cwd", "detach", "env", "rows", "term", "tty", "user", "version")
     argv: Sequence[str | bytes]
-    env: Sequence[str | bytes] = ()
-    cwd: str | bytes | None = None
-    user: str | None = None
-    tty: bool = False
-    detach: bool = False
-    term: str | None = None
-    rows: int = 0
-    cols: int = 0
-    version: int = field(default=PROTOCOL_VERSION)
+    env: Sequence[str | bytes]
+    cwd: str | bytes | None
+    user: str | None
+    tty: bool
+    detach: bool
+    term: str | None
+    rows: int
+    cols: int
+    version: int
+
+    def __init__(
+        self,
+        argv: Sequence[str | bytes],
+        env: Sequence[str | bytes] = (),
+        cwd: str | bytes | None = None,
+        user: str | None = None,
+        tty: bool = False,
+        detach: bool = False,
+        term: str | None = None,
+        rows: int = 0,
+        cols: int = 0,
+        version: int = PROTOCOL_VERSION,
+    ) -> None:
+        self._init(
+            argv=argv,
+            env=env,
+            cwd=cwd,
+            user=user,
+            tty=tty,
+            detach=detach,
+            term=term,
+            rows=rows,
+            cols=cols,
+            version=version,
+        )
+
+    def replace(self, **changes: Any) -> ExecRequest:
+        """A copy with ``changes`` (what ``dataclasses.replace`` did)."""
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(changes)
+        return ExecRequest(**values)
 
     def argv_bytes(self) -> list[bytes]:
         return [_to_bytes(a) for a in self.argv]
@@ -442,15 +517,18 @@ SERVICES = (SERVICE_WAYLAND_CONTROL, SERVICE_WAYLAND)
 MAX_TICKET = 0xFFFFFFFF
 
 
-@dataclass(frozen=True)
-class ServiceRequest:
+class ServiceRequest(_Record):
     """An OPEN that names a stream service instead of a program.
 
     Only the supervisor sends these: it refuses them from command-socket clients, so no local
     account can take a guest's Wayland connection (SPEC §11.1: every stream is host-opened)."""
 
+    __slots__ = ("service", "ticket")
     service: str
-    ticket: int = 0
+    ticket: int
+
+    def __init__(self, service: str, ticket: int = 0) -> None:
+        self._init(service=service, ticket=ticket)
 
     def encode(self) -> bytes:
         return encode_json(
@@ -493,13 +571,16 @@ READY_MAGIC = "vmsilo-agent"
 KNOWN_TRANSPORTS = ("channel", "vsock")
 
 
-@dataclass(frozen=True)
-class ReadyHello:
+class ReadyHello(_Record):
     """The agent's readiness announcement on ``org.vmsilo.ready``."""
 
+    __slots__ = ("agent_pid", "transport", "version")
     version: int
     transport: str  # "channel" (virtio-serial mux) or "vsock"
-    agent_pid: int = 0
+    agent_pid: int
+
+    def __init__(self, version: int, transport: str, agent_pid: int = 0) -> None:
+        self._init(version=version, transport=transport, agent_pid=agent_pid)
 
     def compatible(self) -> bool:
         return self.version == PROTOCOL_VERSION

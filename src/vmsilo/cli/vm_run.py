@@ -8,17 +8,19 @@ itself exits 255 with a message.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import os
 import sys
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from vmsilo.errors import UsageError, VmsiloError
 
+#: ``typing.TYPE_CHECKING`` without importing :mod:`typing` (mypy treats any name spelled so as
+#: true): a warm vm-run imports neither typing, argparse, dataclasses, tomllib nor asyncio.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    import argparse
+    import socket
+    from collections.abc import Callable
+    from typing import NoReturn, TextIO
 
     from vmsilo.channel.protocol import ChannelError
     from vmsilo.cli.start_status import StartStatus
@@ -27,8 +29,10 @@ if TYPE_CHECKING:
     from vmsilo.lifecycle.spawn import StartWatch
 
 # Imports are deliberately late in this module: on a cold start vm-run forks the VM's
-# supervisor, whose path to the VMM is vmsilo's share of the start-up; asyncio and the client
-# library load in vm-run after the fork, on the other CPU, while the supervisor works.
+# supervisor, whose path to the VMM is vmsilo's share of the start-up; the client library loads
+# in vm-run after the fork, on the other CPU, while the supervisor works. On the warm path (a
+# running VM, the usual options) vm-run loads only what that path needs: Python's start and one
+# round trip to the guest are most of a warm vm-run (docs/BENCHMARKS.md).
 
 EXIT_FAILURE = 255
 #: The program's outcome when ``--timeout`` ended it (SPEC §6 leaves it to the program's
@@ -74,34 +78,70 @@ Examples:
 """
 
 
-@dataclass
 class RunArgs:
-    vm: str = ""
-    argv: list[str] = field(default_factory=list)
-    tty: bool = False
-    detach: bool = False
-    user: str | None = None
-    env: list[str] = field(default_factory=list)
-    cwd: str | None = None
-    autostart: bool = True
-    timeout: float | None = None
-    config: str | None = None
+    """vm-run's parsed command line."""
+
+    __slots__ = (
+        "argv",
+        "autostart",
+        "config",
+        "cwd",
+        "detach",
+        "env",
+        "timeout",
+        "tty",
+        "user",
+        "vm",
+    )
+
+    def __init__(
+        self,
+        vm: str = "",
+        argv: list[str] | None = None,
+        tty: bool = False,
+        detach: bool = False,
+        user: str | None = None,
+        env: list[str] | None = None,
+        cwd: str | None = None,
+        autostart: bool = True,
+        timeout: float | None = None,
+        config: str | None = None,
+    ) -> None:
+        self.vm = vm
+        self.argv: list[str] = [] if argv is None else argv
+        self.tty = tty
+        self.detach = detach
+        self.user = user
+        self.env: list[str] = [] if env is None else env
+        self.cwd = cwd
+        self.autostart = autostart
+        self.timeout = timeout
+        self.config = config
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunArgs) and self._values() == other._values()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"RunArgs({fields})"
 
 
 class _BadUsage(Exception):
     pass
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, reporting through :class:`UsageError` (so: one line and exit 255)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise _BadUsage(message)
+class _BadValue(ValueError):
+    """An option's value failed its check (argparse reports it as ArgumentTypeError)."""
 
 
 def _env(text: str) -> str:
     if "=" not in text or text.startswith("="):
-        raise argparse.ArgumentTypeError(f"--env {text!r}: expected K=V")
+        raise _BadValue(f"--env {text!r}: expected K=V")
     return text
 
 
@@ -109,10 +149,24 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--timeout {text!r}: expected seconds") from None
+        raise _BadValue(f"--timeout {text!r}: expected seconds") from None
     if value <= 0:
-        raise argparse.ArgumentTypeError("--timeout must be positive")
+        raise _BadValue("--timeout must be positive")
     return value
+
+
+def _checked(check: Callable[[str], object]) -> Callable[[str], object]:
+    """``check`` as an argparse type: its complaint becomes argparse's own."""
+    import argparse
+
+    def typed(text: str) -> object:
+        try:
+            return check(text)
+        except _BadValue as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    typed.__name__ = check.__name__
+    return typed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     from the first word that is not an option on, nothing is taken as an option, not even
     ``--help`` or ``--`` (a ``--`` before the VM ends the options, as usual).
     """
+    import argparse
+
+    class _Parser(argparse.ArgumentParser):
+        """argparse, reporting through :class:`UsageError` (so: one line and exit 255)."""
+
+        def error(self, message: str) -> NoReturn:
+            raise _BadUsage(message)
+
     p = _Parser(prog="vm-run", usage=USAGE, add_help=False, allow_abbrev=False)
     p.add_argument("-h", "--help", action="store_true")
     p.add_argument("--version", action="store_true")
@@ -129,18 +191,85 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true")
     p.add_argument("--user")
     p.add_argument("--root", dest="user", action="store_const", const="root")
-    p.add_argument("--env", action="append", default=[], type=_env)
+    p.add_argument("--env", action="append", default=[], type=_checked(_env))
     p.add_argument("--cwd")
     p.add_argument("--no-autostart", dest="autostart", action="store_false")
-    p.add_argument("--timeout", type=_seconds)
+    p.add_argument("--timeout", type=_checked(_seconds))
     p.add_argument("-c", "--config")
     p.add_argument("words", nargs=argparse.REMAINDER)
     return p
 
 
+#: The options the fast parser takes: flags (with the value they store) and options with a value.
+_FLAGS: dict[str, tuple[str, object]] = {
+    "-t": ("tty", True),
+    "--detach": ("detach", True),
+    "--root": ("user", "root"),
+    "--no-autostart": ("autostart", False),
+}
+_VALUED: dict[str, str] = {
+    "--user": "user",
+    "--env": "env",
+    "--cwd": "cwd",
+    "--timeout": "timeout",
+    "-c": "config",
+    "--config": "config",
+}
+
+
+def _fast_parse(argv: list[str]) -> RunArgs | None:
+    """The common command lines without argparse (whose import is a tenth of a warm vm-run's
+    own time): options spelled out in full (``--user U``, ``--user=U``, ``-t``…), then the VM
+    and the command. Anything else — help, version, ``--``, combined or unknown options, a
+    value that looks like an option, a value that fails its check, a usage error — returns
+    None and argparse decides, so the result and every message are argparse's
+    (tests/test_cli_lifecycle.py checks that both parsers agree)."""
+    args = RunArgs()
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if not word.startswith("-"):
+            break
+        name, eq, value = word.partition("=")
+        if not eq and word in _FLAGS:
+            dest, const = _FLAGS[word]
+            setattr(args, dest, const)
+            i += 1
+            continue
+        dest = _VALUED.get(name, "")
+        if not dest or (eq and name == "-c"):
+            return None
+        if not eq:
+            if i + 1 >= len(argv):
+                return None
+            value = argv[i + 1]
+            i += 1
+        if value.startswith("-"):
+            return None
+        i += 1
+        try:
+            if dest == "env":
+                args.env.append(_env(value))
+            elif dest == "timeout":
+                args.timeout = _seconds(value)
+            else:
+                setattr(args, dest, value)
+        except _BadValue:
+            return None
+    if len(argv) - i < 2 or not argv[i] or (args.tty and args.detach):
+        return None
+    args.vm, args.argv = argv[i], argv[i + 1 :]
+    return args
+
+
 def parse_args(argv: list[str]) -> RunArgs | str | None:
     """vm-run's arguments; None for ``--help``, "version" for ``--version``. Usage errors raise
     :class:`UsageError`."""
+    fast = _fast_parse(argv)
+    if fast is not None:
+        return fast
+    import argparse
+
     try:
         ns, unknown = build_parser().parse_known_args(argv)
     except _BadUsage as e:
@@ -247,58 +376,23 @@ def _unattended_failure(args: RunArgs | str | None, err: TextIO, prog: str, text
     report_launch_failure(prog, args.vm, text)
 
 
-@dataclass
-class QuickLook:
-    """What vm-run can learn from the config without the typed model (see _run)."""
-
-    path: str
-    text: str
-    runtime_dir: str
-    user: str | None
-
-
-def quick_look(config: str | None, name: str) -> QuickLook | None:
-    """The raw config, if it plainly names VM ``name``; None sends vm-run the full way.
-
-    vm-run to a running VM only needs ``runtimeDir`` and the VM's name, and a cold start can
-    reuse the cached plan: skipping the typed model saves most of vm-run's start-up time.
-    Anything unusual (no such file, TOML error, an odd runtimeDir) returns None and the full,
-    validated path runs, which reports problems properly.
-    """
-    import tomllib
-
-    from vmsilo.config.location import VM_NAME_RE, config_path
-    from vmsilo.defaults import RUNTIME_DIR
-
-    path = config_path(config)
-    try:
-        text = path.read_bytes().decode("utf-8")
-        data = tomllib.loads(text)
-    except (OSError, ValueError):
-        return None
-    runtime_dir = data.get("runtimeDir", RUNTIME_DIR)
-    vms = data.get("vms")
-    user = data.get("user")
-    if (
-        not isinstance(runtime_dir, str)
-        or not runtime_dir.startswith("/")
-        or not isinstance(vms, dict)
-        or name not in vms
-        or not VM_NAME_RE.match(name)
-    ):
-        return None
-    return QuickLook(
-        str(path), text, runtime_dir.rstrip("/"), user if isinstance(user, str) else None
-    )
-
-
-@dataclass
 class Reached:
-    """A VM's command socket, and what watches its start when this call started it."""
+    """A VM's command socket, what watches its start when this call started it, and — on the
+    warm path, when asked for — the connection made to find it running."""
 
-    socket_path: str
-    watch: StartWatch | None = None
-    status: StartStatus | None = None
+    __slots__ = ("sock", "socket_path", "status", "watch")
+
+    def __init__(
+        self,
+        socket_path: str,
+        watch: StartWatch | None = None,
+        status: StartStatus | None = None,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.socket_path = socket_path
+        self.watch = watch
+        self.status = status
+        self.sock = sock
 
 
 def reach_vm(
@@ -310,32 +404,34 @@ def reach_vm(
     err: TextIO,
     app: App | None,
     show_status: bool = True,
+    keep_connection: bool = False,
 ) -> Reached:
     """The command socket of VM ``name``, starting the VM first unless it runs (or raise with
     ``autostart`` off). vm-run's way to a VM, shared with vm-copy; the caller ends
-    ``status`` (a status line on a terminal, unless ``show_status`` is off) when it is done."""
+    ``status`` (a status line on a terminal, unless ``show_status`` is off) when it is done.
+
+    A running VM is found by connecting to its socket; with ``keep_connection`` that
+    connection is handed back in ``sock`` (the caller owns it) instead of being closed, so
+    vm-run's session needs no second connect."""
+    from vmsilo.channel.blocking_client import connect
+    from vmsilo.channel.protocol import ChannelError
+    from vmsilo.cli.quick_look import quick_look
     from vmsilo.defaults import command_socket
-    from vmsilo.host.sockets import socket_live
 
     look = quick_look(config, name) if users is None else None
     if look is not None:
         candidate = command_socket(look.runtime_dir, name)
-        if socket_live(candidate):
-            return Reached(candidate)
+        try:
+            sock = connect(candidate)
+        except ChannelError:
+            pass
+        else:
+            if not keep_connection:
+                sock.close()
+            return Reached(candidate, sock=sock if keep_connection else None)
         if autostart and os.geteuid() == 0:
-            from vmsilo.cli.start_status import start_status
-            from vmsilo.lifecycle.app import open_app
-            from vmsilo.plan.cache import load_plan
-
-            cached = load_plan(look.runtime_dir, look.text, look.user)
-            if cached is not None and name in cached.vms:
-                lifecycle = app or open_app(look.path, state_dir=cached.state_dir)
-                status = start_status(name, err) if show_status else None
-                reached = Reached(cached.vms[name].paths.command_socket, status=status)
-                with _done_on_error(status):
-                    reached.watch = lifecycle.start_for_client(
-                        cached, cached.vms[name], progress=status
-                    )
+            reached = _start_from_cached_plan(config, name, err, app, show_status)
+            if reached is not None:
                 return reached
     from vmsilo.cli.common import load, select_vm
     from vmsilo.lifecycle.app import open_app
@@ -351,16 +447,44 @@ def reach_vm(
 
     status = start_status(vm.name, err) if show_status else None
     reached = Reached(vm.paths.command_socket, status=status)
-    with _done_on_error(status):
-        reached.watch = lifecycle.start_for_client(loaded.plan, vm, progress=status)
+    reached.watch = _start(
+        lambda: lifecycle.start_for_client(loaded.plan, vm, progress=status), status
+    )
     return reached
 
 
-@contextlib.contextmanager
-def _done_on_error(status: StartStatus | None) -> Iterator[None]:
-    """Erase the status line before a failed start's message."""
+def _start_from_cached_plan(
+    config: str | None, name: str, err: TextIO, app: App | None, show_status: bool
+) -> Reached | None:
+    """A cold start with the cached plan of this exact config text, if there is one (None:
+    nothing happened, the caller plans the slow way)."""
+    from vmsilo.cli.quick_look import quick_look
+    from vmsilo.config.location import config_path
+    from vmsilo.plan.cache import load_plan
+
+    look = quick_look(config, name, memo=False)  # the text is the plan cache's key
+    if look is None or look.text is None:
+        return None
+    cached = load_plan(look.runtime_dir, look.text, look.user)
+    if cached is None or name not in cached.vms:
+        return None
+    from vmsilo.cli.start_status import start_status
+    from vmsilo.lifecycle.app import open_app
+
+    vm = cached.vms[name]
+    lifecycle = app or open_app(str(config_path(config)), state_dir=cached.state_dir)
+    status = start_status(name, err) if show_status else None
+    reached = Reached(vm.paths.command_socket, status=status)
+    reached.watch = _start(lambda: lifecycle.start_for_client(cached, vm, progress=status), status)
+    return reached
+
+
+def _start(
+    start: Callable[[], StartWatch | None], status: StartStatus | None = None
+) -> StartWatch | None:
+    """``start()``; the status line is erased before a failed start's message."""
     try:
-        yield
+        return start()
     except BaseException:
         if status is not None:
             status.done()
@@ -369,10 +493,17 @@ def _done_on_error(status: StartStatus | None) -> Iterator[None]:
 
 def _run(args: RunArgs, users: UserLookup | None, err: TextIO, app: App | None, prog: str) -> int:
     reached = reach_vm(
-        args.config, args.vm, autostart=args.autostart, users=users, err=err, app=app
+        args.config,
+        args.vm,
+        autostart=args.autostart,
+        users=users,
+        err=err,
+        app=app,
+        keep_connection=True,
     )
     try:
-        return _session(args, reached.socket_path, reached.watch, reached.status, prog, err)
+        target: str | socket.socket = reached.socket_path if reached.sock is None else reached.sock
+        return _session(args, target, reached.watch, reached.status, prog, err)
     finally:
         if reached.status is not None:
             reached.status.done()  # before any message about the outcome
@@ -380,52 +511,99 @@ def _run(args: RunArgs, users: UserLookup | None, err: TextIO, app: App | None, 
 
 def _session(
     args: RunArgs,
-    socket_path: str,
+    target: str | socket.socket,
     watch: StartWatch | None,
     status: StartStatus | None,
     prog: str,
     err: TextIO,
 ) -> int:
+    """The session: the blocking client (no asyncio, no threads), or the asyncio client for a
+    terminal session (-t: raw mode, window size changes)."""
+    from vmsilo.channel.blocking_client import SessionTimeout, run_blocking_session
+    from vmsilo.channel.protocol import ChannelError, ExecRequest
+
+    try:
+        if args.tty:
+            return _tty_session(args, target, status, prog, err)
+        new_filter = None
+        if os.isatty(1) or os.isatty(2):
+            from vmsilo.channel.escapes import EscapeFilter
+
+            new_filter = EscapeFilter  # one per stream (see run_blocking_session)
+        request = ExecRequest(
+            argv=[os.fsencode(a) for a in args.argv],
+            env=args.env,
+            cwd=args.cwd,
+            user=args.user,
+            detach=args.detach,
+        )
+        try:
+            return run_blocking_session(
+                target,
+                request,
+                stdin=None if args.detach else 0,
+                stdout=1,
+                stderr=2,
+                new_output_filter=new_filter,
+                prog=prog,
+                on_output=None if status is None else status.done,
+                timeout=args.timeout,
+            )
+        except SessionTimeout:
+            # the session was hung up, which hangs up the guest program: its outcome
+            if status is not None:
+                status.done()
+            print(f"{prog}: timed out after {args.timeout:g} s", file=err)
+            return EXIT_TIMEOUT
+    except ChannelError as e:
+        raise channel_failure(args.vm, e, watch.failure() if watch is not None else None) from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        if watch is not None:
+            watch.close()
+
+
+def _tty_session(
+    args: RunArgs,
+    target: str | socket.socket,
+    status: StartStatus | None,
+    prog: str,
+    err: TextIO,
+) -> int:
+    """``-t``: the asyncio client, which puts the local terminal in raw mode for the session
+    and forwards window size changes."""
     import asyncio
 
     from vmsilo.channel.client import run_session, terminal_size
-    from vmsilo.channel.protocol import ChannelError, ExecRequest
+    from vmsilo.channel.protocol import ExecRequest
 
-    tty_fd = None
-    rows = cols = 0
-    term = None
-    if args.tty:
-        if not os.isatty(0):
-            raise UsageError("-t needs a terminal on standard input", "drop -t")
-        tty_fd = 0
-        rows, cols = terminal_size(0)
-        term = os.environ.get("TERM")
+    if not os.isatty(0):
+        raise UsageError("-t needs a terminal on standard input", "drop -t")
+    rows, cols = terminal_size(0)
     request = ExecRequest(
         argv=[os.fsencode(a) for a in args.argv],
         env=args.env,
         cwd=args.cwd,
         user=args.user,
-        tty=args.tty,
-        detach=args.detach,
-        term=term,
+        tty=True,
+        term=os.environ.get("TERM"),
         rows=rows,
         cols=cols,
     )
-    new_filter = None
-    if not args.tty and (os.isatty(1) or os.isatty(2)):
-        from vmsilo.channel.escapes import EscapeFilter
-
-        new_filter = EscapeFilter  # one per stream (see run_session)
 
     async def go() -> int:
+        if isinstance(target, str):
+            connection: str | tuple[asyncio.StreamReader, asyncio.StreamWriter] = target
+        else:
+            connection = await asyncio.open_unix_connection(sock=target)
         coro = run_session(
-            socket_path,
+            connection,
             request,
-            stdin=None if args.detach else 0,
+            stdin=0,
             stdout=1,
             stderr=2,
-            tty_fd=tty_fd,
-            new_output_filter=new_filter,
+            tty_fd=0,
             prog=prog,
             on_output=None if status is None else status.done,
         )
@@ -440,15 +618,7 @@ def _session(
             print(f"{prog}: timed out after {args.timeout:g} s", file=err)
             return EXIT_TIMEOUT
 
-    try:
-        return asyncio.run(go())
-    except ChannelError as e:
-        raise channel_failure(args.vm, e, watch.failure() if watch is not None else None) from None
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    finally:
-        if watch is not None:
-            watch.close()
+    return asyncio.run(go())
 
 
 def channel_failure(vm: str, exc: ChannelError, start_failure: str | None) -> VmsiloError:
@@ -470,8 +640,10 @@ def entry() -> NoReturn:
     """
     status = main()
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
+        try:
             stream.flush()
+        except (OSError, ValueError):
+            continue
     os._exit(status)
 
 

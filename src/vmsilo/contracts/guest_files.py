@@ -19,6 +19,7 @@ GUEST_MODULES: tuple[str, ...] = (
     "vmsilo/contracts/ports.py",
     "vmsilo/contracts/spawn.py",
     "vmsilo/channel/__init__.py",
+    "vmsilo/channel/blocking_client.py",
     "vmsilo/channel/client.py",
     "vmsilo/channel/escapes.py",
     "vmsilo/channel/mux.py",

@@ -377,8 +377,54 @@ _vmsilo() {{
     fi
 }}
 
+# vm-copy SRC DST PATH…: two VMs, then paths inside SRC (nothing to complete on this host)
+_vmsilo_vm_copy() {{
+    COMPREPLY=()
+    local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="${{COMP_WORDS[COMP_CWORD-1]}}" i n=0
+    if [[ $prev == -c || $prev == --config ]]; then
+        mapfile -t COMPREPLY < <(compgen -f -- "$cur")
+        return
+    fi
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case "${{COMP_WORDS[i]}}" in
+            -c|--config) ((i++)) ;;
+            -*) ;;
+            *) ((n++)) ;;
+        esac
+    done
+    if [[ $cur != -* && $n -lt 2 ]]; then
+        mapfile -t COMPREPLY < <(compgen -W "$(_vmsilo_list vms)" -- "$cur")
+    fi
+}}
+
+# vm-clipboard copy|paste [VM]
+_vmsilo_vm_clipboard() {{
+    COMPREPLY=()
+    local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="${{COMP_WORDS[COMP_CWORD-1]}}" i n=0
+    if [[ $prev == -c || $prev == --config ]]; then
+        mapfile -t COMPREPLY < <(compgen -f -- "$cur")
+        return
+    fi
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case "${{COMP_WORDS[i]}}" in
+            -c|--config) ((i++)) ;;
+            -*) ;;
+            *) ((n++)) ;;
+        esac
+    done
+    if [[ $cur == -* ]]; then
+        return
+    elif [[ $n -eq 0 ]]; then
+        mapfile -t COMPREPLY < <(compgen -W "copy paste" -- "$cur")
+    elif [[ $n -eq 1 ]]; then
+        mapfile -t COMPREPLY < <(compgen -W "$(_vmsilo_list vms)" -- "$cur")
+    fi
+}}
+
 complete -F _vmsilo vmsilo
 complete -F _vmsilo_vm_tool {" ".join(VM_TOOLS)}
+complete -F _vmsilo_vm_copy vm-copy
+complete -F _vmsilo_vm_clipboard vm-clipboard
 """
 
 

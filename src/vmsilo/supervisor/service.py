@@ -94,12 +94,15 @@ class Supervisor:
         if bridge is None:
             return
         if bridge.sidecar.at_launch:
-            try:
-                await bridge.ensure()
-            except DesktopUnavailable as e:
-                self._log(f"windows are unavailable: {e}")
+            self.spawn(self._bridge_at_launch(bridge))  # beside the boot, not in its way
             return
         self.spawn(self._window_streams(bridge))
+
+    async def _bridge_at_launch(self, bridge: Bridge) -> None:
+        try:
+            await bridge.ensure()
+        except DesktopUnavailable as e:
+            self._log(f"windows are unavailable: {e}")
 
     async def _window_streams(self, bridge: Bridge) -> None:
         await self.readiness.ready.wait()

@@ -18,10 +18,21 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from vmsilo.wayland.session import Session
+
+class Session(Protocol):
+    """What the clipboard needs of a client connection
+    (:class:`vmsilo.wayland.session.Session`)."""
+
+    focused: bool
+    sources: dict[int, list[bytes]]
+
+    def offer_selection(self, mimes: list[bytes] | None) -> None: ...
+
+    def source_event(self, source: int, name: str, args: Sequence[int | bytes]) -> None: ...
+
 
 #: The types asked for first when the host reads a selection, text before images.
 PREFERRED = (

@@ -25,10 +25,23 @@ import select
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
-if TYPE_CHECKING:
-    from vmsilo.wayland.proxy import Proxy
+from vmsilo.wayland.clipboard import Clipboard
+from vmsilo.wayland.policy import Labels
+
+T = TypeVar("T")
+
+
+class Proxy(Protocol):
+    """What the control socket needs of the filter (:class:`vmsilo.wayland.proxy.Proxy`)."""
+
+    clipboard: Clipboard
+    labels: Labels
+
+    def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T: ...
+
 
 #: The largest selection that crosses (text, or one image).
 MAX_CLIPBOARD = 16 << 20

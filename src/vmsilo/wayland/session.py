@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from vmsilo.wayland import policy
@@ -395,13 +395,13 @@ class Session:
         if out is None:
             self.inject(o.take())
 
-    def source_event(self, source: int, name: str, args: list[Value]) -> None:
+    def source_event(self, source: int, name: str, args: Sequence[Value]) -> None:
         """Tell the client something about its own source (``send`` with an fd, ``cancelled``)."""
         if source not in self.sources:
             close_fds([v for v in args if isinstance(v, int) and name == "send"])
             return
         o = Output()
-        o.add(*encode(source, _event_named(self.protocols["wl_data_source"], name), args))
+        o.add(*encode(source, _event_named(self.protocols["wl_data_source"], name), list(args)))
         self.inject(o.take())
 
     # ------------------------------------------------------------------ events
