@@ -660,13 +660,16 @@ def parse_farewell(data: bytes) -> tuple[str, float | None]:
 RESTORE_ENTROPY = 32
 
 
-@dataclass(frozen=True)
 class RestoreNotice:
     """What the host tells a guest that was just restored from a saved state (SPEC §10): the
-    host's clock and fresh entropy; the agent answers with a new hello once both are in."""
+    host's clock and fresh entropy; the agent answers with a new hello once both are in.
+    (A plain class: this module is on vm-run's warm path, which does not load dataclasses.)"""
 
-    time_ns: int
-    entropy: bytes
+    __slots__ = ("entropy", "time_ns")
+
+    def __init__(self, time_ns: int, entropy: bytes) -> None:
+        self.time_ns = time_ns
+        self.entropy = entropy
 
 
 def encode_restored(time_ns: int, entropy: bytes) -> bytes:
