@@ -219,7 +219,8 @@ def test_tmpfs_root_and_an_unprivileged_qemu(image: Any, state_dir: Path, host_u
         stop(inst, "fstmp")
         for _ in range(2):
             st = start(inst, "fstmp")
-            assert st["restored"] is True
+            log = (inst.run_dir / "fstmp.supervisor.log").read_text()
+            assert st["restored"] is True, log[-2000:]
             pid = inst.status("fstmp")["pid"]
             assert os.stat(f"/proc/{pid}").st_uid == host_user.pw_uid
             out = run(inst, "sh", "-c", "ls /var/tmp; echo x > /var/tmp/mark-$$", vm="fstmp")

@@ -591,10 +591,11 @@ class ReadyHello(_Record):
             raise ProtocolVersionError(PROTOCOL_VERSION, self.version)
 
 
-def encode_ready(transport: str, agent_pid: int = 0) -> bytes:
+def encode_ready(transport: str, agent_pid: int = 0, *, restored: bool = False) -> bytes:
     """The readiness line: one JSON object terminated by ``\\n``.
 
-    ``{"hello":"vmsilo-agent","version":1,"transport":"channel","pid":123}\\n``
+    ``{"hello":"vmsilo-agent","version":1,"transport":"channel","pid":123}\\n``; an agent
+    that has just taken in a restore line (SPEC §10) adds ``"restored":true``.
     """
     obj: dict[str, object] = {
         "hello": READY_MAGIC,
@@ -602,6 +603,8 @@ def encode_ready(transport: str, agent_pid: int = 0) -> bytes:
         "transport": transport,
         "pid": agent_pid,
     }
+    if restored:
+        obj["restored"] = True
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
@@ -670,6 +673,16 @@ class RestoreNotice:
     def __init__(self, time_ns: int, entropy: bytes) -> None:
         self.time_ns = time_ns
         self.entropy = entropy
+
+
+def is_restored_hello(data: bytes) -> bool:
+    """Whether a readiness line says the agent took in a restore line (see
+    :func:`encode_ready`)."""
+    try:
+        obj = _loads(data.strip())
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(obj, dict) and obj.get("restored") is True
 
 
 def encode_restored(time_ns: int, entropy: bytes) -> bytes:

@@ -250,9 +250,9 @@ def _write_ready_at_once(path: Path, data: bytes) -> int:
         os.close(fd)
 
 
-async def send_ready(path: Path, transport: str) -> None:
+async def send_ready(path: Path, transport: str, *, restored: bool = False) -> None:
     """Announce readiness; a failure is logged, not fatal (sessions may still arrive)."""
-    data = encode_ready(transport, os.getpid())
+    data = encode_ready(transport, os.getpid(), restored=restored)
     try:
         rest = data[_write_ready_at_once(path, data) :]
         if rest:
@@ -287,6 +287,8 @@ class RestoreListener:
         self.transport = "channel"
         self.loop: asyncio.AbstractEventLoop | None = None
         self.tasks: set[asyncio.Future[None]] = set()
+        #: the host end is closed; the reader waits for SIGIO
+        self.hung_up = False
 
     def held_fd(self, path: Path) -> int | None:
         return self.fd if self.fd is not None and path == self.path else None
@@ -325,9 +327,23 @@ class RestoreListener:
             buf = buf[-8192:]
 
     def _closed(self, fd: int) -> None:
-        if self.fd == fd:
-            self.fd = self.path = None
-            os.close(fd)
+        """The host end closed (e.g. a restore's new VMM connecting): keep the port open —
+        a close would drop what the host writes next — and read again once the host is back
+        (virtio_console signals that with SIGIO, see :meth:`on_sigio`)."""
+        if self.fd != fd:
+            return
+        self.hung_up = True
+        fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+        self.on_sigio()
+
+    def on_sigio(self) -> None:
+        """SIGIO: if the host end of the held port is back, read it again."""
+        fd = self.fd
+        if fd is None or not self.hung_up or not _host_connected(fd):
+            return
+        self.hung_up = False
+        threading.Thread(target=self._read, args=(fd,), daemon=True, name="ready-port").start()
 
     def _line(self, line: bytes) -> None:
         if is_mount_request(line):
@@ -355,7 +371,7 @@ class RestoreListener:
         except (OSError, PermissionError) as e:
             log.warning("cannot set the clock: %s", e)
         if self.path is not None:
-            await send_ready(self.path, self.transport)
+            await send_ready(self.path, self.transport, restored=True)
         await _forget_neighbours()
 
     async def _mount(self) -> None:
@@ -566,7 +582,12 @@ async def serve_channel(agent: Agent, channel: Path, ready: Path | None, *, reco
     sigio: asyncio.Event | None = None
     if reconnect:
         sigio = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGIO, sigio.set)
+
+        def on_sigio() -> None:
+            sigio.set()
+            RESTORE.on_sigio()
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGIO, on_sigio)
     while True:
         reader, writer = await _open_channel(channel, sigio)
         mux = ChannelMux(reader, writer, on_open=agent.handle_mux_session, name="agent-mux")

@@ -18,11 +18,13 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import Callable
 
 from vmsilo.channel.mux import ChannelMux
 from vmsilo.channel.protocol import (
     KNOWN_TRANSPORTS,
     ReadyHello,
+    is_restored_hello,
     parse_farewell,
     parse_mounted,
     parse_ready,
@@ -68,6 +70,11 @@ class Readiness:
         #: the VMM's connection on the ready port (the host talks to a restored agent on it)
         self.ready_writer: asyncio.StreamWriter | None = None
         self.ready_port_up = asyncio.Event()
+        #: fastStart restore: only a hello answering our restore line counts (see
+        #: :func:`~vmsilo.channel.protocol.is_restored_hello`); another one calls
+        #: ``on_stale_hello``
+        self.await_restored = False
+        self.on_stale_hello: Callable[[], None] | None = None
         #: the agent's answer to :meth:`send_mount`
         self.mounted: asyncio.Future[list[str]] | None = None
         #: the VMM's end of the channel port is accepted
@@ -131,6 +138,13 @@ class Readiness:
                     hello.compatible() and hello.transport not in KNOWN_TRANSPORTS
                 ):
                     self._ignored(hello)
+                    continue
+                if self.await_restored and not is_restored_hello(line):
+                    # a restored agent re-announcing itself before it took in our restore line
+                    # (its ports saw the host reconnect; a line sent while it had the port
+                    # closed is lost): say it again, and wait for the hello that answers it
+                    if self.on_stale_hello is not None:
+                        self.on_stale_hello()
                     continue
                 # (an agent of another protocol version is "ready" at once: clients are told)
                 channel = hello.compatible() and hello.transport == "channel"

@@ -242,9 +242,11 @@ class Supervisor:
             finally:
                 os.close(fd)
             launch.state.extra["restore_s"] = round(now() - started, 3)
+            readiness.on_stale_hello = readiness.send_restored
             readiness.send_restored()
             await readiness.said_hello.wait()
 
+        readiness.await_restored = True
         task = self.spawn(restore())
         vmm_exit = self.spawn(vmm.wait())
         stop = self.spawn(self.stop_requested.wait())
@@ -253,6 +255,8 @@ class Supervisor:
         )
         vmm_exit.cancel()
         stop.cancel()
+        readiness.await_restored = False
+        readiness.on_stale_hello = None
         if task.done() and task.exception() is None:
             launch.state.extra["start"] = "restored"
             return
