@@ -236,3 +236,38 @@ sharedHome = false
     finally:
         vmsilo("stop", "gc")
         shutil.rmtree(run, ignore_errors=True)
+
+
+def test_gc_removes_saved_states_no_current_key_uses(tmp_path: Path) -> None:
+    """fastStart (SPEC §10): the state the VM would restore now stays; a state of an older
+    key, and every state of a VM no longer configured, go."""
+    from vmsilo.backends.registry import backend_for
+    from vmsilo.config.load import parse_config
+    from vmsilo.plan.build import build_plan
+    from vmsilo.supervisor.saved import state_key
+
+    config = tmp_path / "vmsilo.toml"
+    config.write_text(
+        f'user = "alice"\nstateDir = "{tmp_path}/state"\nruntimeDir = "{tmp_path}/run"\n'
+        '[qemu]\naccel = "tcg"\n'
+        '[vms.fast]\nhypervisor = "qemu"\nsharedHome = false\nfastStart = true\n'
+    )
+    plan = build_plan(parse_config(config.read_text(), USERS), USERS)
+    vm = plan.vms["fast"]
+    backend = backend_for(vm)
+    key = state_key(plan, vm, backend, backend.host_facts(plan, vm, probe=False))
+    saved = tmp_path / "state" / "fast" / "saved"
+    for d in (saved / key, saved / "0ld", tmp_path / "state" / "gone" / "saved" / "k"):
+        d.mkdir(parents=True)
+        (d / "state").write_bytes(b"x" * 4096)
+    out, err = io.StringIO(), io.StringIO()
+    status = vmsilo_main(
+        ["-c", str(config), "image", "gc", "--json"], users=USERS, stdout=out, stderr=err
+    )
+    assert status == 0, err.getvalue()
+    assert sorted(json.loads(out.getvalue())["savedStates"]) == [
+        str(tmp_path / "state" / "fast" / "saved" / "0ld"),
+        str(tmp_path / "state" / "gone" / "saved" / "k"),
+    ]
+    assert (saved / key).exists() and not (saved / "0ld").exists()
+    assert not (tmp_path / "state" / "gone" / "saved" / "k").exists()

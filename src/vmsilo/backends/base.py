@@ -144,6 +144,12 @@ class HostFacts:
     runas: tuple[int, int] | None = None
     #: the VM's sound on this host (the default: as configured, the audio server there)
     sound: SoundFacts = SoundFacts()
+    #: QEMU fastStart: the VM generation id of this machine (new for every start, SPEC §10)
+    generation_id: str | None = None
+    #: QEMU fastStart: wait for a saved state instead of booting
+    incoming: bool = False
+    #: QEMU fastStart under -runas: the disposable disk's inherited descriptors (rw, ro)
+    ephemeral_fds: tuple[int, int] | None = None
 
     @property
     def kernel_params(self) -> list[str]:
@@ -180,6 +186,13 @@ class Backend(ABC):
     @abstractmethod
     def binary(self, plan: Plan) -> str:
         """The VMM program as configured (a name looked up in PATH, or a path)."""
+
+    #: whether its VMM can save a running guest and restore it (fastStart, SPEC §10)
+    saves_state = False
+
+    def build_id(self, plan: Plan) -> str:
+        """Which build of the VMM runs (a saved state is only loaded by the same build)."""
+        return self.binary(plan)
 
     def host_facts(self, plan: Plan, vm: VmPlan, *, probe: bool) -> HostFacts:
         """The host facts :meth:`argv` needs; ``probe`` may run a test boot (else: cached)."""

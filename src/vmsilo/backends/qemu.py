@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from vmsilo.backends.features import QEMU_VHOST_USER_DEVICES, Accel
-from vmsilo.contracts.cmdline import WAYPIPE_PARAM
+from vmsilo.contracts.cmdline import SHARES_LATER, WAYPIPE_PARAM
 from vmsilo.contracts.ports import CHANNEL_PORT, CONSOLE_PORT, READY_PORT
 from vmsilo.plan.model import Plan, VmPlan
 
@@ -26,6 +26,20 @@ __all__ = ["QEMU_VHOST_USER_DEVICES", "SANDBOX", "q", "qemu_argv"]
 #: calls setuid/setgid after the filter is in place (QEMU dies of SIGSYS otherwise); once it
 #: ran, QEMU holds no privilege a set*id call could regain.
 SANDBOX = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
+
+
+#: The ``-add-fd`` set of the disposable disk's descriptors.
+EPHEMERAL_FDSET = 1
+
+
+def shares_later(vm: VmPlan) -> bool:
+    """Whether ``vm``'s shares are hot-plugged after the start (fastStart with shares)."""
+    return vm.fast_start and bool(vm.shares)
+
+
+def share_port(n: int) -> str:
+    """QEMU id of the PCIe root port the ``n``-th share is hot-plugged into."""
+    return f"fsport{n}"
 
 
 def q(value: str) -> str:
@@ -42,6 +56,9 @@ def qemu_argv(
     extra_params: Sequence[str] = (),
     runas: tuple[int, int] | None = None,
     audio_server: bool = True,
+    generation_id: str | None = None,
+    incoming: bool = False,
+    ephemeral_fds: tuple[int, int] | None = None,
 ) -> list[str]:
     """QEMU's argv; ``extra_params`` are kernel parameters from host facts (after the plan's).
 
@@ -49,7 +66,13 @@ def qemu_argv(
     (``-runas UID:GID``, no passwd entry needed), so a guest that escapes into QEMU is that
     user, not root. ``audio_server``: whether the desktop's audio server is there (else the
     same sound devices on ``-audiodev none``: QEMU 7.2 exits at once when ``pa`` cannot
-    connect)."""
+    connect).
+
+    ``generation_id``: a ``vmgenid`` device with this GUID (fastStart VMs, SPEC §10: each
+    restore gets a new one, so the guest kernel reseeds its RNG). ``incoming``: ``-incoming
+    defer``, the machine waits for a saved state (QMP ``migrate-incoming``) instead of
+    booting. ``ephemeral_fds``: the disposable disk as inherited descriptors (read-write,
+    read-only), for a saving QEMU that runs as another user."""
     p = vm.paths
     # windows go through waypipe over the channel: the guest runs its server (SPEC §9.1)
     waypipe = [WAYPIPE_PARAM] if vm.gpu is not None and vm.gpu.wayland else []
@@ -84,7 +107,16 @@ def qemu_argv(
         "-initrd",
         vm.initramfs,
         "-append",
-        " ".join(["console=hvc0", "panic=-1", *waypipe, *vm.kernel_params, *extra_params]),
+        " ".join(
+            [
+                "console=hvc0",
+                "panic=-1",
+                *waypipe,
+                *vm.kernel_params,
+                *extra_params,
+                *([f"{SHARES_LATER}=1"] if shares_later(vm) else []),
+            ]
+        ),
         "-chardev",
         f"socket,id=qmp,path={q(p.qmp)},server=on,wait=off",
         "-mon",
@@ -109,9 +141,22 @@ def qemu_argv(
             "-device",
             f"virtserialport,bus=vser0.0,nr=2,chardev=channel,name={CHANNEL_PORT}",
         ]
+    if ephemeral_fds is not None:
+        # the disposable disk as a descriptor set (one read-write, one read-only descriptor):
+        # a save inactivates it and `cont` activates it again, and QEMU reopens the file then
+        # — as the -runas user, who may not even reach stateDir; from the set it needs no path
+        argv += [
+            "-add-fd",
+            f"fd={ephemeral_fds[0]},set={EPHEMERAL_FDSET}",
+            "-add-fd",
+            f"fd={ephemeral_fds[1]},set={EPHEMERAL_FDSET}",
+        ]
     for n, disk in enumerate(vm.disks):
+        path = disk.path
+        if ephemeral_fds is not None and disk.role == "ephemeral":
+            path = f"/dev/fdset/{EPHEMERAL_FDSET}"
         drive = [
-            f"file={q(disk.path)}",
+            f"file={q(path)}",
             "if=none",
             f"id=disk{n}",
             "format=raw",
@@ -119,6 +164,8 @@ def qemu_argv(
         ]
         if dict(disk.options).get("direct"):
             drive += ["cache.direct=on", "aio=native" if accel == "kvm" else "aio=threads"]
+        if path != disk.path:  # (the set's two descriptors would lock each other out)
+            drive += ["file.locking=off"]
         argv += ["-drive", ",".join(drive)]
         dev = f"virtio-blk-pci,drive=disk{n}"
         if disk.block_id:
@@ -131,13 +178,20 @@ def qemu_argv(
             "-device",
             f"virtio-net-pci,netdev=net-{q(i.name)},mac={i.mac},addr=0x{i.if_index:02x}.0",
         ]
-    for s in vm.shares:
-        argv += [
-            "-chardev",
-            f"socket,id=fs-{q(s.tag)},path={q(s.socket)}",
-            "-device",
-            f"vhost-user-fs-pci,chardev=fs-{q(s.tag)},tag={q(s.tag)}",
-        ]
+    if shares_later(vm):
+        # fastStart (SPEC §10): QEMU 7.2 cannot migrate vhost-user-fs, so the machine that is
+        # saved has none; a PCIe root port per share waits for its device, hot-plugged (QMP)
+        # once the guest is ready, before any session
+        for n, _ in enumerate(vm.shares):
+            argv += ["-device", f"pcie-root-port,id={share_port(n)},chassis={n + 1}"]
+    else:
+        for s in vm.shares:
+            argv += [
+                "-chardev",
+                f"socket,id=fs-{q(s.tag)},path={q(s.socket)}",
+                "-device",
+                f"vhost-user-fs-pci,chardev=fs-{q(s.tag)},tag={q(s.tag)}",
+            ]
     for n, vu in enumerate(vm.vhost_user):
         device = QEMU_VHOST_USER_DEVICES[str(vu.get("type"))]
         argv += [
@@ -152,6 +206,10 @@ def qemu_argv(
     if vm.gpu is not None and vm.gpu.opengl:
         argv += ["-device", "virtio-gpu-gl-pci", "-display", "egl-headless"]
     argv += sound_args(plan, vm, audio_server=audio_server)
+    if generation_id is not None:
+        argv += ["-device", f"vmgenid,guid={generation_id}"]
+    if incoming:
+        argv += ["-incoming", "defer"]
     return argv
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 
 from vmsilo.backends import accel, features
 from vmsilo.backends.base import (
@@ -22,8 +25,9 @@ from vmsilo.backends.base import (
     dns_facts,
     windows_sidecar,
 )
-from vmsilo.backends.qemu import qemu_argv
-from vmsilo.backends.vmm import Vmm
+from vmsilo.backends.qemu import qemu_argv, share_port
+from vmsilo.backends.qmp import MIGRATION_DONE, Qmp, QmpError, migration_status
+from vmsilo.backends.vmm import ResumeFailed, Vmm
 from vmsilo.contracts.ports import CHANNEL_PORT
 from vmsilo.host import sound
 from vmsilo.host.findings import Finding
@@ -76,6 +80,112 @@ class QemuVmm(Vmm):
         finally:
             writer.close()
 
+    # ------------------------------------------------------------------ saved states (§10)
+
+    def save_state(self, fd: int, while_stopped: Callable[[], None], timeout: float) -> None:
+        """Save the running guest into ``fd`` (a file open for writing), then let it go on.
+
+        The guest is paused first (``stop``: nothing changes while RAM is written, and no
+        dirty pages are sent twice), migrated to ``fd`` (QMP ``getfd`` + ``migrate fd:``),
+        ``while_stopped`` runs (the caller copies the disks, consistent with the RAM), and
+        ``cont`` resumes the guest whatever happened. Blocking; QmpError on failure."""
+        with Qmp(self.vm.paths.qmp, timeout) as qmp:
+            qmp.execute("migrate-set-capabilities", {"capabilities": _EVENTS})
+            qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+            qmp.execute("stop")
+            failure: BaseException | None = None
+            try:
+                qmp.execute("getfd", {"fdname": SAVE_FD}, fds=[fd])
+                qmp.execute("migrate", {"uri": f"fd:{SAVE_FD}"})
+                done = qmp.wait_event(lambda e: migration_status(e) in MIGRATION_DONE, timeout)
+                if migration_status(done) != "completed":
+                    raise QmpError(f"saving the state {migration_status(done)}")
+                _wait_postmigrate(qmp, timeout)
+                while_stopped()
+            except BaseException as e:
+                failure = e
+                raise
+            finally:
+                try:
+                    qmp.execute("cont")
+                except QmpError as e:
+                    after = f" (after: {failure})" if failure is not None else ""
+                    raise ResumeFailed(f"{e}{after}") from e
+
+    def restore_state(self, fd: int, timeout: float) -> None:
+        """Load the saved state in ``fd`` into this VMM (started with ``-incoming defer``) and
+        let the guest run. The state was saved paused (:meth:`save_state`), so QEMU keeps it
+        paused after loading: ``cont`` starts it. Blocking; QmpError on failure (QEMU then
+        exits by itself: a failed incoming migration ends the process)."""
+        with Qmp(self.vm.paths.qmp, timeout) as qmp:
+            qmp.execute("migrate-set-capabilities", {"capabilities": _EVENTS})
+            qmp.execute("getfd", {"fdname": RESTORE_FD}, fds=[fd])
+            qmp.execute("migrate-incoming", {"uri": f"fd:{RESTORE_FD}"})
+            done = qmp.wait_event(lambda e: migration_status(e) in MIGRATION_DONE, timeout)
+            if migration_status(done) != "completed":
+                raise QmpError(f"restoring the state {migration_status(done)}")
+            qmp.execute("cont")
+
+    def plug_shares(self, connections: Sequence[tuple[str, int]], timeout: float) -> None:
+        """Hot-plug the shares of a fastStart VM (SPEC §10): for each (tag, socket connected
+        to its virtiofsd), hand QEMU the socket (``getfd``), make it a chardev
+        (``chardev-add`` on that descriptor: QEMU, dropped to ``-runas``, need not open
+        anything) and plug a ``vhost-user-fs-pci`` device into the share's root port."""
+        with Qmp(self.vm.paths.qmp, timeout) as qmp:
+            for n, (tag, fd) in enumerate(connections):
+                name = f"fs-{tag}"
+                qmp.execute("getfd", {"fdname": name}, fds=[fd])
+                addr = {"type": "fd", "data": {"str": name}}
+                qmp.execute(
+                    "chardev-add",
+                    {
+                        "id": name,
+                        "backend": {"type": "socket", "data": {"addr": addr, "server": False}},
+                    },
+                )
+                qmp.execute(
+                    "device_add",
+                    {
+                        "driver": "vhost-user-fs-pci",
+                        "id": f"fsdev-{tag}",
+                        "chardev": name,
+                        "tag": tag,
+                        "bus": share_port(n),
+                    },
+                )
+
+
+def _wait_postmigrate(qmp: Qmp, timeout: float) -> None:
+    """QEMU 7.2 reports a migration ``completed`` (its event) a moment before it leaves the
+    ``finish-migrate`` run state, and until then ``cont`` fails ("Migration is not finalized
+    yet"); no event marks that step, so ask — each answer is one turn of QEMU's main loop,
+    which is what that step waits for — bounded by ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while qmp.execute("query-status").get("status") == "finish-migrate":
+        if time.monotonic() > deadline:
+            raise QmpError("QEMU did not finish the migration in time")
+
+
+#: QMP names of the state file's descriptor while QEMU writes, resp. reads it.
+SAVE_FD = "vmsilo-save"
+RESTORE_FD = "vmsilo-restore"
+#: Migration bandwidth for a save: as fast as the disk takes it (the guest is paused).
+MAX_BANDWIDTH = 1 << 40
+_EVENTS = [{"capability": "events", "state": True}]
+
+
+def qemu_build(binary: str) -> str:
+    """Which QEMU build ``binary`` is (part of a saved state's key, SPEC §10): its resolved
+    path, size and modification time — a package upgrade changes them, a state saved by
+    another build is never loaded."""
+    found = shutil.which(binary) or binary
+    real = os.path.realpath(found)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return real
+    return f"{real}:{st.st_size}:{st.st_mtime_ns}"
+
 
 class QemuBackend(Backend):
     name = "qemu"
@@ -88,6 +198,10 @@ class QemuBackend(Backend):
     without_vsock = (
         f"missing: QEMU VMs multiplex sessions over the {CHANNEL_PORT} virtio-serial port"
     )
+    saves_state = True
+
+    def build_id(self, plan: Plan) -> str:
+        return qemu_build(plan.qemu.binary)
 
     def binary(self, plan: Plan) -> str:
         return plan.qemu.binary
@@ -100,6 +214,7 @@ class QemuBackend(Backend):
             nameservers=dns_facts(vm),
             runas=runas_ids(plan),
             sound=self.sound_facts(plan, vm),
+            generation_id=str(uuid.uuid4()) if vm.fast_start else None,
         )
 
     def windows(self, plan: Plan, vm: VmPlan) -> WindowsSidecar | None:
@@ -156,6 +271,9 @@ class QemuBackend(Backend):
             extra_params=facts.kernel_params,
             runas=facts.runas,
             audio_server=facts.sound.server,
+            generation_id=facts.generation_id,
+            incoming=facts.incoming,
+            ephemeral_fds=facts.ephemeral_fds,
         )
 
     def vmm(self, plan: Plan, vm: VmPlan, argv: list[str]) -> Vmm:

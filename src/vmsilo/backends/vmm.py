@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import subprocess
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from vmsilo.plan.model import Plan, VmPlan
@@ -64,6 +65,10 @@ async def wait_process(proc: subprocess.Popen[bytes]) -> int:
     return proc.wait()
 
 
+class ResumeFailed(Exception):
+    """A saving VMM could not resume its guest: the VM is stuck paused (the start fails)."""
+
+
 class Vmm:
     """A running VMM child; subclasses know how to ask it to power off."""
 
@@ -74,6 +79,8 @@ class Vmm:
         self.vm = vm
         self.argv = argv
         self.proc: subprocess.Popen[bytes] | None = None
+        #: descriptors the VMM inherits (its argv names them)
+        self.pass_fds: tuple[int, ...] = ()
 
     def env(self) -> dict[str, str] | None:
         """The VMM's environment (None: the supervisor's own)."""
@@ -82,7 +89,11 @@ class Vmm:
     def start(self) -> int:
         """Start the VMM in its own session (no shell, stdin on /dev/null); its pid."""
         self.proc = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, start_new_session=True, env=self.env()
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=self.env(),
+            pass_fds=self.pass_fds,
         )
         return self.proc.pid
 
@@ -96,6 +107,20 @@ class Vmm:
         return VmmExit(code, f"{self.name} {describe_status(code)}", clean=False)
 
     async def request_poweroff(self) -> None:
+        raise NotImplementedError
+
+    def save_state(self, fd: int, while_stopped: Callable[[], None], timeout: float) -> None:
+        """Save the running guest's state into ``fd``, run ``while_stopped`` while it is
+        paused, then resume it (backends whose ``saves_state`` is true; blocking)."""
+        raise NotImplementedError
+
+    def restore_state(self, fd: int, timeout: float) -> None:
+        """Load a saved state from ``fd`` into this just started VMM (blocking)."""
+        raise NotImplementedError
+
+    def plug_shares(self, connections: Sequence[tuple[str, int]], timeout: float) -> None:
+        """Hot-plug the shares of a VM saved without them: (tag, socket connected to the
+        share's daemon) each (blocking)."""
         raise NotImplementedError
 
     def kill(self) -> None:

@@ -591,10 +591,11 @@ class ReadyHello(_Record):
             raise ProtocolVersionError(PROTOCOL_VERSION, self.version)
 
 
-def encode_ready(transport: str, agent_pid: int = 0) -> bytes:
+def encode_ready(transport: str, agent_pid: int = 0, *, restored: bool = False) -> bytes:
     """The readiness line: one JSON object terminated by ``\\n``.
 
-    ``{"hello":"vmsilo-agent","version":1,"transport":"channel","pid":123}\\n``
+    ``{"hello":"vmsilo-agent","version":1,"transport":"channel","pid":123}\\n``; an agent
+    that has just taken in a restore line (SPEC §10) adds ``"restored":true``.
     """
     obj: dict[str, object] = {
         "hello": READY_MAGIC,
@@ -602,6 +603,8 @@ def encode_ready(transport: str, agent_pid: int = 0) -> bytes:
         "transport": transport,
         "pid": agent_pid,
     }
+    if restored:
+        obj["restored"] = True
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
@@ -654,6 +657,92 @@ def parse_farewell(data: bytes) -> tuple[str, float | None]:
     if isinstance(idle, int | float) and not isinstance(idle, bool) and 0 <= idle < 1e9:
         seconds = float(idle)  # (in range: a huge int would not even convert)
     return printable(reason, 200), seconds
+
+
+#: Bytes of host entropy in a restore message (SPEC §10).
+RESTORE_ENTROPY = 32
+
+
+class RestoreNotice:
+    """What the host tells a guest that was just restored from a saved state (SPEC §10): the
+    host's clock and fresh entropy; the agent answers with a new hello once both are in.
+    (A plain class: this module is on vm-run's warm path, which does not load dataclasses.)"""
+
+    __slots__ = ("entropy", "time_ns")
+
+    def __init__(self, time_ns: int, entropy: bytes) -> None:
+        self.time_ns = time_ns
+        self.entropy = entropy
+
+
+def is_restored_hello(data: bytes) -> bool:
+    """Whether a readiness line says the agent took in a restore line (see
+    :func:`encode_ready`)."""
+    try:
+        obj = _loads(data.strip())
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(obj, dict) and obj.get("restored") is True
+
+
+def encode_restored(time_ns: int, entropy: bytes) -> bytes:
+    """The host's line on the ready port after a restore:
+    ``{"restored":"vmsilo-agent","time_ns":N,"entropy":"<hex>"}\n``."""
+    obj = {"restored": READY_MAGIC, "time_ns": time_ns, "entropy": entropy.hex()}
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def parse_restored(data: bytes) -> RestoreNotice:
+    """Parse a restore line (the agent's side); ValueError if it is not one."""
+    try:
+        obj = _loads(data.strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"not a vmsilo restore line: {data[:80]!r}") from None
+    if not isinstance(obj, dict) or obj.get("restored") != READY_MAGIC:
+        raise ValueError(f"not a vmsilo restore line: {data[:80]!r}")
+    time_ns, entropy = obj.get("time_ns"), obj.get("entropy")
+    if not isinstance(time_ns, int) or isinstance(time_ns, bool) or not 0 < time_ns < 1 << 63:
+        raise ValueError("restore line without a valid time_ns")
+    if not isinstance(entropy, str) or len(entropy) > 2 * 1024:
+        raise ValueError("restore line without entropy")
+    try:
+        raw = bytes.fromhex(entropy)
+    except ValueError:
+        raise ValueError("restore line with bad entropy") from None
+    return RestoreNotice(time_ns, raw)
+
+
+def encode_mount() -> bytes:
+    """The host's line asking the agent to mount the shares it just hot-plugged (SPEC §10)."""
+    return json.dumps({"mount": READY_MAGIC}, separators=(",", ":")).encode() + b"\n"
+
+
+def is_mount_request(data: bytes) -> bool:
+    try:
+        obj = _loads(data.strip())
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(obj, dict) and obj.get("mount") == READY_MAGIC
+
+
+def encode_mounted(errors: list[str]) -> bytes:
+    """The agent's answer once every share is mounted or given up on."""
+    obj = {"mounted": READY_MAGIC, "errors": errors}
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def parse_mounted(data: bytes) -> list[str]:
+    """The errors of a mounted line (made safe to print); ValueError if it is not one."""
+    try:
+        obj = _loads(data.strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"not a vmsilo mounted line: {data[:80]!r}") from None
+    if not isinstance(obj, dict) or obj.get("mounted") != READY_MAGIC:
+        raise ValueError(f"not a vmsilo mounted line: {data[:80]!r}")
+    errors = obj.get("errors")
+    if not isinstance(errors, list):
+        raise ValueError("mounted line without errors")
+    return [printable(str(e), 200) for e in errors[:16]]
 
 
 def accept_vsock_peer(cid: int, port: int) -> bool:

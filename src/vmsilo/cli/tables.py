@@ -113,6 +113,8 @@ def print_status(rows: Sequence[dict[str, Any]], out: TextIO) -> None:
     notes: list[str] = []  # said below the table: sound that will not be heard
     for r in rows:
         state = str(r["state"])
+        if r.get("restored"):
+            state += " (restored)"
         if r.get("config_changed"):
             state += " *"
             what = ", ".join(r.get("config_changes") or []) or "the plan"

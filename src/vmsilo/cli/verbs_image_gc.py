@@ -1,4 +1,5 @@
-"""``vmsilo image gc``: remove image versions that are not ``current`` and that no running VM uses.
+"""``vmsilo image gc``: remove image versions that are not ``current`` and that no running VM uses,
+and fastStart's saved states that no current key uses (SPEC §10).
 
 Which versions running VMs use is the lifecycle app's to say
 (:meth:`vmsilo.lifecycle.base.App.images_in_use`; the rules are in
@@ -8,7 +9,9 @@ Which versions running VMs use is the lifecycle app's to say
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -27,6 +30,15 @@ def register(isub: Any) -> None:
     p.set_defaults(handler=cmd_image_gc)
 
 
+def _tree_size(path: Path) -> int:
+    """Bytes allocated under ``path`` (sparse files count what they hold)."""
+    total = 0
+    for f in path.rglob("*"):
+        with contextlib.suppress(OSError):
+            total += f.lstat().st_blocks * 512
+    return total
+
+
 def _size(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
@@ -41,6 +53,7 @@ def cmd_image_gc(
 ) -> int:
     from vmsilo.image.store import gc_images
     from vmsilo.lifecycle.app import open_app
+    from vmsilo.lifecycle.images import stale_saved_states
 
     loaded = load(args.config, users)
     plan = loaded.plan
@@ -49,6 +62,11 @@ def cmd_image_gc(
     )
     removed = gc_images(Path(plan.state_dir), in_use, dry_run=args.dry_run)
     freed = sum(i.size for i in removed)
+    states = stale_saved_states(plan)
+    states_size = sum(_tree_size(p) for p in states)
+    if not args.dry_run:
+        for path in states:
+            shutil.rmtree(path, ignore_errors=True)
     if args.json:
         json.dump(
             {
@@ -57,6 +75,8 @@ def cmd_image_gc(
                     for i in removed
                 ],
                 "freed": freed,
+                "savedStates": [str(p) for p in states],
+                "savedStatesFreed": states_size,
                 "dryRun": bool(args.dry_run),
                 "notes": notes,
             },
@@ -70,8 +90,13 @@ def cmd_image_gc(
     verb = "would remove" if args.dry_run else "removed"
     for i in removed:
         print(f"{verb} {i.name} {i.version} ({_size(i.size)})", file=out)
-    if not removed:
+    for path in states:
+        print(f"{verb} saved state {path} ({_size(_tree_size(path))})", file=out)
+    if not removed and not states:
         print("nothing to remove", file=out)
+    elif not removed:
+        what = "would free" if args.dry_run else "freed"
+        print(f"{what} {_size(states_size)} of saved states", file=out)
     else:
         what = "would free" if args.dry_run else "freed"
         print(f"{what} {_size(freed)} in {len(removed)} version(s)", file=out)

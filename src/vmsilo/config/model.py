@@ -353,6 +353,11 @@ class VmConfig(Model):
     )
     vhost_user: list[VhostUserDevice] = Field([], description="crosvm `--vhost-user` devices")
     kernel_params: list[KernelParam] = Field([], description="extra guest kernel parameters")
+    fast_start: bool = Field(
+        False,
+        description="start from a saved, booted and ready state (saved by the first start;"
+        " QEMU; no writable disks, PCI passthrough or vhost-user devices)",
+    )
     auto_shutdown: AutoShutdown = AutoShutdown()
     network: Network = Network()
     start_timeout: PositiveInt | None = Field(

@@ -120,7 +120,44 @@ def _check_vm(config: Config, name: str, vm: VmConfig, known: set[str]) -> Itera
         elif (reason := crosvm_unsafe_reason(dev.path, "path")) is not None:
             yield Problem(at("pciDevices", i, "path"), *reason)
 
+    yield from _check_fast_start(vm, at)
     yield from _check_hypervisor(vm, at)
+
+
+def _check_fast_start(vm: VmConfig, at: Callable[..., str]) -> Iterator[Problem]:
+    """What a saved state cannot hold (SPEC §10): writable disks, PCI passthrough and
+    vhost-user devices. (Shares are fine: their virtiofs devices are hot-plugged after every
+    start, see :meth:`vmsilo.supervisor.service.Supervisor._plug_shares`.)"""
+    if not vm.fast_start:
+        return
+    # a restored guest's RAM caches what its disks held at save time: a disk written since
+    # (by the previous run) would be corrupted; passed-through and vhost-user devices keep
+    # state outside QEMU that no saved state holds
+    if vm.root_disk is not None and vm.root_disk.ro is not True:
+        yield Problem(
+            at("rootDisk"),
+            "fastStart cannot restore a VM with a writable disk: rootDisk",
+            "set rootDisk.ro = true, or remove fastStart",
+        )
+    for i, disk in enumerate(vm.additional_disks):
+        if disk.ro is not True:
+            yield Problem(
+                at("additionalDisks", i),
+                f"fastStart cannot restore a VM with a writable disk: {disk.path}",
+                f"set additionalDisks[{i}].ro = true, or remove fastStart",
+            )
+    if vm.pci_devices:
+        yield Problem(
+            at("pciDevices"),
+            "fastStart cannot save a VM with passed-through PCI devices",
+            "remove pciDevices, or remove fastStart",
+        )
+    if vm.vhost_user:
+        yield Problem(
+            at("vhostUser"),
+            "fastStart cannot save a VM with vhost-user devices",
+            "remove vhostUser, or remove fastStart",
+        )
 
 
 def requested_features(vm: VmConfig) -> list[str]:
@@ -133,6 +170,8 @@ def requested_features(vm: VmConfig) -> list[str]:
     elif isinstance(gpu, GpuConfig):
         wanted |= {f"gpu.{k}" for k in ("wayland", "opengl", "vulkan") if getattr(gpu, k)}
     wanted |= {f"sound.{k}" for k in ("playback", "capture") if getattr(vm.sound, k) is True}
+    if vm.fast_start:
+        wanted.add("fastStart")
     return [f for f in FEATURES if f in wanted]
 
 

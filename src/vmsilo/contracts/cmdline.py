@@ -89,6 +89,10 @@ class Route:
         return ":" in self.dest
 
 
+#: ``vmsilo.sharesLater=1``: a fastStart VM's shares are hot-plugged after its start (SPEC §10)
+SHARES_LATER = "vmsilo.sharesLater"
+
+
 @dataclass(frozen=True)
 class GuestParams:
     """What the guest init takes from its command line."""
@@ -107,6 +111,9 @@ class GuestParams:
     #: windows through waypipe over the channel (QEMU with ``gpu.wayland``, SPEC §9.1)
     waypipe: bool = False
     errors: tuple[str, ...] = ()  # parameters that could not be parsed (logged at boot)
+    #: the shares' devices come later (hot-plugged by the host, fastStart): the agent mounts
+    #: them when the host says so, not the init at boot
+    shares_later: bool = False
 
 
 # --- encoding (host) --------------------------------------------------------------------------
@@ -282,6 +289,7 @@ def parse_cmdline(text: str) -> GuestParams:
     auto_after = 300
     console = "hvc0"
     waypipe = False
+    shares_later = False
     errors: list[str] = []
     for word in split_cmdline(text):
         key, sep, value = word.partition("=")
@@ -310,6 +318,8 @@ def parse_cmdline(text: str) -> GuestParams:
                 shares.append(parse_share(value))
             elif key == "vmsilo.rootOverlay":
                 overlay = value
+            elif key == SHARES_LATER:
+                shares_later = value == "1"
             elif key == "autoShutdown.enable":
                 auto_enable = value in ("1", "true", "yes")
             elif key == "autoShutdown.after":
@@ -334,4 +344,5 @@ def parse_cmdline(text: str) -> GuestParams:
         console=console,
         waypipe=waypipe,
         errors=tuple(errors),
+        shares_later=shares_later,
     )

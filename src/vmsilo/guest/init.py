@@ -500,7 +500,8 @@ def boot(params: GuestParams, init: Init) -> None:
         init.shell,
     )
     acts += network_actions(params)
-    acts += share_actions(params)
+    if not params.shares_later:  # (fastStart: the agent mounts them when the host says)
+        acts += share_actions(params)
     apply(acts, spawned)
     log(f"hostname {socket.gethostname()}, user {USER_NAME} {params.uid}:{params.gid}")
 

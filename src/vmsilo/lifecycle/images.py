@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from vmsilo.plan.model import Plan
 from vmsilo.supervisor.snapshot import read_snapshot
 from vmsilo.supervisor.state import is_locked, read_state
 
@@ -136,3 +137,33 @@ def images_in_use(state_dir: str, runtime_dir: str) -> tuple[set[Path], list[str
                 f"VM {vm} is running but {why}: kept every version of {', '.join(guarded)}"
             )
     return in_use, notes
+
+
+def stale_saved_states(plan: Plan) -> list[Path]:
+    """fastStart states (SPEC §10) no current key uses: for every VM of the config, each
+    ``S/<vm>/saved/<key>`` but the key it would start with now (none without fastStart); for
+    VMs no longer in the config, all of them. A save in progress (``.new-<pid>`` of a live
+    supervisor) is left alone."""
+    from vmsilo.backends.registry import backend_for
+    from vmsilo.supervisor.saved import stale_states, state_key
+
+    keys: dict[str, str | None] = {}
+    for vm in plan.vms.values():
+        backend = backend_for(vm)
+        if vm.fast_start and backend.saves_state:
+            facts = backend.host_facts(plan, vm, probe=False)
+            keys[vm.name] = state_key(plan, vm, backend, facts)
+        else:
+            keys[vm.name] = None
+    stale = []
+    for path in stale_states(plan.state_dir, keys):
+        if path.name.startswith(".new-") and _alive(path.name.removeprefix(".new-")):
+            continue
+        if path.parent.parent.name == "images":  # S/images/saved: an image named "saved"
+            continue
+        stale.append(path)
+    return stale
+
+
+def _alive(pid: str) -> bool:
+    return pid.isdigit() and os.path.exists(f"/proc/{pid}")

@@ -109,6 +109,10 @@ def vm_status(vm: VmPlan, *, running: bool, sound: SoundFacts | None = None) -> 
         "last_exit": last_exit,
         "detail": st.detail if running and st is not None else None,
         "sound": sound_text(vm, st.extra.get("sound") if running and st else None, sound),
+        # fastStart (SPEC §10): whether this run was restored from the saved state
+        "restored": (
+            st.extra.get("start") == "restored" if running and st and vm.fast_start else None
+        ),
     }
 
 

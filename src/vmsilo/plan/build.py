@@ -276,6 +276,7 @@ def _plan_vm(
         socket_unit=f"vmsilo-{name}-command.socket",
         not_applied=feature_table(vm.hypervisor).not_applied,
         desktop_entries=None if vm.desktop_entries is None else tuple(vm.desktop_entries),
+        fast_start=vm.fast_start,
     )
 
 

@@ -215,6 +215,8 @@ class VmPlan:
     not_applied: tuple[str, ...]
     #: ``desktopEntries``: the menu entries to install (None: every one the image offers)
     desktop_entries: tuple[str, ...] | None = None
+    #: start from a saved ready state (SPEC §10)
+    fast_start: bool = False
 
     @property
     def kernel_cmdline(self) -> str:

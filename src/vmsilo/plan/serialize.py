@@ -115,6 +115,7 @@ def vm_to_json(vm: VmPlan) -> dict[str, Any]:
         "vhostUser": [dict(v.options) for v in vm.vhost_user],
         "rootOverlay": {"type": vm.root_overlay, "size": vm.root_overlay_size},
         "autoShutdownAfter": vm.auto_shutdown_after,
+        "fastStart": vm.fast_start,
         "nameservers": list(vm.nameservers),
         "netvm": vm.netvm,
         "isNetvm": vm.is_netvm,

@@ -28,10 +28,10 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmsilo.backends.base import SoundSidecar
 from vmsilo.backends.registry import backend_for, launch
@@ -44,6 +44,9 @@ from vmsilo.supervisor.identities import refuse_shared_identities
 from vmsilo.supervisor.notify import SpawnerPipe, sd_notify
 from vmsilo.supervisor.snapshot import write_snapshot
 from vmsilo.supervisor.state import KILL_SIGNAL, VmLock, VmState, now, read_state, write_state
+
+if TYPE_CHECKING:
+    from vmsilo.supervisor.saved import SavedState
 
 #: Signals that stop a VM (the supervisor's loop takes them over from the prelaunch).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -94,6 +97,10 @@ class Prelaunch:
         self.sound: SoundSidecar | None = None
         self.sound_socket: socket.socket | None = None
         self.vmm: Vmm | None = None
+        #: fastStart: the VM's saved state under the current key (None: no fastStart)
+        self.saved: SavedState | None = None
+        #: whether the VMM started waits for that saved state instead of booting
+        self.restoring = False
 
     def set_state(self, state: str, **changes: Any) -> None:
         self.state.state = state  # type: ignore[assignment]
@@ -149,11 +156,14 @@ class Prelaunch:
         if not self.stop_requested:
             self.start_vmm()
 
-    def start_vmm(self) -> Vmm:
-        """A fresh ephemeral disk and a new VMM process (also for a crosvm reset's reboot)."""
+    def start_vmm(self, *, restore: bool = True) -> Vmm:
+        """A fresh ephemeral disk and a new VMM process (also for a crosvm reset's reboot).
+
+        fastStart (SPEC §10): with a complete saved state under the current key (and
+        ``restore``), the VMM waits for it (``-incoming``) and the disk is a fresh copy of the
+        saved one (:attr:`restoring`; the supervisor loads it); otherwise the guest boots
+        and the supervisor saves it once ready (:attr:`saved`, with :attr:`restoring` false)."""
         vm = self.vm
-        if vm.root_overlay == "raw":
-            create_ephemeral_disk(vm.paths.ephemeral_disk, vm.root_overlay_size)
         for path in (vm.paths.qmp, vm.paths.crosvm_control):
             remove_file(path)
         backend = backend_for(vm)
@@ -162,16 +172,56 @@ class Prelaunch:
             self.spawner.send(f"step {slow}")
         # the very call `vmsilo argv` makes (there with the accelerator verdict cached)
         argv, facts = launch(self.plan, vm, probe=True, backend=backend)
+        self.restoring = False
+        self.saved = None
+        if vm.fast_start and backend.saves_state:
+            from vmsilo.supervisor import saved
+
+            self.saved = saved.SavedState(
+                saved.saved_root(self.plan.state_dir, vm.name),
+                saved.state_key(self.plan, vm, backend, facts),
+            )
+            if restore and self.saved.complete():
+                try:
+                    saved.restore_disk(vm, self.saved)
+                    self.restoring = True
+                except OSError as e:
+                    saved.log(vm, f"cannot copy the saved disk ({e}); booting instead")
+            if self.restoring:
+                facts = replace(facts, incoming=True)
+                argv = backend.argv(self.plan, vm, facts)
+        if vm.root_overlay == "raw" and not self.restoring:
+            create_ephemeral_disk(vm.paths.ephemeral_disk, vm.root_overlay_size)
+        fds: tuple[int, int] | None = None
+        if self.saved is not None and facts.runas is not None and vm.root_overlay == "raw":
+            # saving inactivates the disk and `cont` activates it again, reopening it: QEMU,
+            # dropped to the user, gets it from descriptors we open (the file stays root's)
+            disk = vm.paths.ephemeral_disk
+            fds = (
+                os.open(disk, os.O_RDWR | os.O_CLOEXEC),
+                os.open(disk, os.O_RDONLY | os.O_CLOEXEC),
+            )
+            facts = replace(facts, ephemeral_fds=fds)
+            argv = backend.argv(self.plan, vm, facts)
         self._prepare_sound(backend.sound_sidecar(self.plan, vm, facts))
         self.state.extra["sound"] = {"available": facts.sound.available, "why": facts.sound.why}
         if facts.sound.why is not None:
             print(f"vmsilo supervisor: VM {vm.name}: sound: {facts.sound.why}", file=sys.stderr)
         self.vmm = backend.vmm(self.plan, vm, argv)
         self.spawner.send(f"step starting {backend.name}")
-        pid = self.vmm.start()
+        try:
+            self.vmm.pass_fds = fds or ()
+            pid = self.vmm.start()
+        finally:
+            for fd in fds or ():
+                os.close(fd)
         self.state.extra["vmm_started_at"] = now()
+        if vm.fast_start:
+            self.state.extra["start"] = "restoring" if self.restoring else "booted"
         self.set_state("starting", vmm_pid=pid)
-        self.spawner.send("step booting the guest")
+        self.spawner.send(
+            "step restoring the saved state" if self.restoring else "step booting the guest"
+        )
         return self.vmm
 
     # ------------------------------------------------------------------ steps

@@ -15,10 +15,20 @@ neither the transport (vsock vs. the channel mux) nor the protocol version.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+import time
+from collections.abc import Callable
 
 from vmsilo.channel.mux import ChannelMux
-from vmsilo.channel.protocol import KNOWN_TRANSPORTS, ReadyHello, parse_farewell, parse_ready
+from vmsilo.channel.protocol import (
+    KNOWN_TRANSPORTS,
+    ReadyHello,
+    is_restored_hello,
+    parse_farewell,
+    parse_mounted,
+    parse_ready,
+)
 
 #: Longest line read from the ready port; a hello is about 80 bytes.
 MAX_READY_LINE = 4096
@@ -50,7 +60,23 @@ class Readiness:
 
     def __init__(self, vm_name: str) -> None:
         self.vm_name = vm_name
-        self.ready = asyncio.Event()  # the guest agent said hello: sessions may flow
+        #: the guest agent said hello (this boot, or after this restore)
+        self.said_hello = asyncio.Event()
+        #: sessions may flow: the hello, or after it the saved state taken (fastStart)
+        self.ready = asyncio.Event()
+        #: fastStart's first boot: the supervisor sets ``ready`` itself once the state is
+        #: saved, so that no session's traces are in it (SPEC §10)
+        self.hold_sessions = False
+        #: the VMM's connection on the ready port (the host talks to a restored agent on it)
+        self.ready_writer: asyncio.StreamWriter | None = None
+        self.ready_port_up = asyncio.Event()
+        #: fastStart restore: only a hello answering our restore line counts (see
+        #: :func:`~vmsilo.channel.protocol.is_restored_hello`); another one calls
+        #: ``on_stale_hello``
+        self.await_restored = False
+        self.on_stale_hello: Callable[[], None] | None = None
+        #: the agent's answer to :meth:`send_mount`
+        self.mounted: asyncio.Future[list[str]] | None = None
         #: the VMM's end of the channel port is accepted
         self.channel_up = asyncio.Event()
         self.operational = asyncio.Event()  # and the start is complete (netvm routing too)
@@ -66,6 +92,9 @@ class Readiness:
     def reset(self) -> None:
         """Before a reboot (crosvm reset): the new VMM connects and says hello anew."""
         self.ready.clear()
+        self.said_hello.clear()
+        self.ready_port_up.clear()
+        self.ready_writer = None
         self.channel_up.clear()
         self.hello = None
         self.farewell = None
@@ -84,20 +113,38 @@ class Readiness:
             done.cancel()
         return event.is_set() and not self.finished.is_set()
 
+    def send_restored(self) -> None:
+        """Tell a just restored guest's agent the host's clock and fresh entropy (SPEC §10);
+        it answers with a new hello."""
+        from vmsilo.channel.protocol import RESTORE_ENTROPY, encode_restored
+
+        assert self.ready_writer is not None
+        self.ready_writer.write(encode_restored(time.time_ns(), os.urandom(RESTORE_ENTROPY)))
+
     async def on_ready_port(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        self.ready_writer = writer
+        self.ready_port_up.set()
         try:
             while (line := await read_line(reader)) is not None:
                 try:
                     hello = parse_ready(line)
                 except ValueError:
-                    self._farewell(line)
+                    if not self._mounted(line):
+                        self._farewell(line)
                     continue
                 if self.hello is not None or (
                     hello.compatible() and hello.transport not in KNOWN_TRANSPORTS
                 ):
                     self._ignored(hello)
+                    continue
+                if self.await_restored and not is_restored_hello(line):
+                    # a restored agent re-announcing itself before it took in our restore line
+                    # (its ports saw the host reconnect; a line sent while it had the port
+                    # closed is lost): say it again, and wait for the hello that answers it
+                    if self.on_stale_hello is not None:
+                        self.on_stale_hello()
                     continue
                 # (an agent of another protocol version is "ready" at once: clients are told)
                 channel = hello.compatible() and hello.transport == "channel"
@@ -105,7 +152,11 @@ class Readiness:
                     return
                 if self.hello is None:  # (none came on another connection meanwhile)
                     self.hello = hello
-                    self.ready.set()
+                    self.said_hello.set()
+                    if not self.hold_sessions:
+                        self.ready.set()
+        except ConnectionError:
+            pass  # the VMM went away (its exit is handled elsewhere)
         finally:
             writer.close()
 
@@ -118,6 +169,25 @@ class Readiness:
                 " first one",
                 file=sys.stderr,
             )
+
+    def _mounted(self, line: bytes) -> bool:
+        """The agent's answer to a mount request (fastStart shares); whether it was one."""
+        try:
+            errors = parse_mounted(line)
+        except ValueError:
+            return False
+        if self.mounted is not None and not self.mounted.done():
+            self.mounted.set_result(errors)
+        return True
+
+    def send_mount(self) -> asyncio.Future[list[str]]:
+        """Ask the agent to mount the shares just hot-plugged; its answer (the errors)."""
+        from vmsilo.channel.protocol import encode_mount
+
+        assert self.ready_writer is not None
+        self.mounted = asyncio.get_running_loop().create_future()
+        self.ready_writer.write(encode_mount())
+        return self.mounted
 
     def _farewell(self, line: bytes) -> None:
         try:

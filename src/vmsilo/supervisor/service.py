@@ -22,17 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import sys
 from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any
 
 from vmsilo.backends.registry import backend_for
-from vmsilo.backends.vmm import Vmm, VmmExit
+from vmsilo.backends.vmm import ResumeFailed, Vmm, VmmExit
 from vmsilo.channel.mux import Link
 from vmsilo.channel.protocol import ChannelError
 from vmsilo.errors import VmsiloError
-from vmsilo.supervisor import guest_tasks, stopping
+from vmsilo.supervisor import guest_tasks, saved, stopping
 from vmsilo.supervisor.console import ConsoleLog, ConsoleRelay
 from vmsilo.supervisor.notify import sd_notify
 from vmsilo.supervisor.prelaunch import STOP_SIGNALS, Prelaunch, failure_of
@@ -42,6 +44,9 @@ from vmsilo.supervisor.sidecars import Sidecars
 from vmsilo.supervisor.sound import SoundDaemon
 from vmsilo.supervisor.state import KILL_SIGNAL, now
 from vmsilo.supervisor.windows import Bridge, DesktopUnavailable, WindowStreams, open_vsock_link
+
+#: Longest wait for a restored guest's hello before it boots instead (s; at most startTimeout).
+RESTORE_TIMEOUT = 20.0
 
 
 class Supervisor:
@@ -63,6 +68,8 @@ class Supervisor:
         self.console = ConsoleRelay(ConsoleLog(launch.vm.paths.console_log))
         self.sidecars = Sidecars(on_failure=self._share_failed)
         self.sound: SoundDaemon | None = None
+        #: fastStart with shares: the virtiofsd daemons starting while the guest restores
+        self.sidecars_up: asyncio.Task[None] | None = None
         sidecar = backend_for(launch.vm).windows(launch.plan, launch.vm)
         #: the desktop user's side of the VM's windows (SPEC §9.1; None: no Wayland)
         self.bridge = Bridge(sidecar, self._log) if sidecar is not None else None
@@ -147,6 +154,8 @@ class Supervisor:
     async def _run_launched(self) -> VmmExit | None:
         launch = self.launch
         vm, plan = launch.vm, launch.plan
+        # fastStart's first boot: no session before the state is saved (and the shares are in)
+        self.readiness.hold_sessions = launch.saved is not None
         await self._take_over_sockets()
         if vm.netvm not in (None, "host"):
             netvm = plan.vms.get(str(vm.netvm))
@@ -159,12 +168,19 @@ class Supervisor:
             launch.close_unserved()
             return None
         # the VMM is already waiting on the shares' sockets (and the sound daemon's)
-        await self.sidecars.start(plan, vm, launch.share_sockets)
+        sidecars = self.sidecars.start(plan, vm, launch.share_sockets)
+        if launch.saved is not None and vm.shares:
+            # hot-plugged once the guest is up (fastStart): the daemons start meanwhile
+            self.sidecars_up = self.spawn(sidecars)
+        else:
+            await sidecars
         if launch.sound is not None and launch.sound_socket is not None:
             self.sound = SoundDaemon(vm.name, launch.sound, launch.sound_socket, self._sound_failed)
             launch.sound_socket = None
             await self.sound.start()
         await self._start_windows()
+        if launch.restoring:
+            await self._restore()
         while True:
             exit_info = await self._boot()
             if exit_info is None or not exit_info.restart or self.stop_requested.is_set():
@@ -205,11 +221,122 @@ class Supervisor:
         if self.launch.owns_command_socket:
             sock.close()
 
+    async def _restore(self) -> None:
+        """Load the saved state into the VMM that waits for it (SPEC §10) and have the
+        restored agent say hello; if that fails or takes longer than :data:`RESTORE_TIMEOUT`
+        (or the VMM exits), boot instead — logged, never a hang. A stop request leaves the
+        rest to :meth:`_boot`."""
+        launch, readiness = self.launch, self.readiness
+        vm, vmm, state = launch.vm, launch.vmm, launch.saved
+        assert vmm is not None and state is not None
+        timeout = min(float(vm.start_timeout), RESTORE_TIMEOUT)
+        started = now()
+
+        async def restore() -> None:
+            if not await readiness.wait_for(readiness.ready_port_up):
+                raise VmsiloError("the VMM never connected to the ready port")
+            # (QEMU creates its QMP socket before it connects to ours: it is there now)
+            fd = os.open(state.state, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                await asyncio.to_thread(vmm.restore_state, fd, timeout)
+            finally:
+                os.close(fd)
+            launch.state.extra["restore_s"] = round(now() - started, 3)
+            readiness.on_stale_hello = readiness.send_restored
+            readiness.send_restored()
+            await readiness.said_hello.wait()
+
+        readiness.await_restored = True
+        task = self.spawn(restore())
+        vmm_exit = self.spawn(vmm.wait())
+        stop = self.spawn(self.stop_requested.wait())
+        await asyncio.wait(
+            {task, vmm_exit, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        vmm_exit.cancel()
+        stop.cancel()
+        readiness.await_restored = False
+        readiness.on_stale_hello = None
+        if task.done() and task.exception() is None:
+            launch.state.extra["start"] = "restored"
+            return
+        if stop.done() and not task.done():
+            task.cancel()
+            return
+        if task.done():
+            why = str(task.exception())
+        elif vmm_exit.done():
+            why = vmm_exit.result().reason
+        else:
+            why = f"not ready within {timeout:g} s"
+        task.cancel()
+        saved.log(vm, f"restoring the saved state failed ({why}); booting instead")
+        vmm.kill()
+        await stopping.reap(vmm)
+        state.forget()
+        launch.state.extra["restore_failed"] = why
+        self.readiness.reset()
+        self.console.log.mark_boot()
+        launch.start_vmm(restore=False)
+
+    async def _save(self) -> None:
+        """fastStart's first boot: save the ready guest before any session is served."""
+        launch, vm, vmm, state = self.launch, self.launch.vm, self.launch.vmm, self.launch.saved
+        assert vmm is not None and state is not None
+        launch.spawner.send("step saving the ready state (fastStart)")
+        try:
+            meta = await saved.save(vm, vmm, state, float(vm.start_timeout))
+        except ResumeFailed as e:  # paused for good: better a failed start than a hang
+            raise VmsiloError(
+                f"VM {vm.name}: saving its ready state left it paused: {e}",
+                f"see the supervisor log {vm.paths.supervisor_log}; remove fastStart to boot it"
+                " without saving",
+            ) from e
+        except Exception as e:  # the VM runs on; the next start boots again
+            saved.log(vm, f"saving the ready state failed: {e}")
+            launch.state.extra["save_failed"] = str(e)
+            return
+        saved.log(vm, f"ready state saved in {meta['save_s']} s ({state.directory})")
+        launch.state.extra["saved"] = meta
+
+    async def _plug_shares(self) -> None:
+        """fastStart with shares (SPEC §10): the saved machine has no virtiofs devices (QEMU
+        7.2 cannot migrate them), so after every start — boot (after the save) or restore —
+        each share's device is hot-plugged on a connection to its virtiofsd, and the agent
+        mounts them before the VM is ready. A share that does not mount fails the start."""
+        launch, vm, vmm = self.launch, self.launch.vm, self.launch.vmm
+        assert vmm is not None
+        if self.sidecars_up is not None:
+            await self.sidecars_up
+        launch.spawner.send("step plugging in the shares")
+        connections: list[tuple[str, int]] = []
+        socks = []
+        try:
+            for share in vm.shares:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.connect(share.socket)
+                connections.append((share.tag, sock.fileno()))
+            await asyncio.to_thread(vmm.plug_shares, connections, float(vm.start_timeout))
+        finally:
+            for sock in socks:  # (QEMU holds its own copies now)
+                sock.close()
+        try:
+            errors = await asyncio.wait_for(self.readiness.send_mount(), vm.start_timeout)
+        except TimeoutError:
+            errors = ["the guest did not answer the mount request"]
+        if errors:
+            raise VmsiloError(
+                f"VM {vm.name}: shares not mounted: {'; '.join(errors)}",
+                f"see the console log {vm.paths.console_log}",
+            )
+
     async def _boot(self) -> VmmExit | None:
         """Wait for the launched VMM's guest to say hello, then until the VM ends."""
-        launch, ready = self.launch, self.readiness.ready
+        launch, ready = self.launch, self.readiness.said_hello
         vm, vmm = launch.vm, launch.vmm
         assert vmm is not None
+        save = launch.saved is not None and not launch.restoring
         vmm_exit = self.spawn(vmm.wait())
         hello = self.spawn(ready.wait())
         stop = self.spawn(self.stop_requested.wait())
@@ -236,6 +363,12 @@ class Supervisor:
                 f"VM {vm.name} was not ready within startTimeout ({vm.start_timeout} s)",
                 f"see the console log {vm.paths.console_log}; raise startTimeout if it is slow",
             )
+        if save:
+            await self._save()
+        if launch.saved is not None and vm.shares:
+            await self._plug_shares()
+        self.readiness.hold_sessions = False
+        self.readiness.ready.set()
         if vm.is_netvm:
             launch.spawner.send("step configuring the netvm")
             detail = await guest_tasks.configure_netvm(vm)
