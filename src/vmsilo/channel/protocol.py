@@ -712,6 +712,32 @@ def parse_restored(data: bytes) -> RestoreNotice:
     return RestoreNotice(time_ns, raw)
 
 
+def encode_settle() -> bytes:
+    """The host's line before it saves a fastStart state: answer once the guest is settled
+    (its user's desktop up), so the saved machine is not mid-start (SPEC §10)."""
+    return json.dumps({"settle": READY_MAGIC}, separators=(",", ":")).encode() + b"\n"
+
+
+def is_settle_request(data: bytes) -> bool:
+    return _magic_line(data, "settle")
+
+
+def encode_settled() -> bytes:
+    return json.dumps({"settled": READY_MAGIC}, separators=(",", ":")).encode() + b"\n"
+
+
+def is_settled(data: bytes) -> bool:
+    return _magic_line(data, "settled")
+
+
+def _magic_line(data: bytes, key: str) -> bool:
+    try:
+        obj = _loads(data.strip())
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(obj, dict) and obj.get(key) == READY_MAGIC
+
+
 def encode_mount() -> bytes:
     """The host's line asking the agent to mount the shares it just hot-plugged (SPEC §10)."""
     return json.dumps({"mount": READY_MAGIC}, separators=(",", ":")).encode() + b"\n"

@@ -64,7 +64,9 @@ from vmsilo.channel.protocol import (
     encode_farewell,
     encode_mounted,
     encode_ready,
+    encode_settled,
     is_mount_request,
+    is_settle_request,
     parse_restored,
 )
 from vmsilo.contracts.ports import CHANNEL_PORT, READY_PORT
@@ -289,6 +291,8 @@ class RestoreListener:
         self.tasks: set[asyncio.Future[None]] = set()
         #: the host end is closed; the reader waits for SIGIO
         self.hung_up = False
+        #: set once the guest is settled (the user's desktop up): a settle request waits on it
+        self.settled: asyncio.Event | None = None
 
     def held_fd(self, path: Path) -> int | None:
         return self.fd if self.fd is not None and path == self.path else None
@@ -346,8 +350,9 @@ class RestoreListener:
         threading.Thread(target=self._read, args=(fd,), daemon=True, name="ready-port").start()
 
     def _line(self, line: bytes) -> None:
-        if is_mount_request(line):
-            task = asyncio.ensure_future(self._mount())
+        if is_mount_request(line) or is_settle_request(line):
+            work = self._mount() if is_mount_request(line) else self._settle()
+            task = asyncio.ensure_future(work)
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
             return
@@ -373,6 +378,15 @@ class RestoreListener:
         if self.path is not None:
             await send_ready(self.path, self.transport, restored=True)
         await _forget_neighbours()
+
+    async def _settle(self) -> None:
+        if self.settled is not None:
+            await self.settled.wait()
+        if self.path is not None:
+            try:
+                await asyncio.to_thread(_write_ready_blocking, self.path, encode_settled())
+            except OSError as e:
+                log.error("cannot answer the settle request: %s", e)
 
     async def _mount(self) -> None:
         errors = await mount_shares()
@@ -679,6 +693,7 @@ async def serve(args: argparse.Namespace) -> int:
     agent.start()
     if args.waypipe:
         start_wayland(agent)
+    RESTORE.settled = agent.desktop_up
     ready: Path | None = args.ready_path
     if ready is None and args.ready_port:
         ready = find_virtio_port(args.ready_port) or find_ready_console()

@@ -77,6 +77,8 @@ class Readiness:
         self.on_stale_hello: Callable[[], None] | None = None
         #: the agent's answer to :meth:`send_mount`
         self.mounted: asyncio.Future[list[str]] | None = None
+        #: the agent's answer to :meth:`send_settle`
+        self.settled: asyncio.Future[None] | None = None
         #: the VMM's end of the channel port is accepted
         self.channel_up = asyncio.Event()
         self.operational = asyncio.Event()  # and the start is complete (netvm routing too)
@@ -131,7 +133,7 @@ class Readiness:
                 try:
                     hello = parse_ready(line)
                 except ValueError:
-                    if not self._mounted(line):
+                    if not self._mounted(line) and not self._settled(line):
                         self._farewell(line)
                     continue
                 if self.hello is not None or (
@@ -178,6 +180,24 @@ class Readiness:
             return False
         if self.mounted is not None and not self.mounted.done():
             self.mounted.set_result(errors)
+        return True
+
+    def send_settle(self) -> asyncio.Future[None]:
+        """Ask the agent to answer once the guest is settled (fastStart's save waits for it)."""
+        from vmsilo.channel.protocol import encode_settle
+
+        assert self.ready_writer is not None
+        self.settled = asyncio.get_running_loop().create_future()
+        self.ready_writer.write(encode_settle())
+        return self.settled
+
+    def _settled(self, line: bytes) -> bool:
+        from vmsilo.channel.protocol import is_settled
+
+        if not is_settled(line):
+            return False
+        if self.settled is not None and not self.settled.done():
+            self.settled.set_result(None)
         return True
 
     def send_mount(self) -> asyncio.Future[list[str]]:

@@ -49,6 +49,10 @@ from vmsilo.supervisor.windows import Bridge, DesktopUnavailable, WindowStreams,
 RESTORE_TIMEOUT = 20.0
 
 
+#: How long fastStart's save waits for the guest to settle (an older agent never answers).
+SETTLE_TIMEOUT = 10.0
+
+
 class Supervisor:
     """Runs a launched VM (see :class:`Prelaunch`, handed over whole) to its end, then cleans
     up after it."""
@@ -284,6 +288,11 @@ class Supervisor:
         launch, vm, vmm, state = self.launch, self.launch.vm, self.launch.vmm, self.launch.saved
         assert vmm is not None and state is not None
         launch.spawner.send("step saving the ready state (fastStart)")
+        try:
+            # a settled guest (its user's desktop up), so that no restore finishes its start
+            await asyncio.wait_for(self.readiness.send_settle(), SETTLE_TIMEOUT)
+        except TimeoutError:
+            saved.log(vm, f"the guest did not settle within {SETTLE_TIMEOUT} s; saving anyway")
         try:
             meta = await saved.save(vm, vmm, state, float(vm.start_timeout))
         except ResumeFailed as e:  # paused for good: better a failed start than a hang
