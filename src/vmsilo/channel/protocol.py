@@ -1,5 +1,11 @@
 """The vmsilo command-channel wire protocol: frames, requests, readiness, versions.
 
+One module of ~800 lines on purpose: the ready port's lines (hello, farewell, and fastStart's
+restore/mount/settle lines) and the frames share one version, one magic, and the same bounded
+JSON reading (:func:`_loads`, :func:`_small_int`: deep nesting and huge numbers are malformed
+input, never a crash). Moving the lines out would make two modules import each other's
+privates; the module is stdlib-only and copied into the guest whole either way.
+
 Everything that crosses between ``vm-run``, the per-VM supervisor and the guest agent is a
 *frame*. One codec serves every hop (client ↔ command socket, supervisor ↔ virtio-serial mux,
 supervisor ↔ per-session vsock connection), so the supervisor relays sessions by rewriting a

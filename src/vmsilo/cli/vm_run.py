@@ -4,6 +4,11 @@ Options only before VM; everything from CMD on is passed to the guest byte for b
 status is the guest program's (126/127 when it cannot be executed / found, 128+N when killed by
 signal N, 124 when ``--timeout`` ended it, as with ``timeout(1)``); every failure of vm-run
 itself exits 255 with a message.
+
+Over 600 lines, on purpose for now: the warm path (a fast argument parser that hands every
+unusual command line to argparse, the quick look at the config, one connection) lives beside
+the slow path it must agree with, so that a reader sees both; ``reach_vm`` (shared with
+vm-copy) is the part to move out next, into a module of its own.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ GUEST_MODULES: tuple[str, ...] = (
     "vmsilo/guest/init.py",
     "vmsilo/guest/netvm.py",
     "vmsilo/guest/ports.py",
+    "vmsilo/guest/ready_port.py",
     "vmsilo/guest/sound.py",
     "vmsilo/guest/wayland.py",
 )
