@@ -84,3 +84,91 @@ def test_a_clients_late_frame_never_costs_it_the_exit(tmp_path: Path) -> None:
 
     types = asyncio.run(asyncio.wait_for(main(), 30))
     assert types == [FrameType.STDOUT, FrameType.EXIT]
+
+
+# --- a hostile guest on the window path (SPEC §11.2 for §9.1's streams) -----------------------
+
+
+def _hostile_windows(control_lines: list[bytes], hang_connects: bool) -> tuple[list[str], int, int]:
+    """WindowStreams (the supervisor's side) against a guest whose agent writes
+    ``control_lines`` on the control stream. Returns the supervisor's log, how many streams it
+    took to the desktop and how many it reset."""
+    import socket
+
+    from vmsilo.channel.mux import ChannelMux, MuxSession
+    from vmsilo.channel.protocol import decode_json
+    from vmsilo.supervisor.windows import MAX_STREAMS, WindowStreams
+
+    logs: list[str] = []
+    counts = {"connects": 0, "resets": 0}
+
+    async def guest(session: MuxSession) -> None:
+        first = await session.recv()
+        assert first is not None
+        request = decode_json(first.payload)
+        if request["service"] == "wayland-control":
+            for line in control_lines:
+                for i in range(0, len(line), 32 << 10):  # as frames carry it: ≤ 32 KiB each
+                    await session.send(FrameType.STDOUT, line[i : i + (32 << 10)])
+            while await session.recv() is not None:
+                pass
+            return
+        while (frame := await session.recv()) is not None:
+            if frame.type == FrameType.RESET:
+                counts["resets"] += 1
+                return
+
+    class Desktop:
+        async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            counts["connects"] += 1
+            if hang_connects:
+                await asyncio.Event().wait()  # a desktop that never answers: streams pile up
+            raise OSError("no desktop here")
+
+    async def main() -> None:
+        a, b = socket.socketpair()
+        (hr, hw), (gr, gw) = (
+            await asyncio.open_connection(sock=a),
+            await asyncio.open_connection(sock=b),
+        )
+        host, guest_mux = ChannelMux(hr, hw, name="host"), ChannelMux(gr, gw, on_open=guest)
+        host.start()
+        guest_mux.start()
+
+        async def open_link() -> MuxSession:
+            return host.open_session()
+
+        streams = WindowStreams(Desktop(), open_link, logs.append)  # type: ignore[arg-type]
+        task = asyncio.ensure_future(streams.run())
+        await asyncio.sleep(2)  # the guest has said everything; the supervisor has acted
+        assert len(streams.streams) <= MAX_STREAMS + len(control_lines)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await host.aclose()
+        await guest_mux.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    return logs, counts["connects"], counts["resets"]
+
+
+def test_a_ticket_flood_takes_at_most_max_streams_to_the_desktop() -> None:
+    from vmsilo.supervisor.windows import MAX_STREAMS
+
+    lines = [b"".join(b'{"open": %d}\n' % n for n in range(1, 201))]
+    logs, connects, resets = _hostile_windows(lines, hang_connects=True)
+    assert connects == MAX_STREAMS  # the rest never reach the desktop user's side
+    assert resets == 200 - MAX_STREAMS
+    assert any("windows at once" in m for m in logs)
+
+
+def test_malformed_control_lines_end_the_window_path_only() -> None:
+    for junk in (
+        b"[" * 100_000 + b"\n",
+        b'{"open": ' + b"9" * 5000 + b"}\n",
+        b'{"open": -3}\n',
+        b"\xff\xfe\n",
+        b"x" * 300,  # no newline, longer than a line may be
+    ):
+        logs, connects, _ = _hostile_windows([junk], hang_connects=False)
+        assert connects == 0
+        assert any("broke the Wayland control stream" in m for m in logs), (junk[:20], logs)
