@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -31,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from vmsilo.backends.base import WindowsSidecar
 from vmsilo.channel.mux import Link, StreamLink
 from vmsilo.channel.protocol import (
+    MAX_TICKET,
     SERVICE_WAYLAND,
     SERVICE_WAYLAND_CONTROL,
     TERMINAL_TYPES,
@@ -39,6 +39,7 @@ from vmsilo.channel.protocol import (
     ProtocolError,
     ServiceRequest,
     decode_error,
+    decode_json,
     encode_u32,
 )
 from vmsilo.channel.splice import splice
@@ -171,6 +172,7 @@ class WindowStreams:
         self.log = log
         self.streams: set[asyncio.Task[None]] = set()
         self.refused_reason: str | None = None
+        self.refusing = False  # tickets beyond MAX_STREAMS are being refused (logged once)
 
     async def run(self) -> None:
         """Hold the control stream until the guest or the VM ends it."""
@@ -227,9 +229,12 @@ class WindowStreams:
         try:
             await link.send(FrameType.OPEN, ServiceRequest(SERVICE_WAYLAND, ticket).encode())
             if refuse:
-                self.log(f"more than {MAX_STREAMS} windows at once: refusing one")
+                if not self.refusing:  # once per flood: a guest must not fill the log
+                    self.log(f"more than {MAX_STREAMS} windows at once: refusing more")
+                self.refusing = True
                 await link.send(FrameType.RESET)
                 return
+            self.refusing = False
             try:
                 reader, writer = await self.bridge.connect()
             except (DesktopUnavailable, OSError) as e:
@@ -253,12 +258,9 @@ class WindowStreams:
 
 
 def _parse_ticket(line: bytes) -> int:
-    try:
-        obj = json.loads(line.decode("ascii"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise ProtocolError("malformed control line") from None
-    ticket = obj.get("open") if isinstance(obj, dict) else None
-    if not isinstance(ticket, int) or isinstance(ticket, bool) or not 0 < ticket <= 0xFFFFFFFF:
+    """A control line's ticket, read with the channel's bounded JSON reading."""
+    ticket = decode_json(line).get("open")
+    if not isinstance(ticket, int) or isinstance(ticket, bool) or not 0 < ticket <= MAX_TICKET:
         raise ProtocolError("malformed ticket")
     return ticket
 
