@@ -146,8 +146,9 @@ class HostFacts:
     sound: SoundFacts = SoundFacts()
     #: QEMU fastStart: the VM generation id of this machine (new for every start, SPEC §10)
     generation_id: str | None = None
-    #: QEMU fastStart: wait for a saved state instead of booting
-    incoming: bool = False
+    #: fastStart: the saved state this start loads instead of booting (QEMU waits for it
+    #: with ``-incoming defer``; crosvm restores it with ``run --restore``); None: boot
+    restore_from: str | None = None
     #: QEMU fastStart under -runas: the disposable disk's inherited descriptors (rw, ro)
     ephemeral_fds: tuple[int, int] | None = None
 
@@ -191,8 +192,19 @@ class Backend(ABC):
     saves_state = False
 
     def build_id(self, plan: Plan) -> str:
-        """Which build of the VMM runs (a saved state is only loaded by the same build)."""
-        return self.binary(plan)
+        """Which build of the VMM runs (part of a saved state's key, SPEC §10): the binary's
+        resolved path, size and modification time — a package upgrade changes them, so a
+        state saved by another build is never loaded."""
+        import os
+        import shutil
+
+        found = shutil.which(self.binary(plan)) or self.binary(plan)
+        real = os.path.realpath(found)
+        try:
+            st = os.stat(real)
+        except OSError:
+            return real
+        return f"{real}:{st.st_size}:{st.st_mtime_ns}"
 
     def host_facts(self, plan: Plan, vm: VmPlan, *, probe: bool) -> HostFacts:
         """The host facts :meth:`argv` needs; ``probe`` may run a test boot (else: cached)."""
