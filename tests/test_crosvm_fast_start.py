@@ -132,6 +132,7 @@ def test_first_start_saves_and_later_starts_restore_each_a_new_machine(
         entropies.append(restored["entropy"])
         st = fast.status()
         assert st["state"] == "running" and st["restored"] is True, st
+        assert st["fast_start_note"] is None
         assert vm_run(fast, "echo", f"restored {n}") == f"restored {n}\n".encode()
         # a restore saves nothing: the state is the first boot's
         assert not [e for e in fast.seen if e["event"] == "snapshot" and e["pid"] == booted["pid"]]
@@ -159,6 +160,7 @@ def test_a_snapshot_that_does_not_restore_boots_and_saves_anew(fast: CrosvmInsta
     assert vm_run(fast, "echo", "ok") == b"ok\n"
     st = fast.status()
     assert st["state"] == "running" and st["restored"] is False
+    assert "did not restore (crosvm exit status 1): booted instead" in st["fast_start_note"]
     log = supervisor_log(fast)
     assert "restoring the saved state failed" in log and "booting instead" in log
     assert (state / "fake-snapshot.json").read_text() != '{"shape": "another machine"}'
@@ -193,6 +195,7 @@ def test_a_restore_that_hangs_boots_within_the_start_timeout(tmp_path: Path) -> 
         assert took < 4 + 25, took
         st = cv.status()
         assert st["restored"] is False and st["state"] == "running"
+        assert "did not restore (not ready within 4 s)" in st["fast_start_note"]
     finally:
         cv.cmd("vmsilo", "stop", VM)
         cv.close()
@@ -266,3 +269,45 @@ sharedHome = false
     assert "vms.snd.sound.playback: fastStart with crosvm cannot save a VM with sound" in err
     assert "(crosvm's default)" in err
     assert err.count("hint:") == 3
+
+
+def test_a_save_that_fails_leaves_the_vm_running_and_resumed(fast: CrosvmInstall) -> None:
+    """crosvm refuses the snapshot (upstream's is experimental: a device may not support
+    it): the guest is resumed at once, the VM serves sessions, nothing is saved, the next
+    start boots (and tries again) — logged and shown in ``status``, never a paused VM."""
+    for _ in range(2):
+        launch, _ = start(fast, FAKE_CROSVM_SNAPSHOT_FAIL="1")
+        assert "--restore" not in launch["argv"]
+        assert fast.next_event("suspend")["full"] is True
+        assert fast.next_event("snapshot-failed")["suspended"] is True
+        assert fast.next_event("resume")["full"] is True
+        assert vm_run(fast, "echo", "running") == b"running\n"
+        assert not list(saved_dir(fast).iterdir())
+        assert "saving the ready state failed" in supervisor_log(fast)
+        st = fast.status()
+        assert st["state"] == "running" and st["restored"] is False
+        assert st["fast_start_note"].startswith("saving the ready state failed"), st
+        listed = fast.cmd("vmsilo", "status", VM).stdout.decode()
+        assert f"! {VM}: fastStart: saving the ready state failed" in listed, listed
+        stop(fast)
+
+
+def test_a_failed_resume_is_reported_with_the_failure_before_it() -> None:
+    from vmsilo.backends.vmm import ResumeFailed, resumed_after
+
+    def resume_fails() -> None:
+        raise OSError("resume refused")
+
+    failed = pytest.raises(ResumeFailed, match=r"resume refused \(after: snapshot refused\)")
+    with failed, resumed_after(resume_fails, (OSError,)):
+        raise OSError("snapshot refused")
+    with (
+        pytest.raises(ResumeFailed, match=r"^resume refused$"),
+        resumed_after(resume_fails, (OSError,)),
+    ):
+        pass
+    resumed: list[bool] = []
+    not_saved = pytest.raises(ValueError, match="snapshot refused")
+    with not_saved, resumed_after(lambda: resumed.append(True), (OSError,)):
+        raise ValueError("snapshot refused")
+    assert resumed == [True]

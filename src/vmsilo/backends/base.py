@@ -158,6 +158,19 @@ class HostFacts:
         return nameserver_params(self.nameservers)
 
 
+def file_identity(path: str) -> str:
+    """``path`` resolved, with its size and modification time: what changes when a package
+    upgrade or an image rebuild replaces the file (part of fastStart's key, SPEC §10)."""
+    import os
+
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return real
+    return f"{real}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def dns_facts(vm: VmPlan) -> tuple[str, ...]:
     """The host's resolvers for ``vm`` when its netvm is the host and it names none."""
     if vm.netvm != "host" or vm.nameservers:
@@ -193,18 +206,11 @@ class Backend(ABC):
 
     def build_id(self, plan: Plan) -> str:
         """Which build of the VMM runs (part of a saved state's key, SPEC §10): the binary's
-        resolved path, size and modification time — a package upgrade changes them, so a
-        state saved by another build is never loaded."""
-        import os
+        :func:`file_identity` — a package upgrade changes it, so a state saved by another
+        build is never loaded."""
         import shutil
 
-        found = shutil.which(self.binary(plan)) or self.binary(plan)
-        real = os.path.realpath(found)
-        try:
-            st = os.stat(real)
-        except OSError:
-            return real
-        return f"{real}:{st.st_size}:{st.st_mtime_ns}"
+        return file_identity(shutil.which(self.binary(plan)) or self.binary(plan))
 
     def host_facts(self, plan: Plan, vm: VmPlan, *, probe: bool) -> HostFacts:
         """The host facts :meth:`argv` needs; ``probe`` may run a test boot (else: cached)."""

@@ -22,7 +22,7 @@ from vmsilo.backends.base import (
     windows_sidecar,
 )
 from vmsilo.backends.crosvm import control_argv, crosvm_argv
-from vmsilo.backends.vmm import ResumeFailed, Vmm, VmmExit
+from vmsilo.backends.vmm import Vmm, VmmExit, resumed_after
 from vmsilo.errors import VmsiloError
 from vmsilo.host import sound
 from vmsilo.host.findings import Finding
@@ -78,20 +78,10 @@ class CrosvmVmm(Vmm):
         snapshot is written and ``while_stopped`` runs (the caller copies the disposable
         disk, consistent with the RAM); then ``crosvm snapshot take`` (it leaves a suspended
         VM suspended) and ``crosvm resume --full`` whatever happened."""
-        failure: BaseException | None = None
-        try:
+        with resumed_after(lambda: self._control_now(timeout, "resume", "--full"), (VmsiloError,)):
             self._control_now(timeout, "suspend", "--full")
             self._control_now(timeout, "snapshot", "take", str(target))
             while_stopped()
-        except BaseException as e:
-            failure = e
-            raise
-        finally:
-            try:
-                self._control_now(timeout, "resume", "--full")
-            except VmsiloError as e:
-                after = f" (after: {failure})" if failure is not None else ""
-                raise ResumeFailed(f"{e}{after}") from e
 
     def restore_state(self, state: Path, timeout: float) -> None:
         """Nothing to load: crosvm read the snapshot as it started (``run --restore``, see

@@ -27,7 +27,7 @@ from vmsilo.backends.base import (
 )
 from vmsilo.backends.qemu import qemu_argv, share_port
 from vmsilo.backends.qmp import MIGRATION_DONE, Qmp, QmpError, migration_status
-from vmsilo.backends.vmm import ResumeFailed, Vmm
+from vmsilo.backends.vmm import Vmm, resumed_after
 from vmsilo.contracts.ports import CHANNEL_PORT
 from vmsilo.host import sound
 from vmsilo.host.findings import Finding
@@ -100,8 +100,7 @@ class QemuVmm(Vmm):
             qmp.execute("migrate-set-capabilities", {"capabilities": _EVENTS})
             qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
             qmp.execute("stop")
-            failure: BaseException | None = None
-            try:
+            with resumed_after(lambda: qmp.execute("cont"), (QmpError,)):
                 qmp.execute("getfd", {"fdname": SAVE_FD}, fds=[fd])
                 qmp.execute("migrate", {"uri": f"fd:{SAVE_FD}"})
                 done = qmp.wait_event(lambda e: migration_status(e) in MIGRATION_DONE, timeout)
@@ -109,15 +108,6 @@ class QemuVmm(Vmm):
                     raise QmpError(f"saving the state {migration_status(done)}")
                 _wait_postmigrate(qmp, timeout)
                 while_stopped()
-            except BaseException as e:
-                failure = e
-                raise
-            finally:
-                try:
-                    qmp.execute("cont")
-                except QmpError as e:
-                    after = f" (after: {failure})" if failure is not None else ""
-                    raise ResumeFailed(f"{e}{after}") from e
 
     def restore_state(self, state: Path, timeout: float) -> None:
         """Load the saved state file ``state`` into this VMM (started with ``-incoming

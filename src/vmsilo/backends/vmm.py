@@ -17,7 +17,7 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +68,27 @@ async def wait_process(proc: subprocess.Popen[bytes]) -> int:
 
 class ResumeFailed(Exception):
     """A saving VMM could not resume its guest: the VM is stuck paused (the start fails)."""
+
+
+@contextlib.contextmanager
+def resumed_after(
+    resume: Callable[[], object], resume_errors: tuple[type[Exception], ...]
+) -> Iterator[None]:
+    """Run the block with the guest paused, then ``resume`` it whatever happened: a saved
+    state that failed must not leave the VM paused. A failed resume raises
+    :class:`ResumeFailed`, naming the block's own failure too."""
+    failure: BaseException | None = None
+    try:
+        yield
+    except BaseException as e:
+        failure = e
+        raise
+    finally:
+        try:
+            resume()
+        except resume_errors as e:
+            after = f" (after: {failure})" if failure is not None else ""
+            raise ResumeFailed(f"{e}{after}") from e
 
 
 class Vmm:

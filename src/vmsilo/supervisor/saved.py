@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from vmsilo.backends.base import Backend, HostFacts
+from vmsilo.backends.base import Backend, HostFacts, file_identity
 from vmsilo.backends.vmm import Vmm
 from vmsilo.host.disks import sparse_copy
 from vmsilo.plan.model import Plan, VmPlan
@@ -44,15 +44,6 @@ def saved_root(state_dir: str, vm_name: str) -> Path:
     return Path(state_dir) / vm_name / "saved"
 
 
-def _file_identity(path: str) -> str:
-    real = os.path.realpath(path)
-    try:
-        st = os.stat(real)
-    except OSError:
-        return real
-    return f"{real}:{st.st_size}:{st.st_mtime_ns}"
-
-
 def state_key(plan: Plan, vm: VmPlan, backend: Backend, facts: HostFacts) -> str:
     """The key of ``vm``'s saved state under ``facts`` (see the module docstring)."""
     key_facts = replace(
@@ -68,7 +59,7 @@ def state_key(plan: Plan, vm: VmPlan, backend: Backend, facts: HostFacts) -> str
         "argv": backend.argv(plan, vm, key_facts),
         "vmm": backend.build_id(plan),
         "accel": facts.accel,
-        "image": [_file_identity(p) for p in image_files],
+        "image": [file_identity(p) for p in image_files],
     }
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
