@@ -423,8 +423,8 @@ def test_host_selection_changes_leave_no_objects_in_the_compositor(desk: Desktop
         def state() -> tuple[int, int, int]:
             sessions = [link.session for link in f.links]
             ids = [o for s in sessions for o in s.objects if o >= SERVER_ID_BASE]
-            live = sum(len(s.host_offers) for s in sessions)
-            return sum(s.host_offers_destroyed for s in sessions), live, max(ids, default=0)
+            live = sum(len(s.host_offers.live) for s in sessions)
+            return sum(s.host_offers.destroyed for s in sessions), live, max(ids, default=0)
 
         done0, _, top0 = f.call(state)
         changes = 15

@@ -15,8 +15,10 @@ import pytest
 
 from vmsilo.wayland import protocol
 from vmsilo.wayland.clipboard import CLIPBOARD, PRIMARY, Selection
+from vmsilo.wayland.host_offers import MAX_HOST_OFFERS
+from vmsilo.wayland.output import Chunk
 from vmsilo.wayland.policy import Labels
-from vmsilo.wayland.session import MAX_HOST_OFFERS, Chunk, Session, Violation
+from vmsilo.wayland.session import Session, Violation
 from vmsilo.wayland.wire import SERVER_ID_BASE, NewId, WireError, decode, encode, header
 
 P = protocol.load()
@@ -234,7 +236,7 @@ def test_host_offers_are_destroyed_upstream_and_stay_bounded() -> None:
         assert not comp.live, f"change {i}: {len(comp.live)} offers still alive upstream"
     assert comp.next - SERVER_ID_BASE <= 2
     assert len(a.s.objects) <= objects + 2
-    assert a.s.host_offers_destroyed == 200
+    assert a.s.host_offers.destroyed == 200
 
 
 def test_a_host_drag_keeps_its_offer_until_the_next_one() -> None:

@@ -32,16 +32,10 @@ from typing import TypeVar
 from vmsilo.wayland import policy, protocol
 from vmsilo.wayland.clipboard import CLIPBOARD, PRIMARY, Selection
 from vmsilo.wayland.control import ControlServer, listen_private
+from vmsilo.wayland.output import Chunk, close_chunks, close_fds
 from vmsilo.wayland.protocol import Interface
 from vmsilo.wayland.security_context import SecurityContext
-from vmsilo.wayland.session import (
-    Chunk,
-    Session,
-    UpstreamError,
-    Violation,
-    close_chunks,
-    close_fds,
-)
+from vmsilo.wayland.session import Session, UpstreamError, Violation
 from vmsilo.wayland.wire import encode
 
 T = TypeVar("T")

@@ -34,14 +34,14 @@ new objects or a rewrite are decoded.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from vmsilo.wayland import policy
 from vmsilo.wayland.clipboard import CLIPBOARD, KINDS, PRIMARY, Kind, Selection
+from vmsilo.wayland.host_offers import OFFER_KINDS, HostOffers
+from vmsilo.wayland.output import MAX_FDS_PER_SEND, Chunk, Output, close_chunks, close_fds
 from vmsilo.wayland.protocol import Arg, Interface, Message
 from vmsilo.wayland.wire import (
     MAX_MESSAGE,
@@ -54,8 +54,6 @@ from vmsilo.wayland.wire import (
     header,
 )
 
-#: libwayland receives at most 28 fds per ``recvmsg`` (``MAX_FDS_OUT``): never send more.
-MAX_FDS_PER_SEND = 28
 #: fds that may wait for the rest of their message; more is a client sending fds it should not.
 MAX_WAITING_FDS = MAX_FDS_PER_SEND
 
@@ -88,40 +86,6 @@ class Held:
 KIND_OF: dict[str, Kind] = {
     iface: k for k in KINDS for iface in (k.manager, k.device, k.source, k.offer)
 }
-#: offers of the compositor's that may wait for their ``selection``/``enter`` (more: the oldest
-#: are destroyed; a compositor announces one and names it at once)
-MAX_HOST_OFFERS = 8
-
-Chunk = tuple[bytes, list[int]]
-
-
-class Output:
-    """Messages to send, grouped so that no send carries more than 28 fds."""
-
-    __slots__ = ("_data", "_fds", "chunks")
-
-    def __init__(self) -> None:
-        self.chunks: list[Chunk] = []
-        self._data = bytearray()
-        self._fds: list[int] = []
-
-    def add(self, data: bytes | bytearray, fds: list[int] | tuple[()] = ()) -> None:
-        if fds and len(self._fds) + len(fds) > MAX_FDS_PER_SEND:
-            self._cut()
-        self._data += data
-        self._fds.extend(fds)
-
-    def _cut(self) -> None:
-        if self._data:
-            self.chunks.append((bytes(self._data), self._fds))
-        self._data = bytearray()
-        self._fds = []
-
-    def take(self) -> list[Chunk]:
-        self._cut()
-        chunks, self.chunks = self.chunks, []
-        return chunks
-
 
 Hook = Callable[["Session", int, Message, list[Value], Output], None]
 
@@ -158,11 +122,8 @@ class Session:
             PRIMARY.name: Held(primary if primary is not None else Selection(PRIMARY)),
         }
         self.clipboard = self.held[CLIPBOARD.name].selection
-        #: the compositor's offers the client never sees, still alive upstream (id → kind),
-        #: the one a host drag over the client's surface carries, and how many were destroyed
-        self.host_offers: dict[int, Kind] = {}
-        self.host_drag = 0
-        self.host_offers_destroyed = 0
+        #: the compositor's offers the client never sees, still alive upstream
+        self.host_offers = HostOffers()
         #: requests the filter itself sends the compositor (:meth:`take_upstream`)
         self._upstream = Output()
         self.focused = False  # one of its surfaces has keyboard focus
@@ -470,46 +431,13 @@ class Session:
         o.add(*encode(source, _event_named(self.protocols[kind.source], name), list(args)))
         self.inject(o.take())
 
-    # ------------------------------------------------------ the host's offers, dropped
-
-    def _host_offer(self, oid: int, kind: Kind) -> None:
-        """The compositor announced an offer the client will never see."""
-        self.host_offers[oid] = kind
-        while len(self.host_offers) > MAX_HOST_OFFERS:
-            oldest = next(o for o in self.host_offers if o != self.host_drag)
-            self._destroy_host_offer(oldest)
-
-    def _host_device_event(self, iface: str, name: str, args: list[Value]) -> None:
-        """A silenced device event: once an offer is named (``selection``, a drag's ``enter``)
-        the compositor has said all it will of it, and the filter destroys it upstream.
-
-        A host drag's offer is kept until the next drag enters or it is dropped: wlroots
-        destroys the *drag itself* with an offer still linked to it (a drag that merely passes
-        over a VM window must not be cancelled); entering another surface unlinks it."""
-        kind = DEVICE_KINDS.get(iface)
-        if kind is None:
-            return
-        if name == "selection":
-            keep = {self.host_drag}
-        elif name == "enter" and len(args) == 5 and isinstance(args[4], int):
-            self.host_drag = args[4]
-            keep = {self.host_drag}
-        elif name == "drop":
-            keep = set()
-        else:
-            return
-        for offer in [o for o, k in self.host_offers.items() if k == kind and o not in keep]:
-            self._destroy_host_offer(offer)
-
-    def _destroy_host_offer(self, oid: int) -> None:
-        kind = self.host_offers.pop(oid)
-        if oid == self.host_drag:
-            self.host_drag = 0
-        destroy = next(m for m in self.protocols[kind.offer].requests if m.name == "destroy")
-        self._upstream.add(*encode(oid, destroy, []))
-        self.host_offers_destroyed += 1
-        # the object stays in ``objects`` (hidden): events may still be on their way to it, and
-        # the compositor reuses the id for its next new object, which replaces it there
+    def _destroy_host_offers(self, offers: list[tuple[int, Kind]]) -> None:
+        """Give the compositor back offers of its own the client never saw (:mod:`.host_offers`).
+        Each stays in ``objects`` (hidden): events may still be on their way to it, and the
+        compositor reuses the id for its next new object, which replaces it there."""
+        for oid, kind in offers:
+            destroy = next(m for m in self.protocols[kind.offer].requests if m.name == "destroy")
+            self._upstream.add(*encode(oid, destroy, []))
 
     # ------------------------------------------------------------------ events
 
@@ -546,7 +474,8 @@ class Session:
                     raise UpstreamError(f"unknown interface {arg.interface}")
                 self.objects[value.id] = Obj(iface, hidden=silenced)
                 if silenced and value.id >= SERVER_ID_BASE and iface.name in OFFER_KINDS:
-                    self._host_offer(value.id, OFFER_KINDS[iface.name])
+                    kind = OFFER_KINDS[iface.name]
+                    self._destroy_host_offers(self.host_offers.announced(value.id, kind))
                 if value.id >= SERVER_ID_BASE and not silenced:
                     mine = self._alloc_server_id()
                     self.up2cl[value.id] = mine
@@ -554,7 +483,8 @@ class Session:
                     args[i] = NewId(mine)
         if silenced:
             close_fds(_fds_of(msg, args))
-            self._host_device_event(obj.iface.name, msg.name, args)
+            gone = self.host_offers.device_event(obj.iface.name, msg.name, list(args))
+            self._destroy_host_offers(gone)
             return
         if hook is not None:
             hook(self, oid, msg, args, out)
@@ -597,16 +527,8 @@ class _Drop:
 
 
 DROP = _Drop()
-#: offer / device interface name → its kind
-OFFER_KINDS: dict[str, Kind] = {k.offer: k for k in KINDS}
-DEVICE_KINDS: dict[str, Kind] = {k.device: k for k in KINDS}
 #: Mime types a source may offer (more are ignored).
 MAX_MIME_TYPES = 32
-
-
-def close_chunks(chunks: list[Chunk]) -> None:
-    for _, fds in chunks:
-        close_fds(fds)
 
 
 def _event_named(iface: Interface, name: str) -> Message:
@@ -617,12 +539,6 @@ def _fds_of(msg: Message, args: list[Value]) -> list[int]:
     if not msg.nfds:
         return []
     return [v for a, v in zip(msg.args, args, strict=True) if a.code == "h" and isinstance(v, int)]
-
-
-def close_fds(fds: list[int] | deque[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 REQUEST_HOOKS: dict[tuple[str, str], Hook] = {
