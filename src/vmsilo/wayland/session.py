@@ -121,7 +121,6 @@ class Session:
             CLIPBOARD.name: Held(clipboard if clipboard is not None else Selection(CLIPBOARD)),
             PRIMARY.name: Held(primary if primary is not None else Selection(PRIMARY)),
         }
-        self.clipboard = self.held[CLIPBOARD.name].selection
         #: the compositor's offers the client never sees, still alive upstream
         self.host_offers = HostOffers()
         #: requests the filter itself sends the compositor (:meth:`take_upstream`)
