@@ -727,7 +727,7 @@ def test_round_trip_figure(tmp: Path) -> None:
 
 
 def test_per_connection_transport_vsock_style(tmp: Path) -> None:
-    """The vsock shape: one stream per session, relayed by plain piping (relay_streams).
+    """The vsock shape: one stream per session, relayed by plain piping (relay_to_agent).
 
     The agent side runs in-process (Agent.handle_link on a StreamLink), which is exactly what
     the agent does per accepted vsock connection; the host side pipes a command-socket
@@ -735,7 +735,7 @@ def test_per_connection_transport_vsock_style(tmp: Path) -> None:
     """
     import socket as socketmod
 
-    from vmsilo.channel.relay import relay_streams
+    from vmsilo.channel.relay import relay_to_agent
     from vmsilo.guest.agent import Agent
 
     async def main() -> None:
@@ -745,9 +745,9 @@ def test_per_connection_transport_vsock_style(tmp: Path) -> None:
         cl_a, cl_b = socketmod.socketpair()  # "command socket": client end, supervisor end
         ar, aw = await asyncio.open_connection(sock=up_b)
         served = asyncio.create_task(agent.handle_link(StreamLink(ar, aw)))
-        rr, rw = await asyncio.open_connection(sock=up_a)
+        up_a.setblocking(False)
         sr, sw = await asyncio.open_connection(sock=cl_b)
-        relay = asyncio.create_task(relay_streams(sr, sw, rr, rw))
+        relay = asyncio.create_task(relay_to_agent(sr, sw, up_a))
         cr, cw = await asyncio.open_connection(sock=cl_a)
         status, out, err = await run_with_pipes(
             (cr, cw), ExecRequest(argv=[PY, "-c", ARGV_JSON, *WEIRD_ARGS]), b""
@@ -757,5 +757,47 @@ def test_per_connection_transport_vsock_style(tmp: Path) -> None:
         await asyncio.wait_for(served, 10)
         await asyncio.wait_for(relay, 10)
         assert agent.live_sessions == 0
+
+    run(main())
+
+
+def test_the_agents_last_frames_survive_a_client_frame_it_no_longer_reads() -> None:
+    """The agent takes nothing more once it ends a session; the client's late CREDIT then
+    meets a socket that refuses it (EPIPE). What the agent sends (its last output, its EXIT)
+    must still reach the client: the relay once ended both directions at that write error
+    ("the connection to the VM was lost", about one session in ten after a crosvm resume)."""
+    import socket as socketmod
+
+    from vmsilo.channel.mux import read_frame
+    from vmsilo.channel.protocol import FrameType, encode_exit, encode_frame, encode_u32
+    from vmsilo.channel.relay import relay_to_agent
+
+    async def main() -> None:
+        up_a, up_b = socketmod.socketpair()  # "vsock connection": relay end, agent end
+        cl_a, cl_b = socketmod.socketpair()  # "command socket": client end, supervisor end
+        up_a.setblocking(False)
+        up_b.shutdown(socketmod.SHUT_RD)  # the agent takes no more: writes to it fail (EPIPE)
+        cr, cw = await asyncio.open_connection(sock=cl_a)
+        cw.write(encode_frame(FrameType.CREDIT, 0, encode_u32(4096)))  # the late frame
+        await cw.drain()
+        sr, sw = await asyncio.open_connection(sock=cl_b)
+        relay = asyncio.create_task(relay_to_agent(sr, sw, up_a))
+        await asyncio.sleep(0.2)  # (the relay tries the late frame: it fails)
+        last = encode_frame(FrameType.STDOUT, 0, b"last words\n")
+        try:  # the relay must still hold the agent's connection, and read what comes
+            up_b.sendall(last + encode_frame(FrameType.EXIT, 0, encode_exit(0)))
+        except BrokenPipeError:
+            pytest.fail("the relay closed the agent's connection at the client's late frame")
+        got = []
+        while (frame := await asyncio.wait_for(read_frame(cr), 10)) is not None:
+            got.append((frame.type, frame.payload))
+            if frame.type == FrameType.EXIT:
+                break
+        assert got[0] == (FrameType.STDOUT, b"last words\n")
+        assert [t for t, _ in got] == [FrameType.STDOUT, FrameType.EXIT]
+        up_b.close()  # the agent is done: the relay ends, the client sees the end
+        await asyncio.wait_for(relay, 10)
+        assert await asyncio.wait_for(cr.read(), 10) == b""
+        cw.close()
 
     run(main())

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
         connect_vsock,
         relay_client,
         relay_opened,
-        relay_streams,
+        relay_to_agent,
         relay_vsock_opened,
     )
 
@@ -78,7 +78,7 @@ _HOMES = {
         "connect_vsock",
         "relay_client",
         "relay_opened",
-        "relay_streams",
+        "relay_to_agent",
         "relay_vsock_opened",
     ),
 }
@@ -108,7 +108,7 @@ __all__ = [
     "parse_ready",
     "relay_client",
     "relay_opened",
-    "relay_streams",
+    "relay_to_agent",
     "relay_vsock_opened",
     "run_session",
 ]

@@ -194,63 +194,34 @@ def bind_privileged_port(sock: socket.socket) -> int:
     raise OSError(errno.EADDRINUSE, "every privileged vsock port is in use")
 
 
-async def connect_vsock(
-    cid: int, port: int = VSOCK_PORT
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Open a stream connection to the guest's agent over AF_VSOCK, from a privileged source
-    port (the agent serves nothing else: any account can open AF_VSOCK, only root can bind
-    such a port; SPEC §11.1)."""
+async def open_vsock_socket(cid: int, port: int = VSOCK_PORT) -> socket.socket:
+    """A connected, non-blocking stream socket to the guest's agent over AF_VSOCK, from a
+    privileged source port (the agent serves nothing else: any account can open AF_VSOCK, only
+    root can bind such a port; SPEC §11.1). Under the tests' emulation, its Unix socket."""
     emulation_dir = os.environ.get(VSOCK_EMULATION_ENV)
+    address: str | tuple[int, int]
     if emulation_dir:
-        return await asyncio.open_unix_connection(os.path.join(emulation_dir, f"{cid}-{port}.sock"))
-    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address = os.path.join(emulation_dir, f"{cid}-{port}.sock")
+    else:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        address = (cid, port)
     sock.setblocking(False)
     try:
-        bind_privileged_port(sock)
-        await asyncio.get_running_loop().sock_connect(sock, (cid, port))
+        if not emulation_dir:
+            bind_privileged_port(sock)
+        await asyncio.get_running_loop().sock_connect(sock, address)
     except BaseException:
         sock.close()
         raise
-    return await asyncio.open_connection(sock=sock)
+    return sock
 
 
-async def pipe_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy bytes until EOF, with back-pressure; then half-close (or close) the writer."""
-    try:
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                break
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        with contextlib.suppress(Exception):
-            if writer.can_write_eof():
-                writer.write_eof()
-            else:
-                writer.close()
-
-
-async def relay_streams(
-    a_reader: asyncio.StreamReader,
-    a_writer: asyncio.StreamWriter,
-    b_reader: asyncio.StreamReader,
-    b_writer: asyncio.StreamWriter,
-) -> None:
-    """Pipe two streams both ways until either side is done, then close both.
-
-    A session's frames end with EXIT/ERROR from the agent, after which the agent closes its
-    connection; a client that goes away closes its side, and closing the vsock connection is
-    what tells the agent to hang up the program. Either way the first EOF ends the relay.
-    """
-    try:
-        await _until_either(pipe_stream(a_reader, b_writer), pipe_stream(b_reader, a_writer))
-    finally:
-        for w in (a_writer, b_writer):
-            with contextlib.suppress(Exception):
-                w.close()
+async def connect_vsock(
+    cid: int, port: int = VSOCK_PORT
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """:func:`open_vsock_socket` as asyncio streams."""
+    return await asyncio.open_connection(sock=await open_vsock_socket(cid, port))
 
 
 async def relay_vsock_opened(
@@ -258,14 +229,66 @@ async def relay_vsock_opened(
 ) -> None:
     """Bridge ``client`` (OPEN ``first`` already read) to a fresh vsock connection to the agent.
 
-    Replays the OPEN, then pipes bytes both ways. Does not close ``client``'s streams on
-    connect failure (it gets an ERROR frame); after piping both are closed.
+    Replays the OPEN, then relays bytes both ways (:func:`relay_to_agent`). Does not close
+    ``client``'s streams: on a connect failure it gets an ERROR frame; after the relay the
+    caller ends the client's stream (politely, see :meth:`StreamLink.linger`).
     """
     try:
-        up_reader, up_writer = await connect_vsock(cid, port)
+        sock = await open_vsock_socket(cid, port)
     except OSError as e:
         await _fail_client(client, f"cannot reach the guest agent over vsock: {e}")
         return
-    up_writer.write(encode_frame(FrameType.OPEN, 0, first.payload))
-    await up_writer.drain()
-    await relay_streams(client.reader, client.writer, up_reader, up_writer)
+    try:
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(sock, encode_frame(FrameType.OPEN, 0, first.payload))
+        await relay_to_agent(client.reader, client.writer, sock)
+    finally:
+        sock.close()
+
+
+async def relay_to_agent(
+    client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter, agent: socket.socket
+) -> None:
+    """Relay a session between a client's streams and the agent's socket, to the session's end.
+
+    The agent ends a session by sending its EXIT (or ERROR) and closing. A frame the client
+    sends meanwhile (a late CREDIT or STDIN_EOF) then meets a closed socket; with an asyncio
+    transport that write error would drop what the agent sent and we had not read yet — the
+    program's last output and its EXIT ("the connection to the VM was lost", about one session
+    in ten right after a VM resumed). So the agent's side is a plain socket: a failed write
+    only stops the client's direction, and the agent's bytes are read to their end. The
+    client's EOF (it went away) ends the session at once: closing the agent's socket is what
+    tells the agent to hang up the program. The agent's EOF half-closes the client's stream.
+    """
+    loop = asyncio.get_running_loop()
+
+    async def to_agent() -> bool:
+        """The client's bytes to the agent; True at the client's EOF, False once the agent
+        takes no more (it closed: what it sent is still to be read)."""
+        while data := await client_reader.read(65536):
+            try:
+                await loop.sock_sendall(agent, data)
+            except OSError:
+                return False
+        return True
+
+    async def to_client() -> None:
+        with contextlib.suppress(OSError):  # (ConnectionError: the client or the agent went)
+            while data := await loop.sock_recv(agent, 65536):
+                client_writer.write(data)
+                await client_writer.drain()
+            if client_writer.can_write_eof():
+                client_writer.write_eof()
+
+    up = asyncio.create_task(to_agent())
+    down = asyncio.create_task(to_client())
+    try:
+        await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+        if not down.done() and not up.cancelled() and up.exception() is None and not up.result():
+            await down  # the agent closed its side: its last bytes, then the end
+    finally:
+        for task in (up, down):
+            task.cancel()
+        for task in (up, down):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
