@@ -226,6 +226,11 @@ def test_a_share_daemon_that_dies_fails_the_start_with_its_message(tmp_path: Pat
     assert run.returncode == 255, run.stderr
     assert b"virtiofsd for share data of VM sharing" in run.stderr
     assert b"unknown option" in run.stderr and b"Traceback" not in run.stderr
+    # vm-run hears the failure as soon as it is known; the supervisor then cleans up and
+    # ends (bounded): what it leaves is checked once it is gone
+    from vmsilo.lifecycle.embedded import wait_unlocked_for
+
+    assert wait_unlocked_for(str(inst.run_dir / "sharing.lock"), 30), "supervisor still running"
     st = inst.status("sharing")
     assert st["state"] == "failed" and "unknown option" in st["last_exit"]["reason"]
     # the VMM had started (and waited on the share's socket); it is gone with the supervisor

@@ -395,3 +395,38 @@ def test_visible_compositor_objects_are_renumbered_both_ways() -> None:
     # the client's request on it goes to the compositor's number
     [(data, _)] = s.from_client(msg(0xFF000000, req("zwp_tablet_v2", "destroy")), [])
     assert header(data, 0)[0] == 0xFF000002
+
+
+def test_without_a_compositor_a_client_is_told_why_and_its_requests_are_not_refused(
+    tmp_path: Any,
+) -> None:
+    """No compositor: the filter sends ``wl_display.error`` and then waits for the client to
+    hang up instead of closing at once. A client (waypipe) that writes its first requests
+    before it reads must not meet a closed socket: its failed write made waypipe report its
+    own "internal error" to the guest program instead of ours."""
+    import struct
+    import time
+
+    from vmsilo.wayland.proxy import Proxy
+
+    proxy = Proxy(LABELS, str(tmp_path / "vm" / "filter.sock"), str(tmp_path / "wayland-none"))
+    proxy.bind()
+    runner = threading.Thread(target=proxy.run, daemon=True)
+    runner.start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(10)
+            client.connect(str(tmp_path / "vm" / "filter.sock"))
+            time.sleep(0.3)  # the filter has refused by now (it does so on accept)
+            get_registry = struct.pack("<III", 1, (12 << 16) | 1, 2)  # wl_display.get_registry
+            client.sendall(get_registry)  # (EPIPE here if the filter had closed)
+            data = b""
+            while chunk := client.recv(4096):
+                data += chunk
+                if b"no Wayland compositor at" in data:
+                    break
+            assert b"vmsilo: no Wayland compositor at" in data, data
+            assert (tmp_path / "wayland-none").name.encode() in data
+    finally:
+        proxy.stop()
+        runner.join(10)

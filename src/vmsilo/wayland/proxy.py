@@ -47,6 +47,26 @@ FD_ROOM = socket.CMSG_SPACE(64 * 4)
 HIGH_WATER = 4 << 20
 #: ``wl_display.error`` code ``implementation`` (wayland.xml).
 IMPLEMENTATION_ERROR = 3
+#: How long a refused client may take to read why and hang up (s), and how many at once.
+REFUSE_LINGER = 5.0
+MAX_REFUSING = 16
+
+
+def _send_and_close(sock: socket.socket, data: bytes, *, linger: float) -> None:
+    """Send ``data``, half-close, drop what the peer still sends for up to ``linger`` s (until
+    it hangs up), then close."""
+    try:
+        sock.settimeout(1)
+        sock.sendall(data)
+        if linger > 0:
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(linger)
+            while sock.recv(READ_SIZE):
+                pass
+    except OSError:  # (TimeoutError too: the peer did not hang up in time)
+        pass
+    finally:
+        sock.close()
 
 
 class _Side:
@@ -103,6 +123,8 @@ class Proxy:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         #: vm-clipboard's way in (SPEC §9.4; None: no control socket)
         self.control = ControlServer(self, control) if control is not None else None
+        #: room for refused clients still being told why (:meth:`_refuse`)
+        self._refusing = threading.BoundedSemaphore(MAX_REFUSING)
 
     # ------------------------------------------------------------ set-up
 
@@ -210,16 +232,27 @@ class Proxy:
         self._update(link)
 
     def _refuse(self, client: socket.socket, message: str) -> None:
-        """Tell the client why (libwayland prints a ``wl_display.error``), then hang up."""
+        """Tell the client why (libwayland prints a ``wl_display.error``), then hang up.
+
+        Politely, in a short-lived thread: half-close, and read (dropping it) what the client
+        still sends until it hangs up too (at most :data:`REFUSE_LINGER` s). Closed at once,
+        the socket would refuse the requests the client writes before it reads the error —
+        and waypipe, failing that write, reports its own "internal error" to the guest
+        program instead of ours. Past :data:`MAX_REFUSING` at once, the rest close at once."""
         error = self.protocols["wl_display"].events[0]
         data, _ = encode(1, error, [1, IMPLEMENTATION_ERROR, message.encode()])
-        try:
-            client.settimeout(1)
-            client.sendall(data)
-        except OSError:
-            pass
-        client.close()
         self.log(message)
+        if not self._refusing.acquire(blocking=False):
+            _send_and_close(client, data, linger=0)
+            return
+
+        def refuse() -> None:
+            try:
+                _send_and_close(client, data, linger=REFUSE_LINGER)
+            finally:
+                self._refusing.release()
+
+        threading.Thread(target=refuse, daemon=True, name="refuse").start()
 
     def _ready(self, link: Link, mask: int, from_client: bool) -> None:
         src, dst = (link.client, link.upstream) if from_client else (link.upstream, link.client)
