@@ -1,0 +1,124 @@
+"""fastStart (SPEC §10) for a netvm and the clients behind it (SPEC §3 netvm links), on real
+QEMU guests: the netvm's saved state is taken before its routing is turned on (that runs after
+every start, boot or restore, as a session of its own), and a client — restored itself, or
+booted — reaches the netvm and, through it and the host's NAT, the outside, after each restore
+of the netvm; clients behind it still cannot reach each other."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+import pytest
+
+from test_fast_start import saved_dirs
+from test_vm_network import _internet
+from vmenv import VM_DEMO, Install, qemu_install
+
+pytestmark = pytest.mark.vm
+
+PING = ["busybox", "ping", "-c", "1", "-W", "5"]
+#: test_vm_network's stand-in for the outside world (behind the namespace's default route)
+OUTSIDE = "10.99.0.1"
+
+
+def _vm(name: str, extra: str) -> str:
+    return VM_DEMO.replace("[vms.demo]", f"[vms.{name}]") + extra
+
+
+VMS = (
+    _vm("fgate", "fastStart = true\nnetwork = { isNetvm = true, netvm = 'host' }\n")
+    + _vm("fclient", "fastStart = true\nnetwork = { netvm = 'fgate' }\n")
+    + _vm("fclient2", "network = { netvm = 'fgate' }\n")
+)
+
+
+def _start(inst: Install, vm: str) -> None:
+    p = inst.cmd("vmsilo", "start", vm)
+    log = inst.run_dir / "fgate.supervisor.log"
+    assert p.returncode == 0, p.stderr.decode() + (log.read_text()[-3000:] if log.exists() else "")
+
+
+def _stop(inst: Install, *vms: str) -> None:
+    for vm in vms:
+        p = inst.cmd("vmsilo", "stop", vm)
+        assert p.returncode == 0, p.stderr
+
+
+def _ping(inst: Install, vm: str, address: str) -> subprocess.CompletedProcess[bytes]:
+    return inst.cmd("vm-run", "--root", vm, *PING, address)
+
+
+def _reaches(inst: Install, vm: str, gateway: str) -> None:
+    """``vm`` reaches its netvm's end of the link, and through it the outside (NAT twice)."""
+    for address in (gateway, OUTSIDE):
+        p = _ping(inst, vm, address)
+        assert p.returncode == 0, (vm, address, p.stdout + p.stderr)
+
+
+def _routing_configured(inst: Install) -> dict[str, Any]:
+    st = inst.status("fgate")
+    assert st["state"] == "running" and st["detail"] is None, st  # routing set up in the guest
+    rules = inst.cmd("vm-run", "--root", "fgate", "nft", "list", "table", "ip", "vmsilo_netvm")
+    assert b"masquerade" in rules.stdout, rules.stdout + rules.stderr
+    return st
+
+
+def test_a_restored_netvm_routes_its_clients(image: Any, state_dir: Any) -> None:
+    with qemu_install(state_dir, "fnet", VMS, netns=True) as inst:
+        text = inst.config.read_text()
+        inst.config.write_text(text.replace("[qemu]", 'netvmRange = "10.233.0.0/24"\n[qemu]', 1))
+        assert inst.netns is not None
+        peer = _internet(inst.netns)
+        plan_out = inst.cmd("vmsilo", "plan", "--json")
+        plan = json.loads(plan_out.stdout)
+        [up] = plan["vms"]["fclient"]["interfaces"]
+        gateway = up["routes"][0]["via"]
+        [up2] = plan["vms"]["fclient2"]["interfaces"]
+        client2_ip = up2["addresses"][0].split("/")[0]
+        try:
+            # first start: the netvm boots and saves its ready state, then turns its routing
+            # on — the save comes first, so no restore starts with an earlier run's routing
+            _start(inst, "fclient")
+            st = _routing_configured(inst)
+            assert st["restored"] is False
+            assert inst.status("fclient")["restored"] is False
+            log = (inst.run_dir / "fgate.supervisor.log").read_text()
+            assert log.index("ready state saved") < log.index("netvm set-up"), log[-3000:]
+            [gate_state] = saved_dirs(inst, "fgate")
+            assert saved_dirs(inst, "fclient")
+            _reaches(inst, "fclient", gateway)
+            _stop(inst, "fclient", "fgate")
+
+            # restores: the netvm and the fastStart client restored, a booted client beside
+            for round, clients in enumerate((("fclient", "fclient2"), ("fclient",))):
+                before = inst.launch_count()
+                for vm in clients:
+                    _start(inst, vm)
+                # one QEMU per VM: nothing booted after a failed restore
+                assert inst.launch_count() == before + 1 + len(clients)
+                assert _routing_configured(inst)["restored"] is True, round
+                assert inst.status("fclient")["restored"] is True, round
+                _reaches(inst, "fclient", gateway)
+                if "fclient2" in clients:
+                    _reaches(inst, "fclient2", up2["routes"][0]["via"])
+                    # clients behind one netvm still cannot reach each other
+                    p = inst.cmd("vm-run", "--root", "fclient", *PING[:-2], "-W", "3", client2_ip)
+                    assert p.returncode != 0, p.stdout
+                _stop(inst, *clients, "fgate")
+            assert saved_dirs(inst, "fgate") == [gate_state]  # restored, never re-saved
+
+            # a restored client behind a netvm that boots (fastStart off there: the client's
+            # own plan and saved state stay as they were)
+            text = inst.config.read_text()
+            gate_table = text.index("[vms.fgate]")
+            at = text.index("fastStart = true\n", gate_table)
+            inst.config.write_text(text[:at] + text[at + len("fastStart = true\n") :])
+            _start(inst, "fclient")
+            assert _routing_configured(inst)["restored"] is None  # (no fastStart: not said)
+            assert inst.status("fclient")["restored"] is True
+            _reaches(inst, "fclient", gateway)
+            _stop(inst, "fclient", "fgate")
+        finally:
+            subprocess.run(["ip", "netns", "del", peer], check=False)
