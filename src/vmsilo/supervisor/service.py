@@ -380,7 +380,9 @@ class Supervisor:
         self.readiness.ready.set()
         if vm.is_netvm:
             launch.spawner.send("step configuring the netvm")
+            began = now()
             detail = await guest_tasks.configure_netvm(vm)
+            launch.state.extra["netvm_setup_s"] = round(now() - began, 3)
             if detail is not None:
                 launch.state.detail = detail
         # the end of the previous run stays in `status`; a failed start does not stick
