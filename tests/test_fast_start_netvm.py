@@ -2,12 +2,15 @@
 QEMU guests: the netvm's saved state is taken before its routing is turned on (that runs after
 every start, boot or restore, as a session of its own), and a client — restored itself, or
 booted — reaches the netvm and, through it and the host's NAT, the outside, after each restore
-of the netvm; clients behind it still cannot reach each other."""
+of the netvm; clients behind it still cannot reach each other. A netvm whose uplink is a DHCP
+network asks for a new lease after every restore instead of keeping the saved run's."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -122,3 +125,101 @@ def test_a_restored_netvm_routes_its_clients(image: Any, state_dir: Any) -> None
             _stop(inst, "fclient", "fgate")
         finally:
             subprocess.run(["ip", "netns", "del", peer], check=False)
+
+
+DHCP_VM = """
+[vms.fdgate]
+hypervisor = "qemu"
+memory = 512
+cpus = 1
+sharedHome = false
+fastStart = true
+network.isNetvm = true
+network.interfaces.upstream = { tap.hostAddress = "10.241.0.1/24", dhcp = true }
+"""
+DHCP_TAP = "fdgate-22"
+
+
+def _start_with_dhcp(inst: Install, first: int) -> subprocess.Popen[bytes]:
+    """Start the VM with busybox udhcpd on its tap, leasing 10.241.0.<first>..<first + 9> for
+    an hour: the server starts as soon as the supervisor made the tap (long before the guest's
+    DHCP client runs: the guest has not booted yet, or restores its saved client)."""
+    assert inst.netns is not None
+    start = subprocess.Popen(
+        ["ip", "netns", "exec", inst.netns, *inst.argv("vmsilo", "start", "fdgate")],
+        env=inst.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    show = ["ip", "-n", inst.netns, "link", "show", DHCP_TAP]
+    while subprocess.run(show, capture_output=True).returncode != 0:
+        assert start.poll() is None and time.monotonic() < deadline, start.communicate()
+        time.sleep(0.02)
+    conf = inst.run_dir / f"udhcpd-{first}.conf"
+    conf.write_text(
+        f"start 10.241.0.{first}\nend 10.241.0.{first + 9}\ninterface {DHCP_TAP}\n"
+        f"lease_file {inst.run_dir}/leases-{first}\nopt subnet 255.255.255.0\n"
+        "opt router 10.241.0.1\nopt lease 3600\n"
+    )
+    (inst.run_dir / f"leases-{first}").touch()
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", inst.netns, "busybox", "udhcpd", "-f", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _out, err = start.communicate(timeout=180)
+    assert start.returncode == 0, err
+    return server
+
+
+def _address_becomes(inst: Install, address: str, timeout: float = 30) -> str:
+    """The guest's IPv4 addresses on its upstream once ``address`` is among them (or the last
+    seen after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        p = inst.cmd("vm-run", "fdgate", "busybox", "ip", "-4", "-o", "addr", "show", "upstream")
+        seen = p.stdout.decode()
+        if f" {address}/" in seen or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.5)
+
+
+def _dhcp_client(inst: Install) -> int:
+    """The pid of the guest's DHCP client on its upstream."""
+    p = inst.cmd("vm-run", "fdgate", "cat", "/run/udhcpc.upstream.pid")
+    assert p.returncode == 0, p.stderr
+    return int(p.stdout)
+
+
+def test_a_restored_dhcp_uplink_asks_for_a_new_lease(image: Any, state_dir: Path) -> None:
+    """A netvm on a DHCP network (its uplink a tap where busybox udhcpd serves): the state is
+    saved with the boot's DHCP client in it — bound to the boot's lease, or still asking (the
+    save comes after the guest's hello, the lease whenever the exchange ends: either happens
+    here); the network's server then leases other addresses (the laptop moved, or the lease
+    went to another machine while the state lay on disk). Every restore starts that client
+    anew, which gets the new network's address at once — a client restored bound would keep
+    the saved lease for half an hour of guest time."""
+    with qemu_install(state_dir, "fdhcp", DHCP_VM, netns=True) as inst:
+        server = _start_with_dhcp(inst, 100)
+        try:
+            assert inst.status("fdgate")["restored"] is False
+            assert " 10.241.0.100/24" in _address_becomes(inst, "10.241.0.100")
+            saved_client = _dhcp_client(inst)
+            _stop(inst, "fdgate")
+            server.terminate()
+            server.wait()
+            for round in range(2):
+                # a new network each time: its own pool, no old leases
+                server = _start_with_dhcp(inst, 150 + 20 * round)
+                assert inst.status("fdgate")["restored"] is True
+                address = f"10.241.0.{150 + 20 * round}"
+                seen = _address_becomes(inst, address)
+                assert f" {address}/24" in seen and seen.count("inet ") == 1, seen
+                assert _dhcp_client(inst) != saved_client  # not the saved run's client
+                _stop(inst, "fdgate")
+                server.terminate()
+                server.wait()
+        finally:
+            server.terminate()
+            server.wait()

@@ -117,7 +117,8 @@ class RestoreListener:
     in that read; when the host restores it into a new machine, the supervisor writes one
     :func:`~vmsilo.channel.protocol.encode_restored` line: the agent mixes the host's entropy
     into the pool (QEMU's ``vmgenid`` has the kernel reseed too), sets the clock from the
-    host's, and only then says hello again — the new supervisor's readiness. Nothing else is
+    host's, and only then says hello again — the new supervisor's readiness (then it forgets
+    the old machine's neighbours and has its DHCP clients ask afresh). Nothing else is
     read from the port; a console port (a tty: crosvm) is left alone.
     """
 
@@ -215,7 +216,7 @@ class RestoreListener:
             log.warning("cannot set the clock: %s", e)
         if self.path is not None:
             await send_ready(self.path, self.transport, restored=True)
-        await _forget_neighbours()
+        await asyncio.gather(_forget_neighbours(), asyncio.to_thread(_restart_dhcp))
 
     async def _settle(self) -> None:
         if self.settled is not None:
@@ -304,6 +305,16 @@ async def _forget_neighbours() -> None:
         await proc.wait()
     except OSError as e:
         log.warning("cannot flush the neighbour tables: %s", e)
+
+
+def _restart_dhcp() -> None:
+    """The DHCP clients ask for their leases afresh (see :mod:`vmsilo.guest.dhcp_restart`)."""
+    from vmsilo.guest.dhcp_restart import restart_dhcp_clients
+
+    try:
+        restart_dhcp_clients()
+    except OSError as e:
+        log.warning("cannot restart the DHCP clients: %s", e)
 
 
 RESTORE = RestoreListener()
