@@ -44,12 +44,13 @@ def test_clients_restart_with_their_own_argv(tmp_path: Path) -> None:
         [new] = restart_dhcp_clients(tmp_path)
         assert old.wait(timeout=5) == -signal.SIGTERM
         assert new != old.pid
-        assert Path(f"/proc/{new}/cmdline").read_bytes().split(b"\0")[:-1] == [
-            a.encode() for a in argv
-        ]
+        # (its command line reads empty until its exec is through: wait until it ran)
         while len(log.read_text().split()) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert log.read_text().split() == [str(old.pid), str(new)]
+        assert Path(f"/proc/{new}/cmdline").read_bytes().split(b"\0")[:-1] == [
+            a.encode() for a in argv
+        ]
         assert other.poll() is None  # the process of a foreign pid file was not touched
         assert dhcp_clients(tmp_path) == [(new, argv)]
     finally:
