@@ -39,8 +39,10 @@ VMS = (
 
 def _start(inst: Install, vm: str) -> None:
     p = inst.cmd("vmsilo", "start", vm)
-    log = inst.run_dir / "fgate.supervisor.log"
-    assert p.returncode == 0, p.stderr.decode() + (log.read_text()[-3000:] if log.exists() else "")
+    logs = [inst.run_dir / f"{name}.supervisor.log" for name in (vm, "fgate")]
+    assert p.returncode == 0, p.stderr.decode() + "".join(
+        log.read_text()[-2000:] for log in logs if log.exists()
+    )
 
 
 def _stop(inst: Install, *vms: str) -> None:
