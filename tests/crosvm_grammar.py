@@ -1475,7 +1475,7 @@ def validate_argv(argv: list[str], *, build: str = DEFAULT_BUILD) -> list[str]:
     """Every reason upstream crosvm would refuse ``argv``; an empty list means it accepts it.
 
     ``argv[0]`` is the crosvm binary. Global options come first, then a subcommand
-    (``run``, ``stop`` and ``powerbtn`` are vendored) and its arguments. ``build`` selects
+    (``run`` and the control commands vmsilo runs are vendored) and its arguments. ``build`` selects
     which compiled-in options and keys exist (see ``BUILDS``).
     """
     if build not in BUILDS:
@@ -1507,7 +1507,23 @@ def validate_argv(argv: list[str], *, build: str = DEFAULT_BUILD) -> list[str]:
         )
         return problems
     spec = commands[command]
-    parsed, _ = _parse_command_args(command, spec["options"], args[stop + 1 :], build, problems)
+    rest = args[stop + 1 :]
+    while "subcommands" in spec:  # e.g. `snapshot take`: argh's nested subcommand enum
+        subcommands = spec["subcommands"]
+        outer, at = _parse_command_args(
+            command,
+            spec["options"],
+            rest,
+            build,
+            problems,
+            stop_at=lambda a, names=subcommands: a in names,
+        )
+        problems += _check_values(command, outer, spec["options"], build)
+        if at >= len(rest):
+            problems.append(f"{command}: no subcommand given (one of: {', '.join(subcommands)})")
+            return problems
+        command, spec, rest = f"{command} {rest[at]}", subcommands[rest[at]], rest[at + 1 :]
+    parsed, _ = _parse_command_args(command, spec["options"], rest, build, problems)
     problems += _check_values(command, parsed, spec["options"], build)
     problems += _check_positionals(command, parsed, spec)
     if command == "run":

@@ -83,6 +83,31 @@ class Desktop:
     def ipc(self) -> SwayIpc:
         return SwayIpc(self.swaysock)
 
+    def keyboard(self) -> subprocess.Popen[bytes]:
+        """A keyboard on the seat (wtype's virtual one, held 10 min: the caller kills it), once
+        sway has added it. Data devices (wl-copy, wl-paste without data-control) need one:
+        started without waiting, a client can race it and find "no keyboard" on the seat."""
+        with self.ipc() as ipc:
+            assert ipc.request(SUBSCRIBE, '["input"]')["success"]
+            kb = self.popen(
+                "wtype",
+                "-s",
+                "600000",
+                "-k",
+                "Shift_L",
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            # sway 1.7 announces a virtual keyboard by its keymap ("xkb_keymap", once the seat
+            # has it); "added" is what a real device gets
+            ipc.wait_event(
+                lambda e: (
+                    e.get("change") in ("added", "xkb_keymap")
+                    and (e.get("input") or {}).get("type") == "keyboard"
+                )
+            )
+        return kb
+
     def tree_windows(self) -> list[dict[str, Any]]:
         with self.ipc() as ipc:
             return list(windows(ipc.request(GET_TREE)))
@@ -167,6 +192,15 @@ class SwayIpc:
         data = payload.encode()
         self.sock.sendall(IPC_MAGIC + struct.pack("=II", len(data), kind) + data)
         return self.read()[1]
+
+    def wait_event(self, match: Callable[[Any], bool], timeout: float = 30) -> Any:
+        """After :meth:`request` (SUBSCRIBE, …): the first event ``match`` accepts."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock.settimeout(max(0.1, deadline - time.monotonic()))
+            _kind, event = self.read()
+            if isinstance(event, dict) and match(event):
+                return event
 
     def wait_window(
         self, match: Callable[[dict[str, Any]], bool], timeout: float = 30, change: str = ""

@@ -135,3 +135,89 @@ def test_guest_files_are_the_stdlib_only_import_closure() -> None:
     assert "vmsilo/guest/agent_exec.py" in loaded
     for rel in GUEST_FILES:
         assert (src / rel).is_file()
+
+
+def _read_line(fd: int, timeout: float = 10.0) -> bytes:
+    import select
+
+    data = b""
+    while b"\n" not in data:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        assert ready, f"no line within {timeout} s (got {data!r})"
+        data += os.read(fd, 4096)
+    return data
+
+
+def test_a_console_ready_port_is_made_raw_held_and_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """crosvm's ready port is a console port, a tty in the guest (``/dev/hvcN``): the agent
+    makes it raw before its hello — so a line the host writes is not echoed back to the host
+    nor held for line editing — holds it, and answers what the host says on it (here a
+    settle request), as on QEMU's virtio-serial port. Tried on a pty, cooked as hvc starts."""
+    import termios
+
+    from vmsilo.channel.protocol import encode_settle, is_settled, parse_ready
+    from vmsilo.guest import ready_port
+
+    master, slave = os.openpty()
+    path = ready_port.Path(os.ttyname(slave))
+    assert termios.tcgetattr(slave)[3] & termios.ECHO  # cooked, as a fresh tty is
+    listener = ready_port.RestoreListener()
+    monkeypatch.setattr(ready_port, "RESTORE", listener)
+
+    async def main() -> None:
+        await ready_port.send_ready(path, "vsock")
+        assert listener.fd is not None  # held from before the hello
+        lflag = termios.tcgetattr(listener.fd)[3]
+        assert not lflag & (termios.ECHO | termios.ICANON)
+        hello = await asyncio.to_thread(_read_line, master)
+        assert parse_ready(hello.rstrip(b"\n")).transport == "vsock"
+        assert not hello.endswith(b"\r\n")  # no carriage return added by the tty
+        os.write(master, encode_settle())
+        answer = await asyncio.to_thread(_read_line, master)
+        assert is_settled(answer.rstrip(b"\n")), answer  # not our own line echoed back
+
+    try:
+        asyncio.run(main())
+    finally:
+        for fd in (master, slave):
+            os.close(fd)
+        if listener.fd is not None:
+            os.close(listener.fd)
+
+
+def test_only_a_tty_ready_port_is_held_before_the_hello(tmp_path: pytest.TempPathFactory) -> None:
+    """A virtio-serial port (a character device, not a tty) is held only after the hello,
+    as before (its write path saves a thread start); nothing else is held at all."""
+    from vmsilo.guest import ready_port
+
+    listener = ready_port.RestoreListener()
+
+    async def main() -> None:
+        listener.listen(ready_port.Path("/dev/null"), "vsock", tty_only=True)
+        assert listener.fd is None
+        listener.listen(ready_port.Path("/nonexistent/port"), "vsock", tty_only=True)
+        assert listener.fd is None
+
+    asyncio.run(main())
+
+
+def test_a_restore_reseeds_the_crng_from_the_pool_with_the_hosts_entropy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Writing to /dev/urandom alone leaves the CRNG's saved key in use until its timed
+    reseed (two restores would read the same bytes): the agent mixes the host's entropy in,
+    then asks for ``RNDRESEEDCRNG``, in that order, on the real device (root may)."""
+    from vmsilo.guest import ready_port
+
+    calls: list[tuple[str, int]] = []
+    real_ioctl = ready_port.fcntl.ioctl
+
+    def ioctl(fd: int, request: int, *args: object) -> object:
+        calls.append(("ioctl", request))
+        if os.geteuid() == 0:
+            return real_ioctl(fd, request)  # the host's CRNG reseeds: harmless
+        return 0
+
+    monkeypatch.setattr(ready_port.fcntl, "ioctl", ioctl)
+    ready_port.reseed(os.urandom(32))
+    assert calls == [("ioctl", ready_port.RNDRESEEDCRNG)]

@@ -70,7 +70,9 @@ def test_state_key_follows_the_plan_not_the_generation_id() -> None:
     vm = plan.vms["fast"]
     facts = HostFacts(generation_id="a")
     key = state_key(plan, vm, qemu, facts)
-    assert state_key(plan, vm, qemu, replace(facts, generation_id="b", incoming=True)) == key
+    assert (
+        state_key(plan, vm, qemu, replace(facts, generation_id="b", restore_from="/x/state")) == key
+    )
     assert state_key(plan, vm, qemu, replace(facts, accel="kvm")) != key
     bigger = plan_of(CONFIG.format(memory=1024, fast="true"))
     assert state_key(bigger, bigger.vms["fast"], qemu, facts) != key

@@ -181,7 +181,7 @@ def test_guest_sees_only_allowed_globals(vms: Setup) -> None:
 
 def test_selections_stay_in_their_vm(desk: Desktop, vms: Setup) -> None:
     # a keyboard on the seat: data devices (wl-copy, wl-paste) need one
-    kb = desk.popen("wtype", "-s", "600000", "-k", "Shift_L", stdout=DN, stderr=DN)
+    kb = desk.keyboard()
     copy = vm_popen(vms, "work", "env", "WAYLAND_DEBUG=1", "wl-copy", "--foreground", "WORK-SEC")
     try:
         assert copy.stderr is not None
@@ -203,6 +203,35 @@ def test_selections_stay_in_their_vm(desk: Desktop, vms: Setup) -> None:
             assert ".enter(" in p.stderr, f"wl-paste in {vm} never had focus: proves nothing"
         # inside a VM its own programs share its clipboard: work pastes what work copied
         assert vm_run(vms, "work", "wl-paste", "-n").stdout == "WORK-SEC"
+    finally:
+        copy.kill()
+        copy.wait()
+        kb.kill()
+        kb.wait()
+
+
+def test_middle_click_paste_stays_in_its_vm(desk: Desktop, vms: Setup) -> None:
+    """The primary selection (SPEC §9.1 item 3): what a program of work selects, another
+    program of work pastes (through waypipe and the filter); play and the host do not, and the
+    host's primary selection does not reach work."""
+    kb = desk.keyboard()
+    holder = desk.popen("wl-copy", "--primary", "HOST-PRIMARY", stdout=DN, stderr=DN)
+    assert holder.wait(timeout=30) == 0
+    argv = ("env", "WAYLAND_DEBUG=1", "wl-copy", "--primary", "--foreground", "WORK-PRIMARY")
+    copy = vm_popen(vms, "work", *argv)
+    try:
+        assert copy.stderr is not None
+        asked = any(
+            b"zwp_primary_selection_device_v1@" in line and b"set_selection" in line
+            for line in copy.stderr
+        )
+        assert asked, "wl-copy --primary in work never set its primary selection"
+        assert vm_run(vms, "work", "wl-paste", "--primary", "-n").stdout == "WORK-PRIMARY"
+        p = vm_run(vms, "play", "env", "WAYLAND_DEBUG=1", "timeout", "20", "wl-paste", "-p", "-n")
+        assert "WORK-PRIMARY" not in p.stdout and "HOST-PRIMARY" not in p.stdout
+        assert ".enter(" in p.stderr, "wl-paste in play never had focus: proves nothing"
+        assert "zwp_primary_selection_device_manager_v1" in p.stderr
+        assert desk.run("wl-paste", "--primary", "-n").stdout == b"HOST-PRIMARY"
     finally:
         copy.kill()
         copy.wait()
@@ -349,7 +378,7 @@ def test_vm_clipboard_moves_a_selection_only_when_asked(desk: Desktop, vms: Setu
     """SPEC §9.4: wl-copy in work; play sees nothing of it; `vm-clipboard copy work` puts it in
     the host's vmsilo clipboard (0600, the user's); `vm-clipboard paste` to the VM whose window
     has focus (play) makes it play's selection and empties the buffer."""
-    kb = desk.popen("wtype", "-s", "600000", "-k", "Shift_L", stdout=DN, stderr=DN)
+    kb = desk.keyboard()
     copy = vm_popen(vms, "work", "env", "WAYLAND_DEBUG=1", "wl-copy", "--foreground", "MOVE-ME")
     procs: list[subprocess.Popen[bytes]] = []
     buffer = Path(f"/run/user/{desk.user.pw_uid}/vmsilo/clipboard")

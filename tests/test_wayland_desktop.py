@@ -5,11 +5,13 @@ filter socket), looked at through sway's IPC tree and grim screenshots.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import cast
@@ -143,7 +145,7 @@ def test_globals_through_the_filter(desk: Desktop, work: Proxy) -> None:
 
 def test_selections_do_not_cross(desk: Desktop, work: Proxy) -> None:
     # a keyboard on the seat (wl-copy/wl-paste through a data device need one)
-    kb = desk.popen("wtype", "-s", "600000", "-k", "Shift_L", stdout=DN, stderr=DN)
+    kb = desk.keyboard()
     try:
         assert desk.popen("wl-copy", "HOST-SECRET", stdout=DN, stderr=DN).wait(timeout=30) == 0
         assert desk.run("wl-paste").stdout == b"HOST-SECRET\n"  # the host reads its own
@@ -291,7 +293,7 @@ def test_a_vm_copies_and_pastes_inside_and_across_only_when_asked(desk: Desktop)
 
     work = desk.start_proxy("work", "green")
     bank = desk.start_proxy("banking", "red")
-    kb = desk.popen("wtype", "-s", "600000", "-k", "Shift_L", stdout=DN, stderr=DN)
+    kb = desk.keyboard()
     env = desk.env(work.listen, WAYLAND_DEBUG="1")
     copy = subprocess.Popen(
         desk.argv("wl-copy", "--foreground", "INSIDE-WORK"),
@@ -326,3 +328,209 @@ def test_a_vm_copies_and_pastes_inside_and_across_only_when_asked(desk: Desktop)
         kb.wait()
         log = work.stop() + bank.stop()
     assert "Traceback" not in log, log
+
+
+def _host_copy(desk: Desktop, *args: str) -> int:
+    """wl-copy on the host (its child keeps serving the selection: no pipes to wait on)."""
+    return desk.popen("wl-copy", *args, stdout=DN, stderr=DN).wait(timeout=30)
+
+
+def _debug_run(
+    desk: Desktop, display: str, *args: str, timeout: float = 30
+) -> subprocess.CompletedProcess[bytes]:
+    env = desk.env(display, WAYLAND_DEBUG="1")
+    return subprocess.run(desk.argv(*args), env=env, capture_output=True, timeout=timeout)
+
+
+def test_a_vm_keeps_its_own_primary_selection(desk: Desktop) -> None:
+    """Middle-click paste inside a VM (SPEC §9.1 item 3): text selected in one of work's
+    programs is pasted by another of work's, never by banking's nor by the host's; the host's
+    primary selection never reaches work; vm-clipboard does not move it (clipboard only)."""
+    from vmsilo.cli.vm_clipboard import ask
+
+    work = desk.start_proxy("work", "green")
+    bank = desk.start_proxy("banking", "red")
+    kb = desk.keyboard()
+    copy: subprocess.Popen[bytes] | None = None
+    try:
+        assert _host_copy(desk, "--primary", "HOST-PRIMARY") == 0
+        assert desk.run("wl-paste", "--primary", "-n").stdout == b"HOST-PRIMARY"
+        # the host's primary selection is not work's, though work's program has focus
+        p = _debug_run(desk, work.listen, "timeout", "10", "wl-paste", "--primary", "-n")
+        assert b"HOST-PRIMARY" not in p.stdout
+        assert b"zwp_primary_selection_device_manager_v1" in p.stderr, "no primary: proves nothing"
+        assert b"wl_keyboard@" in p.stderr and b".enter(" in p.stderr, "never had focus"
+        # work selects text (a program holds its primary selection)
+        copy = subprocess.Popen(
+            desk.argv("wl-copy", "--primary", "--foreground", "WORK-PRIMARY"),
+            env=desk.env(work.listen, WAYLAND_DEBUG="1"),
+            stdout=DN,
+            stderr=subprocess.PIPE,
+        )
+        assert copy.stderr is not None
+        asked = any(
+            b"zwp_primary_selection_device_v1@" in line and b"set_selection" in line
+            for line in copy.stderr
+        )
+        assert asked, "wl-copy --primary never set work's primary selection"
+        # another program of work pastes it; its clipboard is another selection
+        assert desk.run("wl-paste", "--primary", "-n", display=work.listen).stdout == (
+            b"WORK-PRIMARY"
+        )
+        clip = desk.run("timeout", "5", "wl-paste", "-n", display=work.listen)
+        assert b"WORK-PRIMARY" not in clip.stdout
+        # neither the host nor banking sees it
+        assert desk.run("wl-paste", "--primary", "-n").stdout == b"HOST-PRIMARY"
+        other = desk.run("timeout", "5", "wl-paste", "--primary", "-n", display=bank.listen)
+        assert b"WORK-PRIMARY" not in other.stdout and b"HOST-PRIMARY" not in other.stdout
+        # vm-clipboard moves the clipboard only
+        answer, data = ask(work.control, {"op": "copy"})
+        assert not answer["ok"] and b"WORK-PRIMARY" not in data, answer
+    finally:
+        if copy is not None:
+            copy.kill()
+            copy.wait()
+        kb.kill()
+        kb.wait()
+        log = work.stop() + bank.stop()
+    assert "Traceback" not in log, log
+
+
+def test_host_selection_changes_leave_no_objects_in_the_compositor(desk: Desktop) -> None:
+    """Every host selection change gives a focused VM window a new offer of the compositor's
+    (clipboard and primary), which the filter hides. It destroys each upstream: sway (libwayland)
+    reuses a destroyed object's id for its next one, so the compositor ids the filter sees stay
+    within a few of each other however often the host copies; without the destroy each change
+    leaves one more object alive in sway, with a new id."""
+    import threading
+
+    from vmsilo.wayland.policy import Labels
+    from vmsilo.wayland.proxy import Proxy as Filter
+    from vmsilo.wayland.wire import SERVER_ID_BASE
+
+    d = desk.runtime / "leakcheck"
+    d.mkdir(mode=0o700)
+    os.chown(d, desk.user.pw_uid, desk.user.pw_gid)
+    listen = str(d / "wayland.socket")
+    f = Filter(Labels("leak", "green"), listen, desk.socket_path, log=lambda m: None)
+    f.bind()
+    os.chown(listen, desk.user.pw_uid, desk.user.pw_gid)
+    loop = threading.Thread(target=f.run, daemon=True)
+    loop.start()
+    term, _win = open_window(desk, listen, "leak", "x", "vmsilo:leak:green")
+    try:
+
+        def state() -> tuple[int, int, int]:
+            sessions = [link.session for link in f.links]
+            ids = [o for s in sessions for o in s.objects if o >= SERVER_ID_BASE]
+            live = sum(len(s.host_offers.live) for s in sessions)
+            return sum(s.host_offers.destroyed for s in sessions), live, max(ids, default=0)
+
+        done0, _, top0 = f.call(state)
+        changes = 15
+        for i in range(changes):
+            assert _host_copy(desk, f"host-{i}") == 0
+            assert _host_copy(desk, "--primary", f"host-primary-{i}") == 0
+        deadline = time.monotonic() + 30
+        while (done := f.call(state))[0] - done0 < 2 * changes and time.monotonic() < deadline:
+            time.sleep(0.2)
+        destroyed, live, top = done
+        assert destroyed - done0 >= 2 * changes, f"only {destroyed - done0} offers seen"
+        assert live <= 1
+        assert top - max(top0, SERVER_ID_BASE) < 4, f"compositor ids grew to {top:#x}"
+    finally:
+        term.close()
+        f.stop()
+        loop.join(10)
+
+
+def _raw_with_primary(path: str) -> tuple[socket.socket, bytes]:
+    """A raw client through the filter that bound a seat and the primary selection manager and
+    made a device (id 6) and a source (id 7): the bytes that did it are returned for reuse."""
+    from collections import deque
+
+    from vmsilo.wayland import protocol
+    from vmsilo.wayland.wire import NewId, decode, encode, header
+
+    p = protocol.load()
+
+    def request(oid: int, iface: str, name: str, *args: object) -> bytes:
+        m = next(m for m in p[iface].requests if m.name == name)
+        return encode(oid, m, list(args))[0]  # type: ignore[arg-type]
+
+    s = _raw(path)
+    s.sendall(
+        request(1, "wl_display", "get_registry", NewId(2))
+        + request(1, "wl_display", "sync", NewId(3))
+    )
+    names: dict[str, int] = {}
+    buf = b""
+    while 3 not in names.values():
+        buf += s.recv(65536)
+        while len(buf) >= 8 and len(buf) >= header(buf, 0)[2]:
+            oid, opcode, size = header(buf, 0)
+            if oid == 2 and opcode == 0:  # wl_registry.global
+                m = p["wl_registry"].events[0]
+                name, iface, _v = decode(m, buf[8:size], deque())
+                assert isinstance(iface, bytes) and isinstance(name, int)
+                names[iface.decode()] = name
+            if oid == 3:
+                names["done"] = 3
+            buf = buf[size:]
+    manager = "zwp_primary_selection_device_manager_v1"
+    assert manager in names and "wl_seat" in names, names
+    setup = (
+        request(2, "wl_registry", "bind", names["wl_seat"], NewId(4, "wl_seat", 1))
+        + request(2, "wl_registry", "bind", names[manager], NewId(5, manager, 1))
+        + request(5, manager, "get_device", NewId(6), 4)
+        + request(5, manager, "create_source", NewId(7))
+        + request(7, "zwp_primary_selection_source_v1", "offer", b"text/plain")
+    )
+    s.sendall(setup)
+    return s, setup
+
+
+def test_hostile_primary_selection_requests_lose_only_their_connection(
+    desk: Desktop, work: Proxy
+) -> None:
+    """Random and malformed requests on the primary selection objects (its manager, device,
+    source, an offer never shown): the client loses its connection; the filter and the VM's
+    primary selection go on."""
+    rng = random.Random(17)
+    kb = desk.keyboard()
+    copy: subprocess.Popen[bytes] | None = None
+    try:
+        for i in range(40):
+            s, _ = _raw_with_primary(work.listen)
+            target = rng.choice([5, 6, 7, 0xFF000000, 0xFF000003])
+            n = rng.randrange(0, 10) * 4
+            body = rng.randbytes(n)
+            if i % 3 == 0 and n >= 4:  # a plausible object id or string length first
+                first = rng.choice([0, 4, 7, 0xFF000000, 1 << 30])
+                body = first.to_bytes(4, "little") + body[4:]
+            payload = struct.pack("=II", target, (8 + n) << 16 | rng.randrange(4)) + body
+            if i % 2:  # and garbage after: every connection must end, even when one was valid
+                payload += struct.pack("=II", 99, 8 << 16)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # closed already
+                s.sendall(payload)
+                s.shutdown(socket.SHUT_WR)
+            assert _closed_by_proxy(s)
+            s.close()
+        assert work.proc.poll() is None, "the filter died"
+        # the VM's middle-click paste still works
+        copy = subprocess.Popen(
+            desk.argv("wl-copy", "--primary", "--foreground", "STILL-HERE"),
+            env=desk.env(work.listen, WAYLAND_DEBUG="1"),
+            stdout=DN,
+            stderr=subprocess.PIPE,
+        )
+        assert copy.stderr is not None
+        assert any(b"set_selection" in line for line in copy.stderr)
+        got = desk.run("wl-paste", "--primary", "-n", display=work.listen).stdout
+        assert got == b"STILL-HERE"
+    finally:
+        if copy is not None:
+            copy.kill()
+            copy.wait()
+        kb.kill()
+        kb.wait()

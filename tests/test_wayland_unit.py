@@ -104,6 +104,7 @@ def connected() -> Session:
         "xdg_wm_base": P["xdg_wm_base"].version,
         "wl_data_device_manager": 3,
         "wl_seat": P["wl_seat"].version,
+        "zwp_primary_selection_device_manager_v1": 1,  # the VM's own (gtk_ one stays hidden)
     }
     return s
 

@@ -9,7 +9,8 @@ the validator needs into the repository:
 * ``source`` (upstream repository and commit), ``argv_rules``, ``keyvalue_grammar``;
 * ``global_options`` (the options that must come before the subcommand);
 * the ``run`` command in full (all of its options, positionals and validation rules),
-  and the control subcommands ``stop`` and ``powerbtn``;
+  and the control subcommands ``stop``, ``powerbtn``, ``suspend``, ``resume`` and
+  ``snapshot`` (fastStart);
 * every ``keyvalue_schemas`` / ``enum_schemas`` entry those commands reference, directly
   or through nested keys (for example ``GpuParameters`` -> ``GpuDisplayParameters``);
 * ``other_commands``: the names of the remaining upstream subcommands, so the validator
@@ -41,7 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SOURCE = REPO_ROOT.parent / "shared" / "crosvm" / "crosvm-cli.json"
 OUTPUT = Path(__file__).resolve().parent / "crosvm-grammar.json"
 
-VENDORED_COMMANDS = ("run", "stop", "powerbtn")
+VENDORED_COMMANDS = ("run", "stop", "powerbtn", "suspend", "resume", "snapshot")
 COPIED_TOP_LEVEL = (
     "schema_version",
     "source",

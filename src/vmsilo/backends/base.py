@@ -146,8 +146,9 @@ class HostFacts:
     sound: SoundFacts = SoundFacts()
     #: QEMU fastStart: the VM generation id of this machine (new for every start, SPEC §10)
     generation_id: str | None = None
-    #: QEMU fastStart: wait for a saved state instead of booting
-    incoming: bool = False
+    #: fastStart: the saved state this start loads instead of booting (QEMU waits for it
+    #: with ``-incoming defer``; crosvm restores it with ``run --restore``); None: boot
+    restore_from: str | None = None
     #: QEMU fastStart under -runas: the disposable disk's inherited descriptors (rw, ro)
     ephemeral_fds: tuple[int, int] | None = None
 
@@ -155,6 +156,19 @@ class HostFacts:
     def kernel_params(self) -> list[str]:
         """Parameters the host's facts add after the plan's (the guest reads them the same)."""
         return nameserver_params(self.nameservers)
+
+
+def file_identity(path: str) -> str:
+    """``path`` resolved, with its size and modification time: what changes when a package
+    upgrade or an image rebuild replaces the file (part of fastStart's key, SPEC §10)."""
+    import os
+
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return real
+    return f"{real}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def dns_facts(vm: VmPlan) -> tuple[str, ...]:
@@ -191,8 +205,12 @@ class Backend(ABC):
     saves_state = False
 
     def build_id(self, plan: Plan) -> str:
-        """Which build of the VMM runs (a saved state is only loaded by the same build)."""
-        return self.binary(plan)
+        """Which build of the VMM runs (part of a saved state's key, SPEC §10): the binary's
+        :func:`file_identity` — a package upgrade changes it, so a state saved by another
+        build is never loaded."""
+        import shutil
+
+        return file_identity(shutil.which(self.binary(plan)) or self.binary(plan))
 
     def host_facts(self, plan: Plan, vm: VmPlan, *, probe: bool) -> HostFacts:
         """The host facts :meth:`argv` needs; ``probe`` may run a test boot (else: cached)."""

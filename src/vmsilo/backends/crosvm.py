@@ -21,11 +21,18 @@ SCHEDULING = {
 
 
 def crosvm_argv(
-    plan: Plan, vm: VmPlan, *, extra_params: Sequence[str] = (), sound: bool = True
+    plan: Plan,
+    vm: VmPlan,
+    *,
+    extra_params: Sequence[str] = (),
+    sound: bool = True,
+    restore: str | None = None,
 ) -> list[str]:
     """crosvm's argv (SPEC §4); ``extra_params``: kernel parameters from host facts;
     ``sound``: whether the host can serve the VM's sound device (SPEC §9.2: without the sound
-    daemon a VM that did not ask for sound by name starts without the device)."""
+    daemon a VM that did not ask for sound by name starts without the device); ``restore``:
+    a fastStart snapshot to run instead of booting (SPEC §10; ``run --restore``, the same
+    devices as the machine it was taken of)."""
     vmsilo = plan.crosvm.flavor == "vmsilo"
     p = vm.paths
     argv = [plan.crosvm.binary, f"--log-level={vm.log_level}", "--no-syslog"]
@@ -92,10 +99,13 @@ def crosvm_argv(
     for vu in vm.vhost_user:
         argv += ["--vhost-user", vu.crosvm_kv]
     argv += vm.extra_run_args
+    if restore is not None:
+        argv += ["--restore", restore]
     argv.append(vm.kernel)
     return argv
 
 
-def control_argv(plan: Plan, vm: VmPlan, command: str) -> list[str]:
-    """``crosvm <command> <control socket>`` — e.g. ``powerbtn`` or ``stop``."""
-    return [plan.crosvm.binary, command, vm.paths.crosvm_control]
+def control_argv(plan: Plan, vm: VmPlan, *words: str) -> list[str]:
+    """``crosvm <words...> <control socket>`` — e.g. ``powerbtn``, ``suspend --full`` or
+    ``snapshot take PATH`` (the socket is each control command's last positional)."""
+    return [plan.crosvm.binary, *words, vm.paths.crosvm_control]

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 from vmsilo.backends import accel, features
 from vmsilo.backends.base import (
@@ -27,7 +27,7 @@ from vmsilo.backends.base import (
 )
 from vmsilo.backends.qemu import qemu_argv, share_port
 from vmsilo.backends.qmp import MIGRATION_DONE, Qmp, QmpError, migration_status
-from vmsilo.backends.vmm import ResumeFailed, Vmm
+from vmsilo.backends.vmm import Vmm, resumed_after
 from vmsilo.contracts.ports import CHANNEL_PORT
 from vmsilo.host import sound
 from vmsilo.host.findings import Finding
@@ -82,19 +82,25 @@ class QemuVmm(Vmm):
 
     # ------------------------------------------------------------------ saved states (§10)
 
-    def save_state(self, fd: int, while_stopped: Callable[[], None], timeout: float) -> None:
-        """Save the running guest into ``fd`` (a file open for writing), then let it go on.
+    def save_state(self, target: Path, while_stopped: Callable[[], None], timeout: float) -> None:
+        """Save the running guest into the file ``target`` (0600), then let it go on.
 
         The guest is paused first (``stop``: nothing changes while RAM is written, and no
         dirty pages are sent twice), migrated to ``fd`` (QMP ``getfd`` + ``migrate fd:``),
         ``while_stopped`` runs (the caller copies the disks, consistent with the RAM), and
         ``cont`` resumes the guest whatever happened. Blocking; QmpError on failure."""
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            self._save_into(fd, while_stopped, timeout)
+        finally:
+            os.close(fd)
+
+    def _save_into(self, fd: int, while_stopped: Callable[[], None], timeout: float) -> None:
         with Qmp(self.vm.paths.qmp, timeout) as qmp:
             qmp.execute("migrate-set-capabilities", {"capabilities": _EVENTS})
             qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
             qmp.execute("stop")
-            failure: BaseException | None = None
-            try:
+            with resumed_after(lambda: qmp.execute("cont"), (QmpError,)):
                 qmp.execute("getfd", {"fdname": SAVE_FD}, fds=[fd])
                 qmp.execute("migrate", {"uri": f"fd:{SAVE_FD}"})
                 done = qmp.wait_event(lambda e: migration_status(e) in MIGRATION_DONE, timeout)
@@ -102,21 +108,19 @@ class QemuVmm(Vmm):
                     raise QmpError(f"saving the state {migration_status(done)}")
                 _wait_postmigrate(qmp, timeout)
                 while_stopped()
-            except BaseException as e:
-                failure = e
-                raise
-            finally:
-                try:
-                    qmp.execute("cont")
-                except QmpError as e:
-                    after = f" (after: {failure})" if failure is not None else ""
-                    raise ResumeFailed(f"{e}{after}") from e
 
-    def restore_state(self, fd: int, timeout: float) -> None:
-        """Load the saved state in ``fd`` into this VMM (started with ``-incoming defer``) and
-        let the guest run. The state was saved paused (:meth:`save_state`), so QEMU keeps it
-        paused after loading: ``cont`` starts it. Blocking; QmpError on failure (QEMU then
-        exits by itself: a failed incoming migration ends the process)."""
+    def restore_state(self, state: Path, timeout: float) -> None:
+        """Load the saved state file ``state`` into this VMM (started with ``-incoming
+        defer``) and let the guest run. The state was saved paused (:meth:`save_state`), so
+        QEMU keeps it paused after loading: ``cont`` starts it. Blocking; QmpError on failure
+        (QEMU then exits by itself: a failed incoming migration ends the process)."""
+        fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._load_from(fd, timeout)
+        finally:
+            os.close(fd)
+
+    def _load_from(self, fd: int, timeout: float) -> None:
         with Qmp(self.vm.paths.qmp, timeout) as qmp:
             qmp.execute("migrate-set-capabilities", {"capabilities": _EVENTS})
             qmp.execute("getfd", {"fdname": RESTORE_FD}, fds=[fd])
@@ -174,19 +178,6 @@ MAX_BANDWIDTH = 1 << 40
 _EVENTS = [{"capability": "events", "state": True}]
 
 
-def qemu_build(binary: str) -> str:
-    """Which QEMU build ``binary`` is (part of a saved state's key, SPEC §10): its resolved
-    path, size and modification time — a package upgrade changes them, a state saved by
-    another build is never loaded."""
-    found = shutil.which(binary) or binary
-    real = os.path.realpath(found)
-    try:
-        st = os.stat(real)
-    except OSError:
-        return real
-    return f"{real}:{st.st_size}:{st.st_mtime_ns}"
-
-
 class QemuBackend(Backend):
     name = "qemu"
     features = features.QEMU
@@ -199,9 +190,6 @@ class QemuBackend(Backend):
         f"missing: QEMU VMs multiplex sessions over the {CHANNEL_PORT} virtio-serial port"
     )
     saves_state = True
-
-    def build_id(self, plan: Plan) -> str:
-        return qemu_build(plan.qemu.binary)
 
     def binary(self, plan: Plan) -> str:
         return plan.qemu.binary
@@ -272,7 +260,7 @@ class QemuBackend(Backend):
             runas=facts.runas,
             audio_server=facts.sound.server,
             generation_id=facts.generation_id,
-            incoming=facts.incoming,
+            incoming=facts.restore_from is not None,
             ephemeral_fds=facts.ephemeral_fds,
         )
 

@@ -17,8 +17,9 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from vmsilo.plan.model import Plan, VmPlan
 from vmsilo.runcmd import describe_status
@@ -69,6 +70,27 @@ class ResumeFailed(Exception):
     """A saving VMM could not resume its guest: the VM is stuck paused (the start fails)."""
 
 
+@contextlib.contextmanager
+def resumed_after(
+    resume: Callable[[], object], resume_errors: tuple[type[Exception], ...]
+) -> Iterator[None]:
+    """Run the block with the guest paused, then ``resume`` it whatever happened: a saved
+    state that failed must not leave the VM paused. A failed resume raises
+    :class:`ResumeFailed`, naming the block's own failure too."""
+    failure: BaseException | None = None
+    try:
+        yield
+    except BaseException as e:
+        failure = e
+        raise
+    finally:
+        try:
+            resume()
+        except resume_errors as e:
+            after = f" (after: {failure})" if failure is not None else ""
+            raise ResumeFailed(f"{e}{after}") from e
+
+
 class Vmm:
     """A running VMM child; subclasses know how to ask it to power off."""
 
@@ -109,13 +131,18 @@ class Vmm:
     async def request_poweroff(self) -> None:
         raise NotImplementedError
 
-    def save_state(self, fd: int, while_stopped: Callable[[], None], timeout: float) -> None:
-        """Save the running guest's state into ``fd``, run ``while_stopped`` while it is
-        paused, then resume it (backends whose ``saves_state`` is true; blocking)."""
+    def save_state(self, target: Path, while_stopped: Callable[[], None], timeout: float) -> None:
+        """Save the running guest's state as ``target`` (a path that does not exist yet, in a
+        root-only directory; a file or a directory, as the VMM writes it), run
+        ``while_stopped`` while it is paused, then resume it (backends whose ``saves_state``
+        is true; blocking). Raises on failure; :class:`ResumeFailed` if the guest stays
+        paused."""
         raise NotImplementedError
 
-    def restore_state(self, fd: int, timeout: float) -> None:
-        """Load a saved state from ``fd`` into this just started VMM (blocking)."""
+    def restore_state(self, state: Path, timeout: float) -> None:
+        """Have this just started VMM (its argv named ``state``, see
+        :attr:`~vmsilo.backends.base.HostFacts.restore_from`) run the saved guest (blocking;
+        raises on failure)."""
         raise NotImplementedError
 
     def plug_shares(self, connections: Sequence[tuple[str, int]], timeout: float) -> None:

@@ -122,6 +122,8 @@ def print_status(rows: Sequence[dict[str, Any]], out: TextIO) -> None:
         sound = str(r.get("sound") or "")
         if sound.startswith("unavailable"):
             notes.append(f"! {r['name']}: sound {sound}")
+        if r.get("fast_start_note"):
+            notes.append(f"! {r['name']}: fastStart: {r['fast_start_note']}")
         uptime = r.get("uptime_s")
         table.add_row(
             str(r["name"]),

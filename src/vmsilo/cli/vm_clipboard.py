@@ -3,9 +3,10 @@ when the user says so (SPEC §9.4, as Qubes' Ctrl-Shift-C / Ctrl-Shift-V).
 
 ``copy`` takes VM's current selection into the host's one vmsilo clipboard,
 ``/run/user/<uid>/vmsilo/clipboard`` (0600; one type: text, or e.g. an image; at most 16 MiB);
-``paste`` makes that VM's selection and empties the buffer. Without VM: the VM whose window has
-keyboard focus (each VM's filter sees keyboard enter/leave), so a compositor key binding needs
-no name. Both talk to the VM's filter over its control socket
+``paste`` makes that VM's selection and empties the buffer. The clipboard only: a VM's primary
+selection (middle-click paste) is kept by its filter too, but never leaves the VM. Without VM:
+the VM whose window has keyboard focus (each VM's filter sees keyboard enter/leave), so a
+compositor key binding needs no name. Both talk to the VM's filter over its control socket
 (:mod:`vmsilo.wayland.control`); the selection never passes through the compositor.
 
 Exit: 0 done; 1 nothing to do (nothing selected in VM, the buffer empty, no VM focused);
@@ -45,6 +46,7 @@ INFO = ToolHelp(
         " selection into the vmsilo clipboard (/run/user/<uid>/vmsilo/clipboard); `paste` makes"
         " it VM's selection and empties the vmsilo clipboard. Without VM: the VM whose window"
         " has the keyboard focus, so that a key binding (Ctrl-Shift-C / Ctrl-Shift-V) works."
+        " The clipboard only: the primary selection (middle-click paste) never leaves its VM."
     ),
     exit_statuses=[
         ("0", "copied, or pasted"),

@@ -356,7 +356,8 @@ class VmConfig(Model):
     fast_start: bool = Field(
         False,
         description="start from a saved, booted and ready state (saved by the first start;"
-        " QEMU; no writable disks, PCI passthrough or vhost-user devices)",
+        " no writable disks, PCI passthrough or vhost-user devices; with crosvm also no"
+        " shares and no sound)",
     )
     auto_shutdown: AutoShutdown = AutoShutdown()
     network: Network = Network()

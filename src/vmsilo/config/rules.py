@@ -126,10 +126,13 @@ def _check_vm(config: Config, name: str, vm: VmConfig, known: set[str]) -> Itera
 
 def _check_fast_start(vm: VmConfig, at: Callable[..., str]) -> Iterator[Problem]:
     """What a saved state cannot hold (SPEC §10): writable disks, PCI passthrough and
-    vhost-user devices. (Shares are fine: their virtiofs devices are hot-plugged after every
-    start, see :meth:`vmsilo.supervisor.service.Supervisor._plug_shares`.)"""
+    vhost-user devices; and, where the hypervisor's table says so (``fast_start_keeps``),
+    shares and sound. (QEMU keeps both: the shares' virtiofs devices are hot-plugged after
+    every start, see :meth:`vmsilo.supervisor.service.Supervisor._plug_shares`; crosvm's
+    snapshot holds neither.)"""
     if not vm.fast_start:
         return
+    yield from _check_fast_start_parts(vm, at)
     # a restored guest's RAM caches what its disks held at save time: a disk written since
     # (by the previous run) would be corrupted; passed-through and vhost-user devices keep
     # state outside QEMU that no saved state holds
@@ -158,6 +161,39 @@ def _check_fast_start(vm: VmConfig, at: Callable[..., str]) -> Iterator[Problem]
             "fastStart cannot save a VM with vhost-user devices",
             "remove vhostUser, or remove fastStart",
         )
+
+
+def _check_fast_start_parts(vm: VmConfig, at: Callable[..., str]) -> Iterator[Problem]:
+    abilities = feature_table(vm.hypervisor)
+    label = abilities.label
+    if "shares" not in abilities.fast_start_keeps:
+        if vm.shared_home is not False:
+            yield Problem(
+                at("sharedHome"),
+                f"fastStart with {label} cannot keep the share 'home' (sharedHome): its"
+                " snapshot holds no virtiofs device and none can be plugged in later",
+                "set sharedHome = false, or hypervisor = 'qemu' (which plugs shares in after"
+                " every start)",
+            )
+        for tag in vm.shared_directories:
+            yield Problem(
+                at("sharedDirectories", tag),
+                f"fastStart with {label} cannot keep the share {tag!r}: its snapshot holds no"
+                " virtiofs device and none can be plugged in later",
+                f"remove sharedDirectories.{tag}, or set hypervisor = 'qemu'",
+            )
+    if "sound" not in abilities.fast_start_keeps:
+        playback = vm.sound.playback
+        if playback is None:
+            playback = abilities.default_playback
+        if playback or vm.sound.capture:
+            default = "" if vm.sound.playback is not None else f" ({label}'s default)"
+            yield Problem(
+                at("sound", "playback"),
+                f"fastStart with {label} cannot save a VM with sound{default}: its sound"
+                " device is not in the snapshot",
+                "set sound.playback = false (and sound.capture = false), or hypervisor = 'qemu'",
+            )
 
 
 def requested_features(vm: VmConfig) -> list[str]:

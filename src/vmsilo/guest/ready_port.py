@@ -18,8 +18,10 @@ import os
 import select
 import socket
 import stat
+import termios
 import threading
 import time
+import tty
 from pathlib import Path
 from typing import Protocol
 
@@ -93,6 +95,8 @@ def _write_ready_at_once(path: Path, data: bytes) -> int:
 async def send_ready(path: Path, transport: str, *, restored: bool = False) -> None:
     """Announce readiness; a failure is logged, not fatal (sessions may still arrive)."""
     data = encode_ready(transport, os.getpid(), restored=restored)
+    # a console port (crosvm's, a tty) is made raw and held before the host may write to it
+    RESTORE.listen(path, transport, tty_only=True)
     try:
         rest = data[_write_ready_at_once(path, data) :]
         if rest:
@@ -118,8 +122,10 @@ class RestoreListener:
     :func:`~vmsilo.channel.protocol.encode_restored` line: the agent mixes the host's entropy
     into the pool (QEMU's ``vmgenid`` has the kernel reseed too), sets the clock from the
     host's, and only then says hello again — the new supervisor's readiness (then it forgets
-    the old machine's neighbours and has its DHCP clients ask afresh). Nothing else is
-    read from the port; a console port (a tty: crosvm) is left alone.
+    the old machine's neighbours and has its DHCP clients ask afresh). Nothing else is read
+    from the port. A console port (crosvm's: a tty) is made raw first — no echo of the host's
+    lines back to it, no line editing, no carriage returns added — and held from before the
+    first hello, so that nothing the host writes meets a cooked tty.
     """
 
     def __init__(self) -> None:
@@ -136,16 +142,26 @@ class RestoreListener:
     def held_fd(self, path: Path) -> int | None:
         return self.fd if self.fd is not None and path == self.path else None
 
-    def listen(self, path: Path, transport: str) -> None:
+    def listen(self, path: Path, transport: str, *, tty_only: bool = False) -> None:
+        """Hold the ready port ``path`` open and read it (a character device: a virtio port,
+        or a console port's tty, made raw); ``tty_only``: only if it is a tty."""
         self.transport = transport
         if self.fd is not None:
             return
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
         except OSError as e:
-            log.warning("cannot hold the ready port %s for restores: %s", path, e)
+            if not tty_only:
+                log.warning("cannot hold the ready port %s for restores: %s", path, e)
             return
-        if not stat.S_ISCHR(os.fstat(fd).st_mode) or os.isatty(fd):
+        try:
+            if not stat.S_ISCHR(os.fstat(fd).st_mode):
+                raise ValueError("not a character device")
+            if os.isatty(fd):
+                tty.setraw(fd, termios.TCSANOW)  # (TCSANOW: what the host sent stays)
+            elif tty_only:
+                raise ValueError("not a tty")
+        except (OSError, ValueError, termios.error):
             os.close(fd)
             return
         self.path, self.fd, self.loop = path, fd, asyncio.get_running_loop()
@@ -160,13 +176,16 @@ class RestoreListener:
                 chunk = os.read(fd, 4096)
             except OSError:
                 chunk = b""
-            if not chunk:  # the host end closed: no restore can come through this boot
-                self.loop.call_soon_threadsafe(self._closed, fd)
+            try:
+                if not chunk:  # the host end closed: no restore can come through this boot
+                    self.loop.call_soon_threadsafe(self._closed, fd)
+                    return
+                buf += chunk
+                while b"\n" in buf:
+                    line, _, buf = buf.partition(b"\n")
+                    self.loop.call_soon_threadsafe(self._line, line)
+            except RuntimeError:  # the agent's loop is closed (it is ending): so is this
                 return
-            buf += chunk
-            while b"\n" in buf:
-                line, _, buf = buf.partition(b"\n")
-                self.loop.call_soon_threadsafe(self._line, line)
             buf = buf[-8192:]
 
     def _closed(self, fd: int) -> None:
@@ -176,8 +195,12 @@ class RestoreListener:
         if self.fd != fd:
             return
         self.hung_up = True
-        fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+        except OSError as e:  # (a tty whose other end is gone for good: nothing to wait for)
+            log.info("the ready port %s hung up for good: %s", self.path, e)
+            return
         self.on_sigio()
 
     def on_sigio(self) -> None:
@@ -206,8 +229,7 @@ class RestoreListener:
     async def _restored(self, notice: RestoreNotice) -> None:
         log.info("restored from a saved state: new entropy, clock from the host")
         try:
-            with open("/dev/urandom", "wb") as f:
-                f.write(notice.entropy)
+            reseed(notice.entropy)
         except OSError as e:
             log.warning("cannot mix the host's entropy in: %s", e)
         try:
@@ -235,6 +257,22 @@ class RestoreListener:
                 await asyncio.to_thread(_write_ready_blocking, self.path, data)
             except OSError as e:
                 log.error("cannot answer the mount request: %s", e)
+
+
+#: ``RNDRESEEDCRNG`` (linux/random.h, ``_IO('R', 0x07)``): reseed the kernel's CRNG now.
+RNDRESEEDCRNG = 0x5207
+
+
+def reseed(entropy: bytes) -> None:
+    """Mix ``entropy`` into the kernel's input pool and reseed its CRNG from it at once.
+
+    A write to ``/dev/urandom`` only mixes into the input pool: the CRNG keeps the key it had
+    in the saved RAM until its next timed reseed, so two restores of one state would read the
+    same "random" bytes meanwhile. ``RNDRESEEDCRNG`` (root) makes it take the pool now; under
+    QEMU the ``vmgenid`` device has the kernel reseed too, crosvm has no such device."""
+    with open("/dev/urandom", "wb", buffering=0) as f:
+        f.write(entropy)
+        fcntl.ioctl(f.fileno(), RNDRESEEDCRNG)
 
 
 #: How long a hot-plugged share may take to show up in the guest (s).

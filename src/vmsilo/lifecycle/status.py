@@ -113,7 +113,19 @@ def vm_status(vm: VmPlan, *, running: bool, sound: SoundFacts | None = None) -> 
         "restored": (
             st.extra.get("start") == "restored" if running and st and vm.fast_start else None
         ),
+        # why this run is not as fast as it should be, or the next one will not be
+        "fast_start_note": fast_start_note(st.extra) if running and st and vm.fast_start else None,
     }
+
+
+def fast_start_note(extra: dict[str, Any]) -> str | None:
+    """What went wrong with fastStart in this run (None: nothing): a save that failed (the
+    next start boots again), a saved state that did not restore (this run booted instead)."""
+    if extra.get("save_failed"):
+        return f"saving the ready state failed ({extra['save_failed']}): the next start boots"
+    if extra.get("restore_failed"):
+        return f"the saved state did not restore ({extra['restore_failed']}): booted instead"
+    return None
 
 
 def snapshot_plan(vm: VmPlan, users: UserLookup | None = None) -> tuple[Plan, VmPlan] | None:

@@ -160,7 +160,8 @@ class Prelaunch:
         """A fresh ephemeral disk and a new VMM process (also for a crosvm reset's reboot).
 
         fastStart (SPEC §10): with a complete saved state under the current key (and
-        ``restore``), the VMM waits for it (``-incoming``) and the disk is a fresh copy of the
+        ``restore``), the VMM loads it (QEMU waits for it with ``-incoming``, crosvm reads it
+        with ``--restore``) and the disk is a fresh copy of the
         saved one (:attr:`restoring`; the supervisor loads it); otherwise the guest boots
         and the supervisor saves it once ready (:attr:`saved`, with :attr:`restoring` false)."""
         vm = self.vm
@@ -188,7 +189,7 @@ class Prelaunch:
                 except OSError as e:
                     saved.log(vm, f"cannot copy the saved disk ({e}); booting instead")
             if self.restoring:
-                facts = replace(facts, incoming=True)
+                facts = replace(facts, restore_from=str(self.saved.state))
                 argv = backend.argv(self.plan, vm, facts)
         if vm.root_overlay == "raw" and not self.restoring:
             create_ephemeral_disk(vm.paths.ephemeral_disk, vm.root_overlay_size)

@@ -1,7 +1,8 @@
 """fastStart's saved states (SPEC §10): where they live, what they are keyed by, saving one.
 
 A state lives in ``S/<vm>/saved/<key>/`` (root only: directories 0700, files 0600): ``state``
-is the VMM's migration stream of the booted, ready guest, ``ephemeral.raw`` a sparse copy of
+is the VMM's saved machine — QEMU's migration stream of the booted, ready guest (one file),
+crosvm's snapshot (a directory it writes) — ``ephemeral.raw`` a sparse copy of
 its disposable disk taken while the guest was paused for the save (the RAM holds a mounted
 ext4 upper layer on it: every restore gets a fresh copy of this, never an earlier restore's
 disk), ``meta.json`` what the save cost. The key is a hash of everything the saved machine
@@ -25,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from vmsilo.backends.base import Backend, HostFacts
+from vmsilo.backends.base import Backend, HostFacts, file_identity
 from vmsilo.backends.vmm import Vmm
 from vmsilo.host.disks import sparse_copy
 from vmsilo.plan.model import Plan, VmPlan
@@ -43,21 +44,12 @@ def saved_root(state_dir: str, vm_name: str) -> Path:
     return Path(state_dir) / vm_name / "saved"
 
 
-def _file_identity(path: str) -> str:
-    real = os.path.realpath(path)
-    try:
-        st = os.stat(real)
-    except OSError:
-        return real
-    return f"{real}:{st.st_size}:{st.st_mtime_ns}"
-
-
 def state_key(plan: Plan, vm: VmPlan, backend: Backend, facts: HostFacts) -> str:
     """The key of ``vm``'s saved state under ``facts`` (see the module docstring)."""
     key_facts = replace(
         facts,
         generation_id=KEY_GENERATION_ID if facts.generation_id is not None else None,
-        incoming=False,
+        restore_from=None,
         ephemeral_fds=None,
     )
     image_files = [vm.kernel, vm.initramfs]
@@ -67,7 +59,7 @@ def state_key(plan: Plan, vm: VmPlan, backend: Backend, facts: HostFacts) -> str
         "argv": backend.argv(plan, vm, key_facts),
         "vmm": backend.build_id(plan),
         "accel": facts.accel,
-        "image": [_file_identity(p) for p in image_files],
+        "image": [file_identity(p) for p in image_files],
     }
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -98,11 +90,18 @@ class SavedState:
 
     def complete(self) -> bool:
         """Whether a whole state was saved under this key (meta.json is written last)."""
-        return self.meta.is_file() and self.state.is_file()
+        return self.meta.is_file() and self.state.exists()
 
     def forget(self) -> None:
         """Remove this key's state (a restore of it failed: the next start boots)."""
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _size(path: Path) -> int:
+    """The bytes of a state (QEMU writes one file, crosvm a directory of files)."""
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _private_dir(path: Path) -> None:
@@ -133,17 +132,13 @@ async def save(vm: VmPlan, vmm: Vmm, saved: SavedState, timeout: float) -> dict[
 
     start = time.monotonic()
     try:
-        fd = os.open(tmp / STATE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            await asyncio.to_thread(vmm.save_state, fd, copy_disk, timeout)
-        finally:
-            os.close(fd)
+        await asyncio.to_thread(vmm.save_state, tmp / STATE, copy_disk, timeout)
         meta = {
             "key": saved.key,
             "saved_at": time.time(),
             "save_s": round(time.monotonic() - start, 3),
             "disk_copy_s": round(paused[0], 3) if paused else None,
-            "state_bytes": (tmp / STATE).stat().st_size,
+            "state_bytes": _size(tmp / STATE),
             "disk_bytes": disk_bytes,
         }
         (tmp / META).write_text(json.dumps(meta) + "\n")

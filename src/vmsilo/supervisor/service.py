@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import sys
 from collections.abc import Awaitable
@@ -49,6 +48,8 @@ from vmsilo.supervisor.windows import Bridge, DesktopUnavailable, WindowStreams,
 RESTORE_TIMEOUT = 20.0
 
 
+#: How often a restore line is said again until the restored agent's hello answers it (s).
+RESTORE_RESEND = 3.0
 #: How long fastStart's save waits for the guest to settle (an older agent never answers).
 SETTLE_TIMEOUT = 10.0
 
@@ -240,15 +241,19 @@ class Supervisor:
             if not await readiness.wait_for(readiness.ready_port_up):
                 raise VmsiloError("the VMM never connected to the ready port")
             # (QEMU creates its QMP socket before it connects to ours: it is there now)
-            fd = os.open(state.state, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                await asyncio.to_thread(vmm.restore_state, fd, timeout)
-            finally:
-                os.close(fd)
+            await asyncio.to_thread(vmm.restore_state, state.state, timeout)
             launch.state.extra["restore_s"] = round(now() - started, 3)
             readiness.on_stale_hello = readiness.send_restored
-            readiness.send_restored()
-            await readiness.said_hello.wait()
+            said = asyncio.ensure_future(readiness.said_hello.wait())
+            try:
+                # said again until answered: a VMM may take in host bytes before the restored
+                # guest reads its port (crosvm restores after it connected), and a line can
+                # be lost then; the agent answers every one it reads (the first hello counts)
+                while not said.done():
+                    readiness.send_restored()
+                    await asyncio.wait({said}, timeout=RESTORE_RESEND)
+            finally:
+                said.cancel()
 
         readiness.await_restored = True
         task = self.spawn(restore())

@@ -1,16 +1,23 @@
-"""One VM's own clipboard, kept by its filter (SPEC §9.1 item 3, §9.4).
+"""One VM's own selections, kept by its filter (SPEC §9.1 item 3, §9.4): its clipboard and
+its primary selection (middle-click paste).
 
-The compositor's selection is the host's: no VM may read it or set it. So the filter keeps the
-VM's selection itself: a client's ``set_selection`` makes its source the VM's selection, and
-every client of the same VM that has keyboard focus is shown it through the filter's own offers
-(:meth:`vmsilo.wayland.session.Session.offer_selection`). A paste (``wl_data_offer.receive``)
-becomes ``wl_data_source.send`` to the owning client with the paster's fd: the bytes go from one
-guest program to the other, the filter never holds them.
+The compositor's selections are the host's: no VM may read them or set them. So the filter keeps
+each of the VM's selections itself: a client's ``set_selection`` makes its source the VM's
+selection of that kind, and every client of the same VM that has keyboard focus is shown it
+through the filter's own offers (:meth:`vmsilo.wayland.session.Session.offer_selection`). A
+paste (``receive`` on an offer) becomes ``send`` to the owning client with the paster's fd: the
+bytes go from one guest program to the other, the filter never holds them.
 
-``vm-clipboard`` (the host user's explicit act, as Qubes' Ctrl-Shift-C/V) reads the selection
-(:meth:`Clipboard.request`, the owner writes into a pipe the caller reads) and replaces it with
-data from the host (:meth:`Clipboard.set_host`, written to each paster's fd by a thread). These
-run on the filter's loop thread (the proxy hands them over); nothing here blocks.
+The two kinds speak two protocols with the same shape (a manager that makes devices and
+sources, a device that sets and announces the selection, offers that are read): :class:`Kind`
+names one protocol's interfaces and :class:`Selection` is one VM's selection of one kind, so
+the clipboard and the primary selection share every line of this logic.
+
+``vm-clipboard`` (the host user's explicit act, as Qubes' Ctrl-Shift-C/V) reads the clipboard
+(:meth:`Selection.request`, the owner writes into a pipe the caller reads) and replaces it with
+data from the host (:meth:`Selection.set_host`, written to each paster's fd by a thread). It
+moves the clipboard only, never the primary selection. These run on the filter's loop thread
+(the proxy hands them over); nothing here blocks.
 """
 
 from __future__ import annotations
@@ -19,19 +26,62 @@ import contextlib
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 
+@dataclass(frozen=True, slots=True)
+class Kind:
+    """The interfaces of one selection protocol (their requests and events share names:
+    ``set_selection``, ``data_offer``, ``selection``, ``offer``, ``receive``, ``send``,
+    ``cancelled``)."""
+
+    name: str
+    manager: str
+    device: str
+    source: str
+    offer: str
+    #: the manager's requests that make a device and a source
+    get_device: str
+    create_source: str
+    #: the device's destructor
+    device_destructor: str
+
+
+CLIPBOARD = Kind(
+    "clipboard",
+    manager="wl_data_device_manager",
+    device="wl_data_device",
+    source="wl_data_source",
+    offer="wl_data_offer",
+    get_device="get_data_device",
+    create_source="create_data_source",
+    device_destructor="release",
+)
+PRIMARY = Kind(
+    "primary",
+    manager="zwp_primary_selection_device_manager_v1",
+    device="zwp_primary_selection_device_v1",
+    source="zwp_primary_selection_source_v1",
+    offer="zwp_primary_selection_offer_v1",
+    get_device="get_device",
+    create_source="create_source",
+    device_destructor="destroy",
+)
+KINDS = (CLIPBOARD, PRIMARY)
+
+
 class Session(Protocol):
-    """What the clipboard needs of a client connection
+    """What a selection needs of a client connection
     (:class:`vmsilo.wayland.session.Session`)."""
 
     focused: bool
-    sources: dict[int, list[bytes]]
 
-    def offer_selection(self, mimes: list[bytes] | None) -> None: ...
+    def offer_selection(self, kind: Kind, mimes: list[bytes] | None) -> None: ...
 
-    def source_event(self, source: int, name: str, args: Sequence[int | bytes]) -> None: ...
+    def source_event(
+        self, kind: Kind, source: int, name: str, args: Sequence[int | bytes]
+    ) -> None: ...
 
 
 #: The types asked for first when the host reads a selection, text before images.
@@ -50,10 +100,11 @@ MAX_WRITERS = 8
 TEXT_TYPES = (b"text/plain;charset=utf-8", b"text/plain", b"UTF8_STRING", b"STRING", b"TEXT")
 
 
-class Clipboard:
-    """The selection of one VM: a client's source, data pasted from the host, or nothing."""
+class Selection:
+    """One selection of one VM: a client's source, data pasted from the host, or nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: Kind = CLIPBOARD) -> None:
+        self.kind = kind
         self.sessions: set[Session] = set()
         self.owner: Session | None = None
         self.source = 0
@@ -82,14 +133,15 @@ class Clipboard:
     def focus_changed(self) -> None:
         """(A hook for who tracks focus across VMs; nothing to do here.)"""
 
-    def set_selection(self, session: Session, source: int) -> None:
+    def set_selection(self, session: Session, source: int, mimes: Sequence[bytes]) -> None:
+        """``source`` of ``session`` (offering ``mimes``) becomes the selection; 0 clears it."""
         if not source:
             self._clear()
             return
         if (self.owner, self.source) != (session, source):
             self._cancel_owner()
         self.owner, self.source, self.host = session, source, None
-        self.mimes = list(session.sources.get(source, []))
+        self.mimes = list(mimes)
         self._broadcast()
 
     def source_gone(self, session: Session, source: int) -> None:
@@ -102,7 +154,7 @@ class Clipboard:
             data = self.host[1] if mime in self.mimes else b""
             _start_writer(fd, data)
         elif self.owner is not None and mime in self.mimes:
-            self.owner.source_event(self.source, "send", [mime, fd])
+            self.owner.source_event(self.kind, self.source, "send", [mime, fd])
         else:
             os.close(fd)
 
@@ -118,7 +170,7 @@ class Clipboard:
         if self.owner is None or mime is None:
             os.close(fd)
             return None
-        self.owner.source_event(self.source, "send", [mime, fd])
+        self.owner.source_event(self.kind, self.source, "send", [mime, fd])
         return mime
 
     def set_host(self, mime: bytes, data: bytes) -> None:
@@ -133,7 +185,7 @@ class Clipboard:
 
     def _cancel_owner(self) -> None:
         if self.owner is not None:
-            self.owner.source_event(self.source, "cancelled", [])
+            self.owner.source_event(self.kind, self.source, "cancelled", [])
 
     def _clear(self) -> None:
         had = self.current() is not None
@@ -145,7 +197,7 @@ class Clipboard:
         offers = self.current()
         for session in list(self.sessions):
             if session.focused:
-                session.offer_selection(offers)
+                session.offer_selection(self.kind, offers)
 
 
 _writers = threading.BoundedSemaphore(MAX_WRITERS)

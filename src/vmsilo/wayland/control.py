@@ -12,6 +12,9 @@ the selection's bytes after it for ``copy``:
 * ``{"op": "paste", "mime": M, "size": N}`` + N bytes → ``{"ok": true}`` — the VM's selection
   becomes those bytes.
 
+"Selection" here is the VM's clipboard only: the primary selection (middle-click paste) stays
+inside its VM and no request reaches it.
+
 Each connection is served by a thread; the clipboard itself is only touched on the filter's
 loop (:meth:`vmsilo.wayland.proxy.Proxy.call`).
 """
@@ -28,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from vmsilo.wayland.clipboard import Clipboard
+from vmsilo.wayland.clipboard import Selection
 from vmsilo.wayland.policy import Labels
 
 T = TypeVar("T")
@@ -37,7 +40,7 @@ T = TypeVar("T")
 class Proxy(Protocol):
     """What the control socket needs of the filter (:class:`vmsilo.wayland.proxy.Proxy`)."""
 
-    clipboard: Clipboard
+    clipboard: Selection
     labels: Labels
 
     def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T: ...

@@ -5,14 +5,15 @@ The globals are an **allowlist**: a global reaches a VM only when its interface 
 forbidden list is not what enforces anything; it names what must never appear, for the tests and
 for a reader checking that no entry of it slipped into the allowlist.
 
-Clipboard, primary selection and drag-and-drop (§9.1 item 3): the compositor's data device never
-speaks to the VM — the session drops every ``wl_data_device`` event of the compositor's (no
+Clipboard, primary selection and drag-and-drop (§9.1 item 3): the compositor's data device and
+primary selection device never speak to the VM — the session drops every event of theirs (no
 offer, selection or drag of the host or another VM reaches the VM, so it cannot read one) and
 ``start_drag``, and kills a client that talks to an offer it was never shown. The VM's
-``set_selection`` goes to the VM's own clipboard in the filter (:mod:`.clipboard`), which the
-filter offers to the VM's focused clients itself: copy and paste work between the VM's
-programs, and ``vm-clipboard`` (§9.4) is the only way across. Primary selection is optional for
-every toolkit and simply not offered.
+``set_selection`` (of either kind) goes to the VM's own selection of that kind in the filter
+(:mod:`.clipboard`), which the filter offers to the VM's focused clients itself: copy and paste,
+and middle-click paste, work between the VM's programs; ``vm-clipboard`` (§9.4) is the only way
+across, for the clipboard only. ``gtk_primary_selection_device_manager`` (GTK's older copy of the
+same protocol, the toolkits' fallback where the ``zwp_`` one is missing) stays hidden.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ ALLOWED_GLOBALS: frozenset[str] = frozenset(
         "wl_seat",
         "wl_output",
         "wl_data_device_manager",  # hollow: see the module docstring
+        "zwp_primary_selection_device_manager_v1",  # hollow too
         # shells and window decorations
         "xdg_wm_base",
         "zxdg_decoration_manager_v1",
@@ -64,7 +66,6 @@ FORBIDDEN_GLOBALS: frozenset[str] = frozenset(
         # clipboard managers and the selections of others
         "zwlr_data_control_manager_v1",
         "ext_data_control_manager_v1",
-        "zwp_primary_selection_device_manager_v1",
         "gtk_primary_selection_device_manager",
         # synthetic input
         "zwp_virtual_keyboard_manager_v1",
@@ -102,7 +103,9 @@ FORBIDDEN_GLOBALS: frozenset[str] = frozenset(
 #: ``set_selection`` goes to its own clipboard in the filter instead).
 DROPPED_REQUESTS: frozenset[tuple[str, str]] = frozenset({("wl_data_device", "start_drag")})
 #: Interfaces whose events never reach the VM; objects they announce stay hidden.
-SILENCED_INTERFACES: frozenset[str] = frozenset({"wl_data_device"})
+SILENCED_INTERFACES: frozenset[str] = frozenset(
+    {"wl_data_device", "zwp_primary_selection_device_v1"}
+)
 
 #: Longest title the filter relays (bytes of UTF-8, the prefix included): a message is ≤ 4 KiB.
 MAX_TITLE = 1024

@@ -30,18 +30,12 @@ from pathlib import Path
 from typing import TypeVar
 
 from vmsilo.wayland import policy, protocol
-from vmsilo.wayland.clipboard import Clipboard
+from vmsilo.wayland.clipboard import CLIPBOARD, PRIMARY, Selection
 from vmsilo.wayland.control import ControlServer, listen_private
+from vmsilo.wayland.output import Chunk, close_chunks, close_fds
 from vmsilo.wayland.protocol import Interface
 from vmsilo.wayland.security_context import SecurityContext
-from vmsilo.wayland.session import (
-    Chunk,
-    Session,
-    UpstreamError,
-    Violation,
-    close_chunks,
-    close_fds,
-)
+from vmsilo.wayland.session import Session, UpstreamError, Violation
 from vmsilo.wayland.wire import encode
 
 T = TypeVar("T")
@@ -100,8 +94,10 @@ class Proxy:
         self.listener: socket.socket | None = None
         self.context = SecurityContext(self.protocols, labels, listen + ".context", log)
         self._stop_r, self._stop_w = os.pipe()
-        #: the VM's own clipboard, shared by its connections (SPEC §9.1 item 3)
-        self.clipboard = Clipboard()
+        #: the VM's own clipboard and primary selection, shared by its connections (SPEC §9.1
+        #: item 3); vm-clipboard reaches the clipboard only
+        self.clipboard = Selection(CLIPBOARD)
+        self.primary = Selection(PRIMARY)
         #: work other threads hand to the loop (:meth:`call`), and the pipe that wakes it
         self._calls: deque[Callable[[], None]] = deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -205,7 +201,8 @@ class Proxy:
             return
         client.setblocking(False)
         up.setblocking(False)
-        link = Link(client, up, Session(self.protocols, self.labels, self.clipboard))
+        session = Session(self.protocols, self.labels, self.clipboard, self.primary)
+        link = Link(client, up, session)
         link.session.inject = lambda chunks: self._inject(link, chunks)
         self.links.add(link)
         link.client.callback = lambda s, m: self._ready(link, m, True)
@@ -253,6 +250,13 @@ class Proxy:
             dst.queue.append(chunk)
             dst.queued += len(chunk[0])
         self._flush(link, dst)
+        if not from_client and not link.closed:
+            back = link.session.take_upstream()  # the host's offers the filter destroys
+            for chunk in back:
+                src.queue.append(chunk)
+                src.queued += len(chunk[0])
+            if back:
+                self._flush(link, src)
 
     def _flush(self, link: Link, side: _Side) -> None:
         while side.queue:

@@ -10,10 +10,14 @@ fds and new objects, and applies :mod:`vmsilo.wayland.policy` on the way:
   higher version is a violation;
 * ``xdg_toplevel.set_title``/``set_app_id`` are rewritten; a new toplevel is given
   ``[vm]`` and the VM's app_id at once, before the client's first commit;
-* the compositor's ``wl_data_device`` events are dropped (objects they announce stay hidden: a
-  request to one is a violation) and ``start_drag`` too; ``set_selection`` goes to the VM's own
-  clipboard (:mod:`vmsilo.wayland.clipboard`), never to the compositor, and the VM's clients
-  get that clipboard's offers from the filter itself when they have keyboard focus.
+* the compositor's ``wl_data_device`` and primary selection device events are dropped
+  (objects they announce stay hidden: a request to one is a violation) and ``start_drag`` too;
+  ``set_selection`` of either kind goes to the VM's own selection of that kind
+  (:mod:`vmsilo.wayland.clipboard`), never to the compositor, and the VM's clients get the VM's
+  selections offered by the filter itself when they have keyboard focus;
+* the compositor's own offers (the host's selections, a host drag over a VM window) are
+  destroyed upstream once the compositor has said what they are for, as a client that ignores
+  them would: else the compositor keeps one object per host selection change per connection.
 
 Ids in the compositor's range (``0xff000000`` up) are *translated*: the client sees the
 compositor's visible objects and the filter's own offers numbered densely in one sequence, as
@@ -30,14 +34,14 @@ new objects or a rewrite are decoded.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 from vmsilo.wayland import policy
-from vmsilo.wayland.clipboard import Clipboard
+from vmsilo.wayland.clipboard import CLIPBOARD, KINDS, PRIMARY, Kind, Selection
+from vmsilo.wayland.host_offers import OFFER_KINDS, HostOffers
+from vmsilo.wayland.output import MAX_FDS_PER_SEND, Chunk, Output, close_chunks, close_fds
 from vmsilo.wayland.protocol import Arg, Interface, Message
 from vmsilo.wayland.wire import (
     MAX_MESSAGE,
@@ -50,8 +54,6 @@ from vmsilo.wayland.wire import (
     header,
 )
 
-#: libwayland receives at most 28 fds per ``recvmsg`` (``MAX_FDS_OUT``): never send more.
-MAX_FDS_PER_SEND = 28
 #: fds that may wait for the rest of their message; more is a client sending fds it should not.
 MAX_WAITING_FDS = MAX_FDS_PER_SEND
 
@@ -70,36 +72,20 @@ class Obj:
     hidden: bool = False
 
 
-Chunk = tuple[bytes, list[int]]
+@dataclass(slots=True)
+class Held:
+    """What one connection holds of one of the VM's selections: the selection itself (shared by
+    the VM's connections), the client's devices and its sources with their mime types."""
+
+    selection: Selection
+    devices: set[int] = field(default_factory=set)
+    sources: dict[int, list[bytes]] = field(default_factory=dict)
 
 
-class Output:
-    """Messages to send, grouped so that no send carries more than 28 fds."""
-
-    __slots__ = ("_data", "_fds", "chunks")
-
-    def __init__(self) -> None:
-        self.chunks: list[Chunk] = []
-        self._data = bytearray()
-        self._fds: list[int] = []
-
-    def add(self, data: bytes | bytearray, fds: list[int] | tuple[()] = ()) -> None:
-        if fds and len(self._fds) + len(fds) > MAX_FDS_PER_SEND:
-            self._cut()
-        self._data += data
-        self._fds.extend(fds)
-
-    def _cut(self) -> None:
-        if self._data:
-            self.chunks.append((bytes(self._data), self._fds))
-        self._data = bytearray()
-        self._fds = []
-
-    def take(self) -> list[Chunk]:
-        self._cut()
-        chunks, self.chunks = self.chunks, []
-        return chunks
-
+#: interface name → the selection kind it belongs to
+KIND_OF: dict[str, Kind] = {
+    iface: k for k in KINDS for iface in (k.manager, k.device, k.source, k.offer)
+}
 
 Hook = Callable[["Session", int, Message, list[Value], Output], None]
 
@@ -111,7 +97,8 @@ class Session:
         self,
         protocols: dict[str, Interface],
         labels: policy.Labels,
-        clipboard: Clipboard | None = None,
+        clipboard: Selection | None = None,
+        primary: Selection | None = None,
     ) -> None:
         self.protocols = protocols
         self.labels = labels
@@ -125,18 +112,24 @@ class Session:
         #: compositor-range ids: the compositor's visible objects ↔ the client's numbers
         self.up2cl: dict[int, int] = {}
         self.cl2up: dict[int, int] = {}
-        #: the filter's own objects in the client's compositor range (its clipboard offers)
-        self.local: dict[int, str] = {}
+        #: the filter's own objects in the client's compositor range (its selection offers)
+        self.local: dict[int, Kind] = {}
         self._srv_next = SERVER_ID_BASE
         self._srv_free: list[int] = []
-        #: the VM's clipboard (shared by the VM's connections) and what it needs of this one
-        self.clipboard = clipboard if clipboard is not None else Clipboard()
-        self.devices: set[int] = set()  # the client's wl_data_device objects
-        self.sources: dict[int, list[bytes]] = {}  # its wl_data_source objects → mime types
+        #: the VM's selections (shared by the VM's connections) and what it needs of this one
+        self.held: dict[str, Held] = {
+            CLIPBOARD.name: Held(clipboard if clipboard is not None else Selection(CLIPBOARD)),
+            PRIMARY.name: Held(primary if primary is not None else Selection(PRIMARY)),
+        }
+        #: the compositor's offers the client never sees, still alive upstream
+        self.host_offers = HostOffers()
+        #: requests the filter itself sends the compositor (:meth:`take_upstream`)
+        self._upstream = Output()
         self.focused = False  # one of its surfaces has keyboard focus
         #: sends messages the filter makes itself to this client (set by the proxy)
         self.inject: Callable[[list[Chunk]], None] = close_chunks
-        self.clipboard.join(self)
+        for held in self.held.values():
+            held.selection.join(self)
 
     # ----------------------------------------------------------------- feeding
 
@@ -180,9 +173,16 @@ class Session:
             del buf[:pos]
         return out.take()
 
+    def take_upstream(self) -> list[Chunk]:
+        """Requests of the filter's own for the compositor, made while reading its events
+        (destroying the host's offers): the proxy sends them after what :meth:`from_upstream`
+        returned went to the client."""
+        return self._upstream.take()
+
     def close(self) -> None:
-        """Close the fds still waiting for their messages; leave the VM's clipboard."""
-        self.clipboard.leave(self)
+        """Close the fds still waiting for their messages; leave the VM's selections."""
+        for held in self.held.values():
+            held.selection.leave(self)
         close_fds(self._cfds)
         close_fds(self._ufds)
         self._cfds.clear()
@@ -301,64 +301,81 @@ class Session:
     def _drop(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
         close_fds(_fds_of(msg, args))
 
-    # ------------------------------------------------------ the VM's own clipboard
+    # ---------------------------------------------------- the VM's own selections
 
-    def _get_data_device(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
+    def _held_of(self, oid: int) -> tuple[Kind, Held]:
+        kind = KIND_OF[self.objects[oid].iface.name]
+        return kind, self.held[kind.name]
+
+    def _get_device(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
+        kind, held = self._held_of(oid)
         new = args[0]
         assert isinstance(new, NewId)
-        self.devices.add(new.id)
+        held.devices.add(new.id)
         out.add(*encode(oid, msg, args))  # the compositor's device: its events stay silenced
+        offers = held.selection.current()
+        if self.focused and offers is not None:  # as a compositor does for a focused client
+            self.offer_selection(kind, offers, devices=[new.id])
 
-    def _create_data_source(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
+    def _create_source(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
+        _, held = self._held_of(oid)
         new = args[0]
         assert isinstance(new, NewId)
-        self.sources[new.id] = []
+        held.sources[new.id] = []
         out.add(*encode(oid, msg, args))
 
     def _source_offer(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
+        _, held = self._held_of(oid)
         mime = args[0]
-        offered = self.sources.get(oid)
+        offered = held.sources.get(oid)
         if isinstance(mime, bytes) and offered is not None and len(offered) < MAX_MIME_TYPES:
             offered.append(mime)
         out.add(*encode(oid, msg, args))
 
     def _source_destroy(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
-        self.sources.pop(oid, None)
-        self.clipboard.source_gone(self, oid)
+        _, held = self._held_of(oid)
+        held.sources.pop(oid, None)
+        held.selection.source_gone(self, oid)
         out.add(*encode(oid, msg, args))
 
-    def _device_release(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
-        self.devices.discard(oid)
+    def _device_gone(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
+        _, held = self._held_of(oid)
+        held.devices.discard(oid)
         out.add(*encode(oid, msg, args))
 
     def _set_selection(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
         """The VM's selection changes; the compositor never hears of it (SPEC §9.1, 3)."""
+        _, held = self._held_of(oid)
         source = args[0]
         assert isinstance(source, int)
-        if source and source not in self.sources:
+        if source and source not in held.sources:
             raise Violation(f"set_selection with unknown source {source}")
-        self.clipboard.set_selection(self, source)
+        held.selection.set_selection(self, source, held.sources.get(source, []))
 
     def _keyboard_enter(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
         self.focused = True
-        self.clipboard.focus_changed()
-        offers = self.clipboard.current()
-        if offers is not None:
-            self.offer_selection(offers, out)  # before enter, as compositors do
+        for kind in KINDS:
+            selection = self.held[kind.name].selection
+            selection.focus_changed()
+            offers = selection.current()
+            if offers is not None:
+                self.offer_selection(kind, offers, out)  # before enter, as compositors do
         out.add(*encode(oid, msg, args))
 
     def _keyboard_leave(self, oid: int, msg: Message, args: list[Value], out: Output) -> None:
         self.focused = False
-        self.clipboard.focus_changed()
+        for held in self.held.values():
+            held.selection.focus_changed()
         out.add(*encode(oid, msg, args))
 
     def _local_request(self, buf: bytearray, pos: int, oid: int, opcode: int, size: int) -> None:
         """A request to one of the filter's own offers: nothing of it reaches the compositor."""
-        iface = self.protocols["wl_data_offer"]
+        kind = self.local[oid]
+        iface = self.protocols[kind.offer]
         try:
             msg = iface.requests[opcode]
         except IndexError:
-            raise Violation(f"wl_data_offer: no request {opcode}") from None
+            raise Violation(f"{kind.offer}: no request {opcode}") from None
         try:
             args = decode(msg, bytes(buf[pos + 8 : pos + size]), self._cfds)
         except WireError as e:
@@ -366,28 +383,37 @@ class Session:
         if msg.name == "receive":
             mime, fd = args
             assert isinstance(fd, int)
-            self.clipboard.receive(mime if isinstance(mime, bytes) else b"", fd)
+            selection = self.held[kind.name].selection
+            selection.receive(mime if isinstance(mime, bytes) else b"", fd)
         elif msg.destructor:
             del self.local[oid]
             self._srv_free.append(oid)
         # accept, finish, set_actions: drag-and-drop bookkeeping, which never starts here
 
-    def offer_selection(self, mimes: list[bytes] | None, out: Output | None = None) -> None:
-        """Show the client the VM's selection (``None``: there is none) on each of its data
-        devices: a fresh offer of the filter's own, its types, then ``selection``."""
+    def offer_selection(
+        self,
+        kind: Kind,
+        mimes: list[bytes] | None,
+        out: Output | None = None,
+        devices: Iterable[int] | None = None,
+    ) -> None:
+        """Show the client the VM's selection of ``kind`` (``None``: there is none) on each of
+        its devices of that kind (or on ``devices``): a fresh offer of the filter's own, its
+        types, then ``selection``."""
         o = out if out is not None else Output()
-        device = self.protocols["wl_data_device"]
+        device = self.protocols[kind.device]
         data_offer, selection = (
             _event_named(device, "data_offer"),
             _event_named(device, "selection"),
         )
-        offer_type = _event_named(self.protocols["wl_data_offer"], "offer")
-        for dev in sorted(self.devices):
+        offer_type = _event_named(self.protocols[kind.offer], "offer")
+        targets = self.held[kind.name].devices if devices is None else devices
+        for dev in sorted(targets):
             if mimes is None:
                 o.add(*encode(dev, selection, [0]))
                 continue
             mine = self._alloc_server_id()
-            self.local[mine] = "wl_data_offer"
+            self.local[mine] = kind
             o.add(*encode(dev, data_offer, [NewId(mine)]))
             for mime in mimes:
                 o.add(*encode(mine, offer_type, [mime]))
@@ -395,14 +421,22 @@ class Session:
         if out is None:
             self.inject(o.take())
 
-    def source_event(self, source: int, name: str, args: Sequence[Value]) -> None:
+    def source_event(self, kind: Kind, source: int, name: str, args: Sequence[Value]) -> None:
         """Tell the client something about its own source (``send`` with an fd, ``cancelled``)."""
-        if source not in self.sources:
+        if source not in self.held[kind.name].sources:
             close_fds([v for v in args if isinstance(v, int) and name == "send"])
             return
         o = Output()
-        o.add(*encode(source, _event_named(self.protocols["wl_data_source"], name), list(args)))
+        o.add(*encode(source, _event_named(self.protocols[kind.source], name), list(args)))
         self.inject(o.take())
+
+    def _destroy_host_offers(self, offers: list[tuple[int, Kind]]) -> None:
+        """Give the compositor back offers of its own the client never saw (:mod:`.host_offers`).
+        Each stays in ``objects`` (hidden): events may still be on their way to it, and the
+        compositor reuses the id for its next new object, which replaces it there."""
+        for oid, kind in offers:
+            destroy = next(m for m in self.protocols[kind.offer].requests if m.name == "destroy")
+            self._upstream.add(*encode(oid, destroy, []))
 
     # ------------------------------------------------------------------ events
 
@@ -438,6 +472,9 @@ class Session:
                 if iface is None:
                     raise UpstreamError(f"unknown interface {arg.interface}")
                 self.objects[value.id] = Obj(iface, hidden=silenced)
+                if silenced and value.id >= SERVER_ID_BASE and iface.name in OFFER_KINDS:
+                    kind = OFFER_KINDS[iface.name]
+                    self._destroy_host_offers(self.host_offers.announced(value.id, kind))
                 if value.id >= SERVER_ID_BASE and not silenced:
                     mine = self._alloc_server_id()
                     self.up2cl[value.id] = mine
@@ -445,6 +482,8 @@ class Session:
                     args[i] = NewId(mine)
         if silenced:
             close_fds(_fds_of(msg, args))
+            gone = self.host_offers.device_event(obj.iface.name, msg.name, list(args))
+            self._destroy_host_offers(gone)
             return
         if hook is not None:
             hook(self, oid, msg, args, out)
@@ -491,11 +530,6 @@ DROP = _Drop()
 MAX_MIME_TYPES = 32
 
 
-def close_chunks(chunks: list[Chunk]) -> None:
-    for _, fds in chunks:
-        close_fds(fds)
-
-
 def _event_named(iface: Interface, name: str) -> Message:
     return next(m for m in iface.events if m.name == name)
 
@@ -506,23 +540,23 @@ def _fds_of(msg: Message, args: list[Value]) -> list[int]:
     return [v for a, v in zip(msg.args, args, strict=True) if a.code == "h" and isinstance(v, int)]
 
 
-def close_fds(fds: list[int] | deque[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
 REQUEST_HOOKS: dict[tuple[str, str], Hook] = {
     ("wl_registry", "bind"): Session._bind,
     ("xdg_toplevel", "set_title"): Session._set_title,
     ("xdg_toplevel", "set_app_id"): Session._set_app_id,
     ("xdg_surface", "get_toplevel"): Session._get_toplevel,
-    ("wl_data_device_manager", "get_data_device"): Session._get_data_device,
-    ("wl_data_device_manager", "create_data_source"): Session._create_data_source,
-    ("wl_data_source", "offer"): Session._source_offer,
-    ("wl_data_source", "destroy"): Session._source_destroy,
-    ("wl_data_device", "release"): Session._device_release,
-    ("wl_data_device", "set_selection"): Session._set_selection,
+    **{
+        key: hook
+        for k in KINDS
+        for key, hook in (
+            ((k.manager, k.get_device), Session._get_device),
+            ((k.manager, k.create_source), Session._create_source),
+            ((k.source, "offer"), Session._source_offer),
+            ((k.source, "destroy"), Session._source_destroy),
+            ((k.device, k.device_destructor), Session._device_gone),
+            ((k.device, "set_selection"), Session._set_selection),
+        )
+    },
     **{key: Session._drop for key in policy.DROPPED_REQUESTS},
 }
 EVENT_HOOKS: dict[tuple[str, str], Hook] = {
