@@ -346,9 +346,13 @@ async def _forget_neighbours() -> None:
 
 
 def _restart_dhcp() -> None:
-    """The DHCP clients ask for their leases afresh (see :mod:`vmsilo.guest.dhcp_restart`)."""
+    """The DHCP clients ask for their leases afresh (see :mod:`vmsilo.guest.dhcp_restart`);
+    only in a vmsilo guest (an agent run on a host, as in tests, must not touch its clients)."""
     from vmsilo.guest.dhcp_restart import restart_dhcp_clients
+    from vmsilo.guest.netvm import IMAGE_MARKER
 
+    if not os.path.exists(IMAGE_MARKER):
+        return
     try:
         restart_dhcp_clients()
     except OSError as e:
