@@ -35,6 +35,7 @@ GUEST_MODULES: tuple[str, ...] = (
     "vmsilo/guest/copy_pack.py",
     "vmsilo/guest/copy_rules.py",
     "vmsilo/guest/copy_unpack.py",
+    "vmsilo/guest/dhcp_restart.py",
     "vmsilo/guest/init.py",
     "vmsilo/guest/netvm.py",
     "vmsilo/guest/ports.py",

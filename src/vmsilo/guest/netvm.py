@@ -13,7 +13,6 @@ Standard library only (runs in the guest).
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -26,8 +25,12 @@ NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
 
 
 def ruleset(upstream: str | None, clients: list[str]) -> str:
+    """The netvm's table, replacing any earlier one in the same transaction (``add`` +
+    ``delete`` make that work whether or not it exists): never a moment without it."""
     quoted = ", ".join(f'"{c}"' for c in clients)
     lines = [
+        "add table ip vmsilo_netvm",
+        "delete table ip vmsilo_netvm",
         "table ip vmsilo_netvm {",
         "  chain forward {",
         "    type filter hook forward priority filter; policy drop;",
@@ -47,15 +50,32 @@ def ruleset(upstream: str | None, clients: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``[--upstream IF] [--client IF]...`` (the supervisor's own argv; no argparse: its
+    import is a good part of this program's start in a just restored guest under TCG, where
+    the netvm's start waits for it). Raises ValueError."""
+    upstream: str | None = None
+    clients: list[str] = []
+    if len(argv) % 2:
+        raise ValueError(f"unexpected arguments {argv!r}")
+    for flag, name in zip(argv[::2], argv[1::2], strict=True):
+        if not NAME.match(name):
+            raise ValueError(f"bad interface name {name!r}")
+        if flag == "--upstream":
+            upstream = name
+        elif flag == "--client":
+            clients.append(name)
+        else:
+            raise ValueError(f"unknown option {flag!r}")
+    return upstream, clients
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="vmsilo.guest.netvm")
-    p.add_argument("--upstream")
-    p.add_argument("--client", action="append", default=[])
-    args = p.parse_args(argv)
-    for name in [args.upstream, *args.client]:
-        if name is not None and not NAME.match(name):
-            print(f"netvm: bad interface name {name!r}", file=sys.stderr)
-            return 2
+    try:
+        upstream, clients = parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        print(f"netvm: {e}", file=sys.stderr)
+        return 2
     if not os.path.exists(IMAGE_MARKER):
         # this reconfigures a whole network stack: refuse anywhere but in a vmsilo guest
         print(
@@ -71,13 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     # netfilter ships as modules loaded on demand (the guest has no udev/kmod autoloading)
     subprocess.run(["busybox", "modprobe", "-a", *MODULES], capture_output=True)
-    subprocess.run([nft, "delete", "table", "ip", "vmsilo_netvm"], capture_output=True)
-    done = subprocess.run([nft, "-f", "-"], input=ruleset(args.upstream, args.client).encode())
+    done = subprocess.run([nft, "-f", "-"], input=ruleset(upstream, clients).encode())
     if done.returncode != 0:
         return 1
     with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
         f.write("1\n")
-    print(f"netvm: forwarding {', '.join(args.client) or 'no clients'} -> {args.upstream}")
+    print(f"netvm: forwarding {', '.join(clients) or 'no clients'} -> {upstream}")
     return 0
 
 

@@ -121,10 +121,11 @@ class RestoreListener:
     in that read; when the host restores it into a new machine, the supervisor writes one
     :func:`~vmsilo.channel.protocol.encode_restored` line: the agent mixes the host's entropy
     into the pool (QEMU's ``vmgenid`` has the kernel reseed too), sets the clock from the
-    host's, and only then says hello again — the new supervisor's readiness. Nothing else is
-    read from the port. A console port (crosvm's: a tty) is made raw first — no echo of the
-    host's lines back to it, no line editing, no carriage returns added — and held from before
-    the first hello, so that nothing the host writes meets a cooked tty.
+    host's, and only then says hello again — the new supervisor's readiness (then it forgets
+    the old machine's neighbours and has its DHCP clients ask afresh). Nothing else is read
+    from the port. A console port (crosvm's: a tty) is made raw first — no echo of the host's
+    lines back to it, no line editing, no carriage returns added — and held from before the
+    first hello, so that nothing the host writes meets a cooked tty.
     """
 
     def __init__(self) -> None:
@@ -237,7 +238,7 @@ class RestoreListener:
             log.warning("cannot set the clock: %s", e)
         if self.path is not None:
             await send_ready(self.path, self.transport, restored=True)
-        await _forget_neighbours()
+        await asyncio.gather(_forget_neighbours(), asyncio.to_thread(_restart_dhcp))
 
     async def _settle(self) -> None:
         if self.settled is not None:
@@ -342,6 +343,20 @@ async def _forget_neighbours() -> None:
         await proc.wait()
     except OSError as e:
         log.warning("cannot flush the neighbour tables: %s", e)
+
+
+def _restart_dhcp() -> None:
+    """The DHCP clients ask for their leases afresh (see :mod:`vmsilo.guest.dhcp_restart`);
+    only in a vmsilo guest (an agent run on a host, as in tests, must not touch its clients)."""
+    from vmsilo.guest.dhcp_restart import restart_dhcp_clients
+    from vmsilo.guest.netvm import IMAGE_MARKER
+
+    if not os.path.exists(IMAGE_MARKER):
+        return
+    try:
+        restart_dhcp_clients()
+    except OSError as e:
+        log.warning("cannot restart the DHCP clients: %s", e)
 
 
 RESTORE = RestoreListener()
