@@ -13,30 +13,17 @@ from typing import Any
 
 import pytest
 
-from vmsilo.wayland import protocol
+from test_wayland_unit import P, ev, msg, req  # the message helpers, written once
 from vmsilo.wayland.clipboard import CLIPBOARD, PRIMARY, Selection
 from vmsilo.wayland.host_offers import MAX_HOST_OFFERS
 from vmsilo.wayland.output import Chunk
 from vmsilo.wayland.policy import Labels
 from vmsilo.wayland.session import Session, Violation
-from vmsilo.wayland.wire import SERVER_ID_BASE, NewId, WireError, decode, encode, header
+from vmsilo.wayland.wire import SERVER_ID_BASE, NewId, WireError, decode, header
 
-P = protocol.load()
 SEAT, DDM, PSM = 1, 2, 3  # registry names of the globals below
 GLOBALS = {SEAT: "wl_seat", DDM: "wl_data_device_manager", PSM: PRIMARY.manager}
 PDEV, DDEV, KBD = 5, 6, 7  # the client's primary device, data device and keyboard
-
-
-def req(iface: str, name: str) -> protocol.Message:
-    return next(m for m in P[iface].requests if m.name == name)
-
-
-def ev(iface: str, name: str) -> protocol.Message:
-    return next(m for m in P[iface].events if m.name == name)
-
-
-def msg(oid: int, m: protocol.Message, *args: Any) -> bytes:
-    return encode(oid, m, list(args))[0]
 
 
 def parse(
