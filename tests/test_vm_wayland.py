@@ -113,6 +113,26 @@ def first_line(desk: Desktop, win: dict) -> bytes:
     return desk.screenshot().crop(r["x"], r["y"], r["width"], FIRST_LINE_PX).pixels
 
 
+def ink(pixels: bytes) -> int:
+    """How many pixels are not the most common colour (the text drawn on the background)."""
+    colours: dict[bytes, int] = {}
+    for i in range(0, len(pixels), 3):
+        colours[pixels[i : i + 3]] = colours.get(pixels[i : i + 3], 0) + 1
+    return len(pixels) // 3 - max(colours.values())
+
+
+def drawn_first_line(desk: Desktop, win: dict, timeout: float = 30.0) -> bytes:
+    """The window's first text line once its program has drawn text there: a window has
+    focus before its program's output is painted (a screenshot right then showed a bare
+    frame of the host's own foot); at the deadline, whatever is shown."""
+    deadline = time.monotonic() + timeout
+    while True:
+        line = first_line(desk, win)
+        if ink(line) > 100 or time.monotonic() > deadline:
+            return line
+        time.sleep(0.2)
+
+
 def kill_window(desk: Desktop, con_id: int) -> None:
     with desk.ipc() as ipc:
         assert ipc.request(RUN_COMMAND, f"[con_id={con_id}] kill")[0]["success"]
@@ -137,7 +157,8 @@ def test_guest_window_is_labelled_typed_into_and_drawn(desk: Desktop, vms: Setup
         "foot",
         "ref",
     )
-    reference = first_line(desk, win)
+    reference = drawn_first_line(desk, win)
+    assert ink(reference) > 100, "the host's own foot drew no text"
     wait_closed(desk, win["id"], lambda: (ref[0].kill(), ref[0].wait()))
 
     assert vm_run(vms, "work", "mkfifo", "/tmp/typed").returncode == 0
@@ -156,12 +177,8 @@ def test_guest_window_is_labelled_typed_into_and_drawn(desk: Desktop, vms: Setup
         assert p.returncode == 0, p.stderr
         typed = vm_run(vms, "work", "cat", "/tmp/typed")  # blocks until the guest wrote it
         assert typed.stdout.strip() == "typed-on-the-host"
-        shown = first_line(desk, win)
-        colours: dict[bytes, int] = {}
-        for i in range(0, len(shown), 3):
-            colours[shown[i : i + 3]] = colours.get(shown[i : i + 3], 0) + 1
-        ink = len(shown) // 3 - max(colours.values())
-        assert ink > 100, "the guest's text is not drawn"
+        shown = drawn_first_line(desk, win)
+        assert ink(shown) > 100, "the guest's text is not drawn"
         assert shown == reference, "the guest's window differs from the same program on the host"
     finally:
         for proc in procs:
