@@ -1,7 +1,7 @@
 """``vm-copy [--no-autostart] SRC DST PATH…`` — copy files from one VM to another (SPEC §9.4).
 
 Two vm-run sessions, reached (and started on demand) the way vm-run reaches a VM
-(:func:`vmsilo.cli.vm_run.reach_vm`): in SRC the VM user runs the packer
+(:func:`vmsilo.cli.reach.reach_vm`): in SRC the VM user runs the packer
 (:mod:`vmsilo.guest.copy_pack`), in DST the VM user runs the unpacker
 (:mod:`vmsilo.guest.copy_unpack`), which treats the stream as hostile and creates the items
 under ``~/Incoming/<SRC>/``. The host only relays the bytes: SRC's output goes through a pipe,
@@ -31,7 +31,7 @@ from vmsilo.errors import VmsiloError
 
 if TYPE_CHECKING:
     from vmsilo.cli.copy_progress import Progress
-    from vmsilo.cli.vm_run import Reached
+    from vmsilo.cli.reach import Reached
     from vmsilo.config.users import UserLookup
     from vmsilo.lifecycle.base import App
 
@@ -128,7 +128,7 @@ def _copy(
     app: App | None,
 ) -> int:
     from vmsilo.cli.common import load, select_vm
-    from vmsilo.cli.vm_run import reach_vm
+    from vmsilo.cli.reach import reach_vm
 
     loaded = load(config, users)  # the limits; an unknown VM is reported before any start
     for name in (src, dst):

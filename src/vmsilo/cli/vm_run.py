@@ -5,10 +5,8 @@ status is the guest program's (126/127 when it cannot be executed / found, 128+N
 signal N, 124 when ``--timeout`` ended it, as with ``timeout(1)``); every failure of vm-run
 itself exits 255 with a message.
 
-Over 600 lines, on purpose for now: the warm path (a fast argument parser that hands every
-unusual command line to argparse, the quick look at the config, one connection) lives beside
-the slow path it must agree with, so that a reader sees both; ``reach_vm`` (shared with
-vm-copy) is the part to move out next, into a module of its own.
+The way to a VM's command socket — found running, or started — is :mod:`vmsilo.cli.reach`,
+shared with vm-copy.
 """
 
 from __future__ import annotations
@@ -381,122 +379,9 @@ def _unattended_failure(args: RunArgs | str | None, err: TextIO, prog: str, text
     report_launch_failure(prog, args.vm, text)
 
 
-class Reached:
-    """A VM's command socket, what watches its start when this call started it, and — on the
-    warm path, when asked for — the connection made to find it running."""
-
-    __slots__ = ("sock", "socket_path", "status", "watch")
-
-    def __init__(
-        self,
-        socket_path: str,
-        watch: StartWatch | None = None,
-        status: StartStatus | None = None,
-        sock: socket.socket | None = None,
-    ) -> None:
-        self.socket_path = socket_path
-        self.watch = watch
-        self.status = status
-        self.sock = sock
-
-
-def reach_vm(
-    config: str | None,
-    name: str,
-    *,
-    autostart: bool,
-    users: UserLookup | None,
-    err: TextIO,
-    app: App | None,
-    show_status: bool = True,
-    keep_connection: bool = False,
-) -> Reached:
-    """The command socket of VM ``name``, starting the VM first unless it runs (or raise with
-    ``autostart`` off). vm-run's way to a VM, shared with vm-copy; the caller ends
-    ``status`` (a status line on a terminal, unless ``show_status`` is off) when it is done.
-
-    A running VM is found by connecting to its socket; with ``keep_connection`` that
-    connection is handed back in ``sock`` (the caller owns it) instead of being closed, so
-    vm-run's session needs no second connect."""
-    from vmsilo.channel.blocking_client import connect
-    from vmsilo.channel.protocol import ChannelError
-    from vmsilo.cli.quick_look import quick_look
-    from vmsilo.defaults import command_socket
-
-    look = quick_look(config, name) if users is None else None
-    if look is not None:
-        candidate = command_socket(look.runtime_dir, name)
-        try:
-            sock = connect(candidate)
-        except ChannelError:
-            pass
-        else:
-            if not keep_connection:
-                sock.close()
-            return Reached(candidate, sock=sock if keep_connection else None)
-        if autostart and os.geteuid() == 0:
-            reached = _start_from_cached_plan(config, name, err, app, show_status)
-            if reached is not None:
-                return reached
-    from vmsilo.cli.common import load, select_vm
-    from vmsilo.lifecycle.app import open_app
-
-    loaded = load(config, users, cache=True)
-    vm = select_vm(loaded.plan, name)
-    lifecycle = app or open_app(loaded.path, state_dir=loaded.plan.state_dir)
-    if lifecycle.command_socket_live(vm):
-        return Reached(vm.paths.command_socket)
-    if not autostart:
-        raise VmsiloError(f"VM {vm.name} is not running", f"start it: vm-start {vm.name}")
-    from vmsilo.cli.start_status import start_status
-
-    status = start_status(vm.name, err) if show_status else None
-    reached = Reached(vm.paths.command_socket, status=status)
-    reached.watch = _start(
-        lambda: lifecycle.start_for_client(loaded.plan, vm, progress=status), status
-    )
-    return reached
-
-
-def _start_from_cached_plan(
-    config: str | None, name: str, err: TextIO, app: App | None, show_status: bool
-) -> Reached | None:
-    """A cold start with the cached plan of this exact config text, if there is one (None:
-    nothing happened, the caller plans the slow way)."""
-    from vmsilo.cli.quick_look import quick_look
-    from vmsilo.config.location import config_path
-    from vmsilo.plan.cache import load_plan
-
-    look = quick_look(config, name, memo=False)  # the text is the plan cache's key
-    if look is None or look.text is None:
-        return None
-    cached = load_plan(look.runtime_dir, look.text, look.user)
-    if cached is None or name not in cached.vms:
-        return None
-    from vmsilo.cli.start_status import start_status
-    from vmsilo.lifecycle.app import open_app
-
-    vm = cached.vms[name]
-    lifecycle = app or open_app(str(config_path(config)), state_dir=cached.state_dir)
-    status = start_status(name, err) if show_status else None
-    reached = Reached(vm.paths.command_socket, status=status)
-    reached.watch = _start(lambda: lifecycle.start_for_client(cached, vm, progress=status), status)
-    return reached
-
-
-def _start(
-    start: Callable[[], StartWatch | None], status: StartStatus | None = None
-) -> StartWatch | None:
-    """``start()``; the status line is erased before a failed start's message."""
-    try:
-        return start()
-    except BaseException:
-        if status is not None:
-            status.done()
-        raise
-
-
 def _run(args: RunArgs, users: UserLookup | None, err: TextIO, app: App | None, prog: str) -> int:
+    from vmsilo.cli.reach import reach_vm
+
     reached = reach_vm(
         args.config,
         args.vm,
