@@ -277,6 +277,7 @@ async def relay_to_agent(
             while data := await loop.sock_recv(agent, 65536):
                 client_writer.write(data)
                 await client_writer.drain()
+        with contextlib.suppress(OSError):  # the agent's end, closed or reset: so is ours
             if client_writer.can_write_eof():
                 client_writer.write_eof()
 
