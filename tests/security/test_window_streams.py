@@ -10,8 +10,10 @@ frame away: the attack below reached the guest agent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
+import pytest
 from hostile_rig import Rig
 
 from vmsilo.channel.mux import StreamLink
@@ -172,3 +174,63 @@ def test_malformed_control_lines_end_the_window_path_only() -> None:
         logs, connects, _ = _hostile_windows([junk], hang_connects=False)
         assert connects == 0
         assert any("broke the Wayland control stream" in m for m in logs), (junk[:20], logs)
+
+
+def test_refused_clients_that_write_without_end_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No compositor: the filter refuses each client and hears it out until it hangs up
+    (waypipe must read why). A hostile guest program that keeps writing must not keep that
+    going: each refusal ends after REFUSE_LINGER s in all, at most MAX_REFUSING linger at
+    once (the rest are closed at once), and the filter serves the next client as before."""
+    import socket
+    import threading
+    import time
+
+    from vmsilo.wayland import proxy as proxy_module
+    from vmsilo.wayland.policy import Labels
+
+    monkeypatch.setattr(proxy_module, "REFUSE_LINGER", 1.0)
+    filt = proxy_module.Proxy(
+        Labels("work", "green"), str(tmp_path / "vm" / "f.sock"), str(tmp_path / "none")
+    )
+    filt.bind()
+    runner = threading.Thread(target=filt.run, daemon=True)
+    runner.start()
+    clients = []
+    stop = threading.Event()
+    most = 0
+
+    def flood(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                sock.sendall(b"\x01\x00\x00\x00\x01\x00\x0c\x00\x02\x00\x00\x00" * 256)
+
+    try:
+        for _ in range(40):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(tmp_path / "vm" / "f.sock"))
+            clients.append(sock)
+            threading.Thread(target=flood, args=(sock,), daemon=True).start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            lingering = sum(t.name == "refuse" for t in threading.enumerate())
+            most = max(most, lingering)
+            if lingering == 0 and most > 0:
+                break
+            time.sleep(0.05)
+        assert 0 < most <= proxy_module.MAX_REFUSING, most
+        assert not any(t.name == "refuse" for t in threading.enumerate()), "still lingering"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as late:
+            late.settimeout(10)
+            late.connect(str(tmp_path / "vm" / "f.sock"))
+            data = b""
+            while b"no Wayland compositor" not in data and (chunk := late.recv(4096)):
+                data += chunk
+            assert b"vmsilo: no Wayland compositor at" in data
+    finally:
+        stop.set()
+        for sock in clients:
+            sock.close()
+        filt.stop()
+        runner.join(10)

@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -53,16 +54,18 @@ MAX_REFUSING = 16
 
 
 def _send_and_close(sock: socket.socket, data: bytes, *, linger: float) -> None:
-    """Send ``data``, half-close, drop what the peer still sends for up to ``linger`` s (until
-    it hangs up), then close."""
+    """Send ``data``, half-close, drop what the peer still sends until it hangs up — for
+    ``linger`` s in all, however much it writes meanwhile — then close."""
     try:
         sock.settimeout(1)
         sock.sendall(data)
         if linger > 0:
             sock.shutdown(socket.SHUT_WR)
-            sock.settimeout(linger)
-            while sock.recv(READ_SIZE):
-                pass
+            deadline = time.monotonic() + linger
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                if not sock.recv(READ_SIZE):
+                    break
     except OSError:  # (TimeoutError too: the peer did not hang up in time)
         pass
     finally:
